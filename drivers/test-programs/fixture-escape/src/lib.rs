@@ -1,0 +1,99 @@
+//! Test driver: `create` tries to reach outside its sandbox's state
+//! directory through the `files` capability, and reports any attempt the host
+//! did not refuse. The host test plants `link`, a symlink pointing outside.
+//!
+//! Refused means `access-denied` or `invalid`. Success of any attempt is
+//! `failed(EscapeSucceeded)`; any other error (say `failed: not found`, which
+//! means the host looked outside) is `failed(EscapeNotDenied)`.
+
+mod bindings {
+    wit_bindgen::generate!({ path: "../../../wit", world: "compute-driver" });
+}
+
+use bindings::exports::openshell::compute::driver::{
+    DriverError, DriverInfo, Guest, HostEvent, LaunchContext, Outcome, SandboxSpec,
+};
+use bindings::openshell::compute::files;
+use bindings::openshell::compute::types::{CapError, DriverEvent, Failure, Isolation};
+
+struct Escape;
+
+impl Guest for Escape {
+    fn describe() -> DriverInfo {
+        DriverInfo {
+            name: env!("CARGO_PKG_NAME").into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            description: env!("CARGO_PKG_DESCRIPTION").into(),
+            isolation: Isolation::Process,
+        }
+    }
+
+    fn validate(_spec: SandboxSpec) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    fn create(_: SandboxSpec, _: LaunchContext, state: Vec<u8>) -> Result<Outcome, DriverError> {
+        let attempts = [
+            (
+                r#"write-file("../escape.txt")"#,
+                files::write_file("../escape.txt", b"escaped"),
+            ),
+            (
+                r#"write-file("/tmp/escape.txt")"#,
+                files::write_file("/tmp/escape.txt", b"escaped"),
+            ),
+            (
+                r#"read-file("../../etc/passwd")"#,
+                files::read_file("../../etc/passwd").map(drop),
+            ),
+            (r#"create-dir("a/../../b")"#, files::create_dir("a/../../b")),
+            (
+                r#"read-file("link/passwd")"#,
+                files::read_file("link/passwd").map(drop),
+            ),
+        ];
+        let mut succeeded = Vec::new();
+        let mut not_denied = Vec::new();
+        for (attempt, result) in attempts {
+            match result {
+                Err(CapError::AccessDenied(_) | CapError::Invalid(_)) => {}
+                Ok(()) => succeeded.push(attempt.to_string()),
+                Err(other) => not_denied.push(format!("{attempt}: {other:?}")),
+            }
+        }
+        let (reason, attempts) = match (succeeded.is_empty(), not_denied.is_empty()) {
+            (true, true) => {
+                return Ok(Outcome {
+                    events: vec![DriverEvent::Progress("all escapes refused".into())],
+                    state,
+                });
+            }
+            (false, _) => ("EscapeSucceeded", succeeded),
+            (true, false) => ("EscapeNotDenied", not_denied),
+        };
+        Err(DriverError::Failed(Failure {
+            reason: reason.into(),
+            message: attempts.join("; "),
+        }))
+    }
+
+    fn resume(_: SandboxSpec, _: LaunchContext, state: Vec<u8>) -> Result<Outcome, DriverError> {
+        Ok(Outcome {
+            events: vec![],
+            state,
+        })
+    }
+
+    fn delete(_spec: SandboxSpec, _state: Vec<u8>) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    fn on_event(_: SandboxSpec, state: Vec<u8>, _: HostEvent) -> Result<Outcome, DriverError> {
+        Ok(Outcome {
+            events: vec![],
+            state,
+        })
+    }
+}
+
+bindings::export!(Escape with_types_in bindings);

@@ -1,0 +1,16 @@
+//! The gateway: gRPC services over the compute runtime.
+//!
+//! [`server::serve`] wires everything: the store, the plugin host, the
+//! [`runtime::ComputeRuntime`] (the only code that changes sandboxes) and the
+//! tonic services in [`service`]. Transport stays here: the runtime speaks
+//! domain types, and [`error::to_status`] is the one place errors become
+//! gRPC statuses.
+
+pub mod convert;
+pub mod error;
+pub mod runtime;
+pub mod server;
+pub mod service;
+pub mod watch;
+
+pub use server::{GatewayConfig, Gateway};

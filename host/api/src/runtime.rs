@@ -1,0 +1,434 @@
+//! The compute runtime: the shell around the pure phase machine.
+//!
+//! Every sandbox change follows one path: load from the store, run
+//! [`openshell_core::apply`], store with a revision check (retrying on
+//! conflict), notify watchers, then act. Work that must outlive a request
+//! (driver create and delete) runs in owned tasks after the durable write,
+//! so a client hanging up never strands a sandbox.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use openshell_core::{Event, Phase, Sandbox, SandboxId, SandboxName, SandboxSpec, validate};
+use openshell_plugin::{Capability, CallError, DriverSpec, HostEvent, Plugin, PluginHost};
+use openshell_store::{PluginRecord, Store, StoreError};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::error::ApiError;
+use crate::watch::WatchBus;
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Grants each bundled driver needs, as its documentation lists them.
+pub fn bundled_grants(driver: &str) -> Option<&'static [Capability]> {
+    use Capability::*;
+    match driver {
+        "process" => Some(&[Log, Files, Process]),
+        "vm" => Some(&[Log, Files, Network, Rootfs, Vm]),
+        _ => None,
+    }
+}
+
+pub struct ComputeRuntime {
+    pub store: Store,
+    pub plugins: Arc<PluginHost>,
+    pub watch: WatchBus,
+}
+
+impl ComputeRuntime {
+    pub fn new(store: Store, plugins: Arc<PluginHost>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            plugins,
+            watch: WatchBus::new(),
+        })
+    }
+
+    /// Finds a sandbox by name or id.
+    pub async fn find(&self, name_or_id: &str) -> Result<Sandbox, ApiError> {
+        if name_or_id.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "give a sandbox name or id".into(),
+            ));
+        }
+        let found = match SandboxId::parse(name_or_id) {
+            Some(id) => self.store.get_sandbox(id).await?,
+            None => self.store.get_sandbox_by_name(name_or_id).await?,
+        };
+        found.ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "no sandbox named {name_or_id:?}; `openshell sandbox list` shows what exists"
+            ))
+        })
+    }
+
+    fn resolve_driver(&self, asked: &str) -> Result<Arc<Plugin>, ApiError> {
+        let loaded = self.plugins.list();
+        let names = || {
+            loaded
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if asked.is_empty() {
+            return match loaded.as_slice() {
+                [only] => Ok(only.clone()),
+                [] => Err(ApiError::FailedPrecondition(
+                    "no driver plugins are loaded: start the gateway with --drivers, or run `openshell plugin load`".into(),
+                )),
+                _ => Err(ApiError::InvalidArgument(format!(
+                    "this gateway has several drivers ({}); choose one with --driver",
+                    names()
+                ))),
+            };
+        }
+        validate::driver_name(asked)?;
+        self.plugins.get(asked).ok_or_else(|| {
+            ApiError::FailedPrecondition(format!(
+                "driver {asked:?} is not loaded; loaded drivers: [{}]. Load it with `openshell plugin load`",
+                names()
+            ))
+        })
+    }
+
+    /// Validates and stores a new sandbox, then launches it in the
+    /// background. Returns the stored record (Provisioning).
+    pub async fn create(
+        self: &Arc<Self>,
+        name: &str,
+        mut spec: SandboxSpec,
+        request_id: &str,
+    ) -> Result<Sandbox, ApiError> {
+        let request_id = if request_id.is_empty() {
+            None
+        } else {
+            validate::request_id(request_id)?;
+            if let Some(existing) = self.store.get_sandbox_by_request_id(request_id).await? {
+                return Ok(existing);
+            }
+            Some(request_id.to_owned())
+        };
+        let name = if name.is_empty() {
+            None
+        } else {
+            Some(SandboxName::parse(name)?)
+        };
+        validate::environment(&spec.environment)?;
+        validate::resources(&spec.resources)?;
+        let plugin = self.resolve_driver(&spec.driver)?;
+        spec.driver = plugin.name.clone();
+
+        let probe = driver_spec_of("", name.as_ref().map_or("", |n| n.as_str()), &spec);
+        plugin
+            .validate(&probe)
+            .await
+            .map_err(|source| ApiError::Driver {
+                driver: plugin.name.clone(),
+                source,
+            })?;
+
+        let stored = self.insert(name, spec, request_id).await?;
+        self.watch.notify(stored.id);
+        let me = self.clone();
+        let launched = stored.clone();
+        tokio::spawn(async move { me.launch(plugin, launched, false).await });
+        Ok(stored)
+    }
+
+    async fn insert(
+        &self,
+        name: Option<SandboxName>,
+        spec: SandboxSpec,
+        request_id: Option<String>,
+    ) -> Result<Sandbox, ApiError> {
+        let generated = name.is_none();
+        let mut name = name.unwrap_or_else(|| SandboxName::generate(&mut rand::rng()));
+        for _ in 0..8 {
+            let sb = Sandbox::new(name.clone(), spec.clone(), request_id.clone(), now_ms());
+            match self.store.insert_sandbox(&sb).await {
+                Ok(stored) => return Ok(stored),
+                Err(StoreError::NameTaken { .. }) if generated => {
+                    name = SandboxName::generate(&mut rand::rng());
+                }
+                Err(StoreError::NameTaken { name }) => {
+                    return Err(ApiError::AlreadyExists(format!(
+                        "a sandbox named {name:?} already exists; choose another name or delete it first"
+                    )));
+                }
+                // A concurrent retry of the same request won the race.
+                Err(StoreError::RequestIdTaken { request_id }) => {
+                    if let Some(existing) = self.store.get_sandbox_by_request_id(&request_id).await? {
+                        return Ok(existing);
+                    }
+                    return Err(ApiError::Unavailable(
+                        "a concurrent create with this request_id is in flight; retry".into(),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::Unavailable(
+            "could not find a free sandbox name; retry or pass --name".into(),
+        ))
+    }
+
+    /// Calls the driver's create (or resume) with a fresh secret and applies
+    /// what it says. Runs in its own task.
+    async fn launch(self: Arc<Self>, plugin: Arc<Plugin>, sb: Sandbox, resume: bool) {
+        let secret = new_secret();
+        let hash = secret_hash(&secret);
+        if let Err(e) = self.store.set_secret_hash(sb.id, Some(&hash)).await {
+            tracing::error!(sandbox = %sb.id, "cannot store the sandbox secret: {e}");
+            self.fail(sb.id, "StoreFailed", "could not record the sandbox's credential")
+                .await;
+            return;
+        }
+        let spec = driver_spec(&sb);
+        let result = if resume {
+            plugin.resume(&spec, &secret, &sb.driver_state).await
+        } else {
+            plugin.create(&spec, &secret, &sb.driver_state).await
+        };
+        match result {
+            Ok(out) => self.apply(sb.id, &out.events, Some(out.state)).await,
+            Err(e) => self.driver_failed(sb.id, &plugin.name, &e).await,
+        }
+    }
+
+    async fn driver_failed(&self, id: SandboxId, driver: &str, e: &CallError) {
+        tracing::warn!(sandbox = %id, driver, "driver call failed: {e}");
+        self.fail(id, e.reason(), &e.to_string()).await;
+    }
+
+    async fn fail(&self, id: SandboxId, reason: &str, message: &str) {
+        let ev = Event::DriverFailed {
+            reason: reason.into(),
+            message: message.into(),
+        };
+        self.apply(id, std::slice::from_ref(&ev), None).await;
+    }
+
+    /// Applies events (and a new driver state) to a stored sandbox.
+    pub async fn apply(&self, id: SandboxId, events: &[Event], state: Option<Vec<u8>>) {
+        let now = now_ms();
+        let r = self
+            .store
+            .modify_sandbox(id, |sb| {
+                let mut changed = false;
+                for e in events {
+                    match openshell_core::apply(&sb.status, e, now) {
+                        Ok(next) if next != sb.status => {
+                            sb.status = next;
+                            changed = true;
+                        }
+                        Ok(_) => {}
+                        Err(r) => tracing::debug!(sandbox = %id, "{r}"),
+                    }
+                }
+                if let Some(s) = &state
+                    && &sb.driver_state != s
+                {
+                    sb.driver_state = s.clone();
+                    changed = true;
+                }
+                if changed {
+                    sb.updated_at_ms = now;
+                }
+                changed
+            })
+            .await;
+        match r {
+            Ok(Some(_)) => self.watch.notify(id),
+            Ok(None) => tracing::debug!(sandbox = %id, "event for a sandbox that is gone"),
+            Err(e) => tracing::error!(sandbox = %id, "cannot store sandbox change: {e}"),
+        }
+    }
+
+    /// Marks a sandbox Deleting and tears it down in the background.
+    pub async fn delete(self: &Arc<Self>, name_or_id: &str) -> Result<Sandbox, ApiError> {
+        let sb = self.find(name_or_id).await?;
+        let already = sb.status.phase == Phase::Deleting;
+        self.apply(sb.id, &[Event::DeleteRequested], None).await;
+        let sb = self.find(&sb.id.to_string()).await?;
+        if !already {
+            let me = self.clone();
+            let doomed = sb.clone();
+            tokio::spawn(async move { me.finish_delete(doomed).await });
+        }
+        Ok(sb)
+    }
+
+    async fn finish_delete(&self, sb: Sandbox) {
+        match self.plugins.get(&sb.spec.driver) {
+            Some(plugin) => {
+                if let Err(e) = plugin.delete(&driver_spec(&sb), &sb.driver_state).await {
+                    tracing::warn!(sandbox = %sb.id, "driver delete failed; removing anyway: {e}");
+                }
+            }
+            None => tracing::warn!(
+                sandbox = %sb.id,
+                driver = sb.spec.driver,
+                "driver is not loaded; removing the record without it"
+            ),
+        }
+        let dir = self.plugins.sandbox_dir(&sb.id.to_string());
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(sandbox = %sb.id, "cannot remove {}: {e}", dir.display());
+        }
+        match self.store.delete_sandbox(sb.id).await {
+            Ok(_) => self.watch.notify(sb.id),
+            Err(e) => tracing::error!(sandbox = %sb.id, "cannot delete the record: {e}"),
+        }
+    }
+
+    /// Handles what the host saw happen to a sandbox's process.
+    pub async fn on_host_event(&self, event: HostEvent) {
+        let raw_id = match &event {
+            HostEvent::Exited { sandbox_id, .. } | HostEvent::PollFailed { sandbox_id, .. } => {
+                sandbox_id.clone()
+            }
+        };
+        let Some(id) = SandboxId::parse(&raw_id) else {
+            return;
+        };
+        let Ok(Some(sb)) = self.store.get_sandbox(id).await else {
+            return;
+        };
+        let Some(plugin) = self.plugins.get(&sb.spec.driver) else {
+            return;
+        };
+        match plugin.on_event(&driver_spec(&sb), &sb.driver_state, &event).await {
+            Ok(out) => self.apply(id, &out.events, Some(out.state)).await,
+            Err(e) => self.driver_failed(id, &plugin.name, &e).await,
+        }
+    }
+
+    /// Runs host events through the drivers until the channel closes.
+    pub fn spawn_host_events(self: &Arc<Self>, mut rx: mpsc::UnboundedReceiver<HostEvent>) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                me.on_host_event(ev).await;
+            }
+        });
+    }
+
+    /// Loads a component under `name`, records it, and makes it current.
+    pub async fn load_plugin(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        grants: &[String],
+    ) -> Result<(Arc<Plugin>, bool), ApiError> {
+        validate::driver_name(name)?;
+        let grants = grants
+            .iter()
+            .map(|g| Capability::parse(g))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(openshell_plugin::PluginError::from)?;
+        let (plugin, replaced) = self.plugins.install(name, bytes, &grants).await?;
+        self.store
+            .upsert_plugin(&PluginRecord {
+                name: plugin.name.clone(),
+                digest: plugin.digest.clone(),
+                version: plugin.info.version.clone(),
+                grants: plugin.grants.iter().map(|g| g.as_str().to_owned()).collect(),
+                wasm_path: plugin.path.display().to_string(),
+                loaded_at_ms: now_ms(),
+            })
+            .await?;
+        tracing::info!(plugin = name, digest = %plugin.digest, replaced, "plugin loaded");
+        Ok((plugin, replaced))
+    }
+
+    pub async fn unload_plugin(&self, name: &str, force: bool) -> Result<(), ApiError> {
+        if self.plugins.get(name).is_none() && self.store.get_plugin(name).await?.is_none() {
+            return Err(ApiError::NotFound(format!(
+                "no plugin named {name:?}; `openshell plugin list` shows what is loaded"
+            )));
+        }
+        let users = self.store.list_sandboxes_by_driver(name).await?;
+        if !users.is_empty() && !force {
+            return Err(ApiError::FailedPrecondition(format!(
+                "{} sandbox(es) use plugin {name:?} (for example {:?}); delete them first or pass --force",
+                users.len(),
+                users[0].name.as_str()
+            )));
+        }
+        self.plugins.remove(name);
+        self.store.delete_plugin(name).await?;
+        Ok(())
+    }
+
+    /// Start-up: reload recorded plugins, then settle what a restart means
+    /// for each stored sandbox.
+    pub async fn recover(self: &Arc<Self>) -> Result<(), ApiError> {
+        for rec in self.store.list_plugins().await? {
+            let grants: Vec<Capability> = rec
+                .grants
+                .iter()
+                .filter_map(|g| Capability::parse(g).ok())
+                .collect();
+            let started = std::time::Instant::now();
+            match self
+                .plugins
+                .load_stored(&rec.name, std::path::Path::new(&rec.wasm_path), &grants)
+                .await
+            {
+                Ok(_) => tracing::info!(plugin = rec.name, elapsed = ?started.elapsed(), "plugin reloaded"),
+                Err(e) => tracing::error!(plugin = rec.name, "cannot reload plugin: {e}"),
+            }
+        }
+        let mut offset = 0;
+        loop {
+            let page = self.store.list_sandboxes(500, offset).await?;
+            if page.is_empty() {
+                break;
+            }
+            offset += page.len() as u32;
+            for sb in page {
+                if sb.status.phase == Phase::Deleting {
+                    let me = self.clone();
+                    tokio::spawn(async move { me.finish_delete(sb).await });
+                } else {
+                    self.apply(sb.id, &[Event::GatewayRestarted], None).await;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn driver_spec(sb: &Sandbox) -> DriverSpec {
+    driver_spec_of(&sb.id.to_string(), sb.name.as_str(), &sb.spec)
+}
+
+fn driver_spec_of(id: &str, name: &str, spec: &SandboxSpec) -> DriverSpec {
+    DriverSpec {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        environment: spec.environment.clone().into_iter().collect(),
+        resources: spec.resources,
+    }
+}
+
+fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Only this hash of a sandbox secret is ever stored.
+pub fn secret_hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}

@@ -1,0 +1,215 @@
+//! Gateway start-up and shutdown.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use openshell_plugin::{PluginHost, PluginHostConfig};
+use openshell_proto::v1::open_shell_server::OpenShellServer;
+use openshell_store::Store;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::runtime::{ComputeRuntime, bundled_grants};
+use crate::service::Service;
+
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    pub bind: IpAddr,
+    /// 0 picks a free port.
+    pub port: u16,
+    /// Defaults to a SQLite file in the state dir.
+    pub db_url: Option<String>,
+    pub state_dir: PathBuf,
+    /// Bundled drivers to load at start, by name.
+    pub drivers: Vec<String>,
+    pub driver_dir: Option<PathBuf>,
+    pub disable_tls: bool,
+    pub disable_auth: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error(
+        "refusing to serve on {bind} without TLS and authentication, which this build does not have yet; bind 127.0.0.1, or pass --disable-tls --disable-gateway-auth to accept plaintext without auth"
+    )]
+    InsecureBind { bind: IpAddr },
+    #[error("cannot use state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the database: {0}")]
+    Store(#[from] openshell_store::StoreError),
+    #[error("cannot start the plugin host: {0}")]
+    Plugins(#[from] openshell_plugin::PluginError),
+    #[error("unknown bundled driver {name:?}: bundled drivers are process and vm")]
+    UnknownDriver { name: String },
+    #[error("driver {name:?} not found; looked for {file} in: {searched}")]
+    DriverMissing {
+        name: String,
+        file: String,
+        searched: String,
+    },
+    #[error("cannot load bundled driver {name:?}: {source}")]
+    DriverLoad {
+        name: String,
+        #[source]
+        source: crate::error::ApiError,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("startup recovery failed: {0}")]
+    Recover(#[source] crate::error::ApiError),
+    #[error("the gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// A running gateway.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    pub runtime: Arc<ComputeRuntime>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), GatewayError>>,
+}
+
+impl Gateway {
+    pub async fn start(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
+        if !cfg.bind.is_loopback() && !(cfg.disable_tls && cfg.disable_auth) {
+            return Err(GatewayError::InsecureBind { bind: cfg.bind });
+        }
+        std::fs::create_dir_all(&cfg.state_dir).map_err(|source| GatewayError::StateDir {
+            path: cfg.state_dir.clone(),
+            source,
+        })?;
+        let db_url = cfg.db_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", cfg.state_dir.join("openshell.db").display())
+        });
+        let store = Store::connect(&db_url).await?;
+
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let plugins = Arc::new(PluginHost::new(
+            PluginHostConfig::new(&cfg.state_dir),
+            events_tx,
+        )?);
+        let runtime = ComputeRuntime::new(store, plugins);
+        runtime.spawn_host_events(events_rx);
+        runtime.recover().await.map_err(GatewayError::Recover)?;
+        for name in &cfg.drivers {
+            load_bundled(&runtime, name, cfg.driver_dir.as_deref()).await?;
+        }
+
+        let addr = SocketAddr::new(cfg.bind, cfg.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| GatewayError::Bind { addr, source })?;
+        let addr = listener.local_addr().map_err(|source| GatewayError::Bind { addr, source })?;
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let service = Service {
+            runtime: runtime.clone(),
+            shutdown: shutdown_rx.clone(),
+        };
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(openshell_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .expect("the embedded descriptor set is valid");
+        let api = OpenShellServer::new(service)
+            .max_decoding_message_size(openshell_plugin::host_limits::MAX_COMPONENT + (1 << 20));
+        let mut stop = shutdown_rx;
+        let task = tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(api)
+                .add_service(reflection)
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )
+                .await?;
+            Ok(())
+        });
+        tracing::info!(%addr, "gateway serving");
+        Ok(Gateway {
+            addr,
+            runtime,
+            shutdown,
+            task,
+        })
+    }
+
+    /// Stops accepting, ends open streams, and waits for in-flight requests.
+    pub async fn shutdown(self) -> Result<(), GatewayError> {
+        let _ = self.shutdown.send(true);
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("gateway task failed: {e}");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Where bundled drivers are looked for, in order.
+pub fn driver_search_path(explicit: Option<&Path>) -> Vec<PathBuf> {
+    if let Some(dir) = explicit {
+        return vec![dir.to_owned()];
+    }
+    let mut dirs = Vec::new();
+    if let Some(exe_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_owned))
+    {
+        dirs.push(exe_dir.join("drivers"));
+        dirs.push(exe_dir);
+    }
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(PathBuf::from(home).join(".local/lib/openshell/drivers"));
+    }
+    dirs.push(PathBuf::from("/usr/local/lib/openshell/drivers"));
+    dirs
+}
+
+async fn load_bundled(
+    runtime: &ComputeRuntime,
+    name: &str,
+    driver_dir: Option<&Path>,
+) -> Result<(), GatewayError> {
+    let grants = bundled_grants(name).ok_or_else(|| GatewayError::UnknownDriver {
+        name: name.to_owned(),
+    })?;
+    let file = format!("openshell_driver_{name}.wasm");
+    let dirs = driver_search_path(driver_dir);
+    let Some(path) = dirs.iter().map(|d| d.join(&file)).find(|p| p.is_file()) else {
+        return Err(GatewayError::DriverMissing {
+            name: name.to_owned(),
+            file,
+            searched: dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let bytes = std::fs::read(&path).map_err(|source| GatewayError::StateDir {
+        path: path.clone(),
+        source,
+    })?;
+    let grants: Vec<String> = grants.iter().map(|g| g.as_str().to_owned()).collect();
+    runtime
+        .load_plugin(name, &bytes, &grants)
+        .await
+        .map_err(|source| GatewayError::DriverLoad {
+            name: name.to_owned(),
+            source,
+        })?;
+    tracing::info!(driver = name, path = %path.display(), "bundled driver loaded");
+    Ok(())
+}

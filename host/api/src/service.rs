@@ -1,0 +1,277 @@
+//! The `openshell.v1.OpenShell` service: request validation and translation
+//! only; every decision is in the runtime.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use openshell_proto::v1 as pb;
+use openshell_proto::v1::open_shell_server::OpenShell;
+use prost::Message;
+use tokio::sync::{broadcast, watch};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::error::{ApiError, to_status};
+use crate::runtime::ComputeRuntime;
+
+/// Largest CreateSandbox request accepted (the environment is the bulk).
+pub const MAX_CREATE_BYTES: usize = 256 * 1024;
+pub const DEFAULT_LIST_LIMIT: u32 = 100;
+pub const MAX_LIST_LIMIT: u32 = 1000;
+
+pub struct Service {
+    pub runtime: Arc<ComputeRuntime>,
+    /// Flips to true when the gateway shuts down; open watches end.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchSandboxEvent, Status>> + Send>>;
+
+fn plugin_info(p: &openshell_plugin::Plugin, sandboxes: u64, loaded_at_ms: i64) -> pb::Plugin {
+    pb::Plugin {
+        name: p.name.clone(),
+        version: p.info.version.clone(),
+        description: p.info.description.clone(),
+        isolation: p.info.isolation.into(),
+        digest: p.digest.clone(),
+        grants: p.grants.iter().map(|g| g.as_str().into()).collect(),
+        imports: p.imports.iter().map(|g| g.as_str().into()).collect(),
+        sandboxes,
+        loaded_at_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl OpenShell for Service {
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        Ok(Response::new(pb::HealthResponse {
+            status: "SERVING".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            drivers: self
+                .runtime
+                .plugins
+                .list()
+                .iter()
+                .map(|p| p.name.clone())
+                .collect(),
+        }))
+    }
+
+    async fn create_sandbox(
+        &self,
+        req: Request<pb::CreateSandboxRequest>,
+    ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
+        let req = req.into_inner();
+        let len = req.encoded_len();
+        if len > MAX_CREATE_BYTES {
+            return Err(to_status(ApiError::ResourceExhausted(format!(
+                "the request is {len} bytes; the limit is {MAX_CREATE_BYTES}: pass fewer or smaller environment variables"
+            ))));
+        }
+        let spec = convert::spec(req.spec);
+        let sb = self
+            .runtime
+            .create(&req.name, spec, &req.request_id)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::CreateSandboxResponse {
+            sandbox: Some(convert::sandbox(&sb)),
+        }))
+    }
+
+    async fn get_sandbox(
+        &self,
+        req: Request<pb::GetSandboxRequest>,
+    ) -> Result<Response<pb::GetSandboxResponse>, Status> {
+        let sb = self
+            .runtime
+            .find(&req.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetSandboxResponse {
+            sandbox: Some(convert::sandbox(&sb)),
+        }))
+    }
+
+    async fn list_sandboxes(
+        &self,
+        req: Request<pb::ListSandboxesRequest>,
+    ) -> Result<Response<pb::ListSandboxesResponse>, Status> {
+        let req = req.into_inner();
+        let limit = match req.limit {
+            0 => DEFAULT_LIST_LIMIT,
+            l if l > MAX_LIST_LIMIT => {
+                return Err(to_status(ApiError::InvalidArgument(format!(
+                    "limit {l} is out of range: use 1 to {MAX_LIST_LIMIT} (0 means {DEFAULT_LIST_LIMIT})"
+                ))));
+            }
+            l => l,
+        };
+        let store = &self.runtime.store;
+        let page = store
+            .list_sandboxes(limit, req.offset)
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        let total = store
+            .count_sandboxes()
+            .await
+            .map_err(|e| to_status(e.into()))?;
+        Ok(Response::new(pb::ListSandboxesResponse {
+            sandboxes: page.iter().map(convert::sandbox).collect(),
+            total,
+        }))
+    }
+
+    async fn delete_sandbox(
+        &self,
+        req: Request<pb::DeleteSandboxRequest>,
+    ) -> Result<Response<pb::DeleteSandboxResponse>, Status> {
+        let sb = self
+            .runtime
+            .delete(&req.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteSandboxResponse {
+            sandbox: Some(convert::sandbox(&sb)),
+        }))
+    }
+
+    type WatchSandboxStream = WatchStream;
+
+    async fn watch_sandbox(
+        &self,
+        req: Request<pb::WatchSandboxRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let req = req.into_inner();
+        let runtime = self.runtime.clone();
+        // Subscribe before the first read, so no change falls in between.
+        let mut changes = runtime.watch.subscribe();
+        let first = runtime.find(&req.name).await.map_err(to_status)?;
+        let mut shutdown = self.shutdown.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let id = first.id;
+            let mut last = Some(first);
+            let mut sent_rev = -1;
+            loop {
+                match last.take() {
+                    None => {
+                        let _ = tx
+                            .send(Ok(pb::WatchSandboxEvent {
+                                event: Some(pb::watch_sandbox_event::Event::Deleted(
+                                    pb::SandboxDeleted {
+                                        id: id.to_string(),
+                                        name: String::new(),
+                                    },
+                                )),
+                            }))
+                            .await;
+                        return;
+                    }
+                    Some(sb) => {
+                        if sb.revision != sent_rev {
+                            sent_rev = sb.revision;
+                            let ev = pb::WatchSandboxEvent {
+                                event: Some(pb::watch_sandbox_event::Event::Sandbox(
+                                    convert::sandbox(&sb),
+                                )),
+                            };
+                            if tx.send(Ok(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                        if req.until_settled && sb.status.phase.is_settled() {
+                            return;
+                        }
+                    }
+                }
+                // Wait for a change to this sandbox, the client leaving, or shutdown.
+                loop {
+                    tokio::select! {
+                        r = changes.recv() => match r {
+                            Ok(changed) if changed != id => continue,
+                            Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                            Err(broadcast::error::RecvError::Closed) => return,
+                        },
+                        _ = tx.closed() => return,
+                        _ = shutdown.changed() => {
+                            let _ = tx.send(Err(Status::unavailable("the gateway is shutting down"))).await;
+                            return;
+                        }
+                    }
+                }
+                match runtime.store.get_sandbox(id).await {
+                    Ok(found) => last = found,
+                    Err(e) => {
+                        let _ = tx.send(Err(to_status(e.into()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn load_plugin(
+        &self,
+        req: Request<pb::LoadPluginRequest>,
+    ) -> Result<Response<pb::LoadPluginResponse>, Status> {
+        let req = req.into_inner();
+        let (plugin, replaced) = self
+            .runtime
+            .load_plugin(&req.name, &req.component, &req.grants)
+            .await
+            .map_err(to_status)?;
+        let users = self
+            .runtime
+            .store
+            .list_sandboxes_by_driver(&plugin.name)
+            .await
+            .map_err(|e| to_status(e.into()))?
+            .len() as u64;
+        Ok(Response::new(pb::LoadPluginResponse {
+            plugin: Some(plugin_info(&plugin, users, crate::runtime::now_ms())),
+            replaced,
+        }))
+    }
+
+    async fn list_plugins(
+        &self,
+        _: Request<pb::ListPluginsRequest>,
+    ) -> Result<Response<pb::ListPluginsResponse>, Status> {
+        let store = &self.runtime.store;
+        let mut out = Vec::new();
+        for p in self.runtime.plugins.list() {
+            let users = store
+                .list_sandboxes_by_driver(&p.name)
+                .await
+                .map_err(|e| to_status(e.into()))?
+                .len() as u64;
+            let loaded_at = store
+                .get_plugin(&p.name)
+                .await
+                .map_err(|e| to_status(e.into()))?
+                .map_or(0, |r| r.loaded_at_ms);
+            out.push(plugin_info(&p, users, loaded_at));
+        }
+        Ok(Response::new(pb::ListPluginsResponse { plugins: out }))
+    }
+
+    async fn unload_plugin(
+        &self,
+        req: Request<pb::UnloadPluginRequest>,
+    ) -> Result<Response<pb::UnloadPluginResponse>, Status> {
+        let req = req.into_inner();
+        self.runtime
+            .unload_plugin(&req.name, req.force)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::UnloadPluginResponse {}))
+    }
+}

@@ -1,0 +1,200 @@
+//! Command-line grammar. Parsing only; no I/O.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(name = "openshell", version, about = "Isolated sandboxes for AI agents")]
+pub struct Cli {
+    /// Gateway address, e.g. http://127.0.0.1:8080.
+    #[arg(
+        long,
+        global = true,
+        env = "OPENSHELL_GATEWAY_ENDPOINT",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub gateway_endpoint: String,
+    /// Output format.
+    #[arg(short, long, global = true, value_enum, default_value = "table")]
+    pub output: Output,
+    /// More log output (repeat for more).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Checks that the gateway answers.
+    Status,
+    /// Runs the gateway.
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
+    /// Creates, inspects and deletes sandboxes.
+    #[command(subcommand, visible_alias = "sb")]
+    Sandbox(SandboxCmd),
+    /// Manages driver plugins (WebAssembly components).
+    #[command(subcommand)]
+    Plugin(PluginCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum GatewayCmd {
+    /// Starts a gateway in the foreground.
+    Start(GatewayStart),
+}
+
+#[derive(Args, Debug)]
+pub struct GatewayStart {
+    /// TCP port; 0 picks a free one.
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// sqlite:PATH, sqlite::memory: or postgres://...; default: a SQLite file in the state dir.
+    #[arg(long, env = "OPENSHELL_DB_URL")]
+    pub db_url: Option<String>,
+    /// Where the gateway keeps its database, plugins and sandbox state.
+    #[arg(long, env = "OPENSHELL_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Bundled drivers to load, comma-separated (process, vm).
+    #[arg(long, env = "OPENSHELL_DRIVERS", value_delimiter = ',')]
+    pub drivers: Vec<String>,
+    /// Directory holding openshell_driver_<name>.wasm.
+    #[arg(long, env = "OPENSHELL_DRIVER_DIR")]
+    pub driver_dir: Option<PathBuf>,
+    /// Serve plaintext (development only).
+    #[arg(long)]
+    pub disable_tls: bool,
+    /// Accept requests without a token (development only).
+    #[arg(long)]
+    pub disable_gateway_auth: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCmd {
+    /// Creates a sandbox and waits until it is Ready.
+    Create(SandboxCreate),
+    /// Shows one sandbox.
+    Get { name: String },
+    /// Lists sandboxes.
+    List {
+        /// Print only names, one per line.
+        #[arg(long, conflicts_with = "ids")]
+        names: bool,
+        /// Print only ids, one per line.
+        #[arg(long)]
+        ids: bool,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[arg(long, default_value_t = 0)]
+        offset: u32,
+    },
+    /// Deletes sandboxes and waits until they are gone.
+    Delete {
+        #[arg(required_unless_present = "all")]
+        names: Vec<String>,
+        /// Delete every sandbox.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+    },
+    /// Streams a sandbox's changes.
+    Watch {
+        name: String,
+        /// Stop once the sandbox is Ready, in Error or Deleting.
+        #[arg(long)]
+        until_settled: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct SandboxCreate {
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Driver plugin; optional when the gateway has exactly one.
+    #[arg(long)]
+    pub driver: Option<String>,
+    /// Environment variable for sandbox code (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    #[arg(long, default_value_t = 0)]
+    pub vcpus: u32,
+    #[arg(long, default_value_t = 0)]
+    pub memory_mib: u64,
+    #[arg(long, default_value_t = 0)]
+    pub max_processes: u32,
+    /// Client token that makes a retried create idempotent.
+    #[arg(long)]
+    pub request_id: Option<String>,
+    /// Return once the sandbox is recorded, without waiting for Ready.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Seconds to wait for Ready.
+    #[arg(long, env = "OPENSHELL_PROVISION_TIMEOUT", default_value_t = 300)]
+    pub timeout: u64,
+    /// Command to run once Ready.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCmd {
+    /// Uploads a driver component to the gateway.
+    Load {
+        path: PathBuf,
+        /// Name to install it under; default: the file name without extension.
+        #[arg(long)]
+        name: Option<String>,
+        /// Capability to grant (repeatable): log, files, process, network, rootfs, vm.
+        #[arg(long = "grant")]
+        grants: Vec<String>,
+    },
+    /// Lists loaded plugins.
+    List,
+    /// Removes a plugin.
+    Unload {
+        name: String,
+        /// Unload even while sandboxes use it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn parse_env(raw: &str) -> Result<(String, String), String> {
+    let (k, v) = raw
+        .split_once('=')
+        .ok_or_else(|| format!("{raw:?} is not KEY=VALUE"))?;
+    if !openshell_core::validate::is_env_key(k) {
+        return Err(format!(
+            "{k:?} is not a valid variable name: use [A-Za-z_][A-Za-z0-9_]*"
+        ));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_flags_must_be_key_value() {
+        assert_eq!(parse_env("A=b=c"), Ok(("A".into(), "b=c".into())));
+        assert!(parse_env("novalue").is_err());
+        assert!(parse_env("1X=y").is_err());
+    }
+
+    #[test]
+    fn the_grammar_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,49 @@
+//! `openshell gateway start`.
+
+use std::process::ExitCode;
+
+use openshell_api::{Gateway, GatewayConfig};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::args::GatewayStart;
+
+pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
+    let state_dir = a.state_dir.unwrap_or_else(default_state_dir);
+    if a.disable_tls {
+        tracing::warn!("--disable-tls: serving plaintext gRPC; use only on a trusted network");
+    }
+    if a.disable_gateway_auth {
+        tracing::warn!("--disable-gateway-auth: every client can drive this gateway");
+    }
+    let gw = Gateway::start(GatewayConfig {
+        bind: a.bind,
+        port: a.port,
+        db_url: a.db_url,
+        state_dir,
+        drivers: a.drivers.into_iter().filter(|d| !d.is_empty()).collect(),
+        driver_dir: a.driver_dir,
+        disable_tls: a.disable_tls,
+        disable_auth: a.disable_gateway_auth,
+    })
+    .await?;
+    println!("Server listening on {}", gw.addr);
+
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {},
+        _ = tokio::signal::ctrl_c() => {},
+    }
+    tracing::info!("shutting down");
+    gw.shutdown().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_state_dir() -> std::path::PathBuf {
+    match std::env::var_os("XDG_STATE_HOME").or_else(|| std::env::var_os("HOME")) {
+        Some(base) if std::env::var_os("XDG_STATE_HOME").is_some() => {
+            std::path::PathBuf::from(base).join("openshell")
+        }
+        Some(home) => std::path::PathBuf::from(home).join(".local/state/openshell"),
+        None => std::path::PathBuf::from(".openshell"),
+    }
+}

@@ -1,0 +1,241 @@
+//! `openshell sandbox ...`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail};
+use openshell_proto::v1 as pb;
+use pb::watch_sandbox_event::Event as WatchEvent;
+
+use crate::args::{Output, SandboxCmd, SandboxCreate};
+use crate::client::{Client, connect, status_error};
+use crate::output;
+
+pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
+    let mut c = connect(endpoint).await?;
+    match cmd {
+        SandboxCmd::Create(a) => return create(&mut c, out, a).await,
+        SandboxCmd::Get { name } => {
+            let r = c
+                .get_sandbox(pb::GetSandboxRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::sandbox(out, &r.sandbox.unwrap_or_default());
+        }
+        SandboxCmd::List {
+            names,
+            ids,
+            limit,
+            offset,
+        } => {
+            let r = c
+                .list_sandboxes(pb::ListSandboxesRequest { limit, offset })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if names || ids {
+                for s in &r.sandboxes {
+                    println!("{}", if names { &s.name } else { &s.id });
+                }
+            } else {
+                output::sandboxes(out, &r.sandboxes, r.total);
+            }
+        }
+        SandboxCmd::Delete { names, all } => {
+            let names = if all { all_names(&mut c).await? } else { names };
+            let mut failed = false;
+            for name in names {
+                match delete_and_wait(&mut c, &name).await {
+                    Ok(()) => {
+                        if out == Output::Table {
+                            println!("Deleted sandbox: {name}");
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("error: {name}: {e:#}");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        SandboxCmd::Watch {
+            name,
+            until_settled,
+        } => {
+            let mut stream = c
+                .watch_sandbox(pb::WatchSandboxRequest {
+                    name,
+                    until_settled,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(ev) = stream.message().await.map_err(status_error)? {
+                match ev.event {
+                    Some(WatchEvent::Sandbox(s)) => match out {
+                        Output::Json => println!("{}", output::sandbox_json(&s)),
+                        Output::Table => {
+                            let ready = s.conditions.first();
+                            println!(
+                                "{} {} rev={} reason={} {}",
+                                s.name,
+                                output::phase_name(s.phase),
+                                s.revision,
+                                ready.map_or("", |c| c.reason.as_str()),
+                                ready.map_or("", |c| c.message.as_str()),
+                            );
+                        }
+                    },
+                    Some(WatchEvent::Deleted(d)) => {
+                        match out {
+                            Output::Json => println!("{{\"deleted\":\"{}\"}}", d.id),
+                            Output::Table => println!("deleted {}", d.id),
+                        }
+                        break;
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn all_names(c: &mut Client) -> anyhow::Result<Vec<String>> {
+    let mut names = Vec::new();
+    loop {
+        let r = c
+            .list_sandboxes(pb::ListSandboxesRequest {
+                limit: 1000,
+                offset: names.len() as u32,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        if r.sandboxes.is_empty() {
+            return Ok(names);
+        }
+        names.extend(r.sandboxes.into_iter().map(|s| s.name));
+    }
+}
+
+async fn delete_and_wait(c: &mut Client, name: &str) -> anyhow::Result<()> {
+    let sb = c
+        .delete_sandbox(pb::DeleteSandboxRequest { name: name.into() })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .sandbox
+        .unwrap_or_default();
+    let wait = async {
+        let mut stream = match c
+            .watch_sandbox(pb::WatchSandboxRequest {
+                name: sb.id.clone(),
+                until_settled: false,
+            })
+            .await
+        {
+            Ok(s) => s.into_inner(),
+            // Already gone between the delete and the watch.
+            Err(s) if s.code() == tonic::Code::NotFound => return Ok(()),
+            Err(s) => return Err(status_error(s)),
+        };
+        while let Some(ev) = stream.message().await.map_err(status_error)? {
+            if let Some(WatchEvent::Deleted(_)) = ev.event {
+                return Ok(());
+            }
+        }
+        Err(anyhow!("the gateway closed the watch before the sandbox was gone"))
+    };
+    tokio::time::timeout(Duration::from_secs(120), wait)
+        .await
+        .map_err(|_| anyhow!("still deleting after 120 s; check `openshell sandbox get {name}`"))?
+}
+
+async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result<ExitCode> {
+    let r = c
+        .create_sandbox(pb::CreateSandboxRequest {
+            name: a.name.unwrap_or_default(),
+            spec: Some(pb::SandboxSpec {
+                driver: a.driver.unwrap_or_default(),
+                environment: a.env.into_iter().collect(),
+                resources: Some(pb::Resources {
+                    vcpus: a.vcpus,
+                    memory_mib: a.memory_mib,
+                    max_processes: a.max_processes,
+                }),
+            }),
+            request_id: a.request_id.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let sb = r.sandbox.unwrap_or_default();
+    eprintln!("Created sandbox: {}", sb.name);
+    if a.no_wait {
+        output::sandbox(out, &sb);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let ready = wait_ready(c, &sb.name, Duration::from_secs(a.timeout)).await?;
+    if !a.command.is_empty() {
+        bail!(
+            "sandbox {} is Ready, but this build cannot run commands in it yet (exec arrives with the supervisor)",
+            ready.name
+        );
+    }
+    output::sandbox(out, &ready);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Waits on the watch stream for Ready; fails on Error, deletion or timeout.
+async fn wait_ready(c: &mut Client, name: &str, timeout: Duration) -> anyhow::Result<pb::Sandbox> {
+    let progress = std::io::stderr().is_terminal();
+    let wait = async {
+        let mut stream = c
+            .watch_sandbox(pb::WatchSandboxRequest {
+                name: name.into(),
+                until_settled: true,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        let mut last = None;
+        while let Some(ev) = stream.message().await.map_err(status_error)? {
+            match ev.event {
+                Some(WatchEvent::Sandbox(s)) => {
+                    if progress {
+                        let why = s.conditions.first().map_or("", |c| c.message.as_str());
+                        eprint!("\r\x1b[2K{}: {} {}", s.name, output::phase_name(s.phase), why);
+                    }
+                    last = Some(s);
+                }
+                Some(WatchEvent::Deleted(_)) => bail!("sandbox {name} was deleted while starting"),
+                None => {}
+            }
+        }
+        if progress {
+            eprintln!();
+        }
+        let s = last.ok_or_else(|| anyhow!("the gateway sent no state for {name}"))?;
+        match pb::SandboxPhase::try_from(s.phase) {
+            Ok(pb::SandboxPhase::Ready) => Ok(s),
+            _ => {
+                let why = s
+                    .conditions
+                    .iter()
+                    .map(|c| format!("{}={} {}: {}", c.r#type, c.status, c.reason, c.message))
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                bail!("sandbox {name} is {}: {why}", output::phase_name(s.phase))
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait).await.map_err(|_| {
+        anyhow!("sandbox {name} was not Ready within {} s; `openshell sandbox get {name}` shows why (raise --timeout or OPENSHELL_PROVISION_TIMEOUT)", timeout.as_secs())
+    })?
+}

@@ -1,0 +1,18 @@
+//! The sandbox domain, with no I/O: identifiers and names, the spec a user
+//! asks for, and the one state machine that moves a sandbox between phases.
+//!
+//! Start at [`phase::apply`]: every phase change in the gateway goes through
+//! it. The store persists what it returns; the API and the plugin host only
+//! translate their inputs into [`phase::Event`]s.
+
+pub mod name;
+pub mod phase;
+pub mod sandbox;
+pub mod validate;
+
+pub use name::{NameError, SandboxName};
+pub use phase::{
+    Condition, ConditionStatus, Event, Phase, ReadyReason, Rejection, Status, apply, derive_phase,
+};
+pub use sandbox::{Isolation, Resources, Sandbox, SandboxId, SandboxSpec};
+pub use validate::SpecError;

@@ -1,0 +1,115 @@
+//! The sandbox record and the spec a user asks for.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::name::SandboxName;
+use crate::phase::Status;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SandboxId(pub Uuid);
+
+impl SandboxId {
+    pub fn new() -> Self {
+        Self(Uuid::new_v4())
+    }
+
+    pub fn parse(raw: &str) -> Option<Self> {
+        Uuid::parse_str(raw).ok().map(Self)
+    }
+}
+
+impl Default for SandboxId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for SandboxId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Resource limits; zero means "the driver's default".
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub max_processes: u32,
+}
+
+/// What the user asked for. Immutable after create.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxSpec {
+    /// Name of the driver plugin that runs this sandbox.
+    pub driver: String,
+    pub environment: BTreeMap<String, String>,
+    pub resources: Resources,
+}
+
+/// How strongly a sandbox is separated from its host, reported honestly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Isolation {
+    /// Not yet known (the driver has not launched anything).
+    Unknown,
+    /// Namespaces and cgroups on the host kernel.
+    Process,
+    /// Own kernel, hardware virtualisation.
+    VmKvm,
+    /// Own kernel, software emulation: no hardware isolation.
+    VmTcg,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Unknown => "unknown",
+            Isolation::Process => "process",
+            Isolation::VmKvm => "vm-kvm",
+            Isolation::VmTcg => "vm-tcg",
+        }
+    }
+}
+
+/// A sandbox as the gateway stores it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sandbox {
+    pub id: SandboxId,
+    pub name: SandboxName,
+    pub spec: SandboxSpec,
+    pub status: Status,
+    /// Client token that makes a retried create return this sandbox.
+    pub request_id: Option<String>,
+    /// Opaque state the driver plugin asked the host to keep for it.
+    pub driver_state: Vec<u8>,
+    /// Incremented by every stored change; the store compares and swaps on it.
+    pub revision: i64,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl Sandbox {
+    /// A fresh record, Provisioning, not yet stored (revision 0).
+    pub fn new(
+        name: SandboxName,
+        spec: SandboxSpec,
+        request_id: Option<String>,
+        now_ms: i64,
+    ) -> Self {
+        Self {
+            id: SandboxId::new(),
+            name,
+            spec,
+            status: Status::provisioning(now_ms),
+            request_id,
+            driver_state: Vec::new(),
+            revision: 0,
+            created_at_ms: now_ms,
+            updated_at_ms: now_ms,
+        }
+    }
+}

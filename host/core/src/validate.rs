@@ -1,0 +1,157 @@
+//! Validation of what users send, with no I/O. Each error says what to fix.
+
+use std::collections::BTreeMap;
+
+use crate::sandbox::Resources;
+
+pub const MAX_ENV_VARS: usize = 256;
+pub const MAX_ENV_VALUE_LEN: usize = 32 * 1024;
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+pub const MAX_VCPUS: u32 = 64;
+pub const MAX_MEMORY_MIB: u64 = 1 << 20;
+pub const MAX_PROCESSES: u32 = 1 << 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("environment variable name {key:?} is invalid: use [A-Za-z_][A-Za-z0-9_]*")]
+    EnvKey { key: String },
+    #[error("environment variable {key} is {len} bytes; the limit is {MAX_ENV_VALUE_LEN}")]
+    EnvValueTooLong { key: String, len: usize },
+    #[error("environment variable {key} contains a NUL byte")]
+    EnvValueNul { key: String },
+    #[error("{count} environment variables given; the limit is {MAX_ENV_VARS}")]
+    TooManyEnv { count: usize },
+    #[error("{field} = {value} is out of range: {range}")]
+    Resource {
+        field: &'static str,
+        value: u64,
+        range: &'static str,
+    },
+    #[error(
+        "request_id must be 1..={MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:-]; got {len} characters"
+    )]
+    RequestId { len: usize },
+    #[error("driver name {name:?} is invalid: use lowercase letters, digits and '-', up to 63")]
+    DriverName { name: String },
+}
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, the portable shell variable name.
+pub fn is_env_key(key: &str) -> bool {
+    let mut chars = key.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+pub fn environment(env: &BTreeMap<String, String>) -> Result<(), SpecError> {
+    if env.len() > MAX_ENV_VARS {
+        return Err(SpecError::TooManyEnv { count: env.len() });
+    }
+    for (k, v) in env {
+        if !is_env_key(k) {
+            return Err(SpecError::EnvKey {
+                key: k.chars().take(80).collect(),
+            });
+        }
+        if v.len() > MAX_ENV_VALUE_LEN {
+            return Err(SpecError::EnvValueTooLong {
+                key: k.clone(),
+                len: v.len(),
+            });
+        }
+        if v.contains('\0') {
+            return Err(SpecError::EnvValueNul { key: k.clone() });
+        }
+    }
+    Ok(())
+}
+
+pub fn resources(r: &Resources) -> Result<(), SpecError> {
+    if r.vcpus > MAX_VCPUS {
+        return Err(SpecError::Resource {
+            field: "vcpus",
+            value: r.vcpus.into(),
+            range: "0 (driver default) to 64",
+        });
+    }
+    if r.memory_mib != 0 && !(16..=MAX_MEMORY_MIB).contains(&r.memory_mib) {
+        return Err(SpecError::Resource {
+            field: "memory_mib",
+            value: r.memory_mib,
+            range: "0 (driver default) or 16 to 1048576",
+        });
+    }
+    if r.max_processes > MAX_PROCESSES {
+        return Err(SpecError::Resource {
+            field: "max_processes",
+            value: r.max_processes.into(),
+            range: "0 (driver default) to 1048576",
+        });
+    }
+    Ok(())
+}
+
+pub fn request_id(id: &str) -> Result<(), SpecError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_REQUEST_ID_LEN
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::RequestId {
+            len: id.chars().count(),
+        })
+    }
+}
+
+/// Driver (plugin) names share the sandbox-name grammar.
+pub fn driver_name(name: &str) -> Result<(), SpecError> {
+    crate::name::SandboxName::parse(name)
+        .map(|_| ())
+        .map_err(|_| SpecError::DriverName {
+            name: name.chars().take(80).collect(),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn env_keys_follow_the_shell_grammar() {
+        for ok in ["A", "_x", "PATH", "a1_B2"] {
+            assert!(is_env_key(ok), "{ok}");
+        }
+        for bad in ["", "1A", "A-B", "A=B", "A B", "é"] {
+            assert!(!is_env_key(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn resources_outside_their_range_are_rejected() {
+        assert!(resources(&Resources::default()).is_ok());
+        assert!(
+            resources(&Resources {
+                vcpus: 65,
+                ..Default::default()
+            })
+            .is_err()
+        );
+        assert!(
+            resources(&Resources {
+                memory_mib: 8,
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn request_ids_are_short_tokens() {
+        assert!(request_id("abc-123:retry.1").is_ok());
+        assert!(request_id("").is_err());
+        assert!(request_id("a b").is_err());
+        assert!(request_id(&"a".repeat(129)).is_err());
+    }
+}

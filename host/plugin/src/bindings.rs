@@ -1,0 +1,19 @@
+//! The one place the WIT world is turned into Rust (host side).
+
+pub use crate::caps::{NetworkHandle, ProcessHandle, RootfsHandle, VmHandle};
+
+wasmtime::component::bindgen!({
+    world: "compute-driver",
+    path: "../../wit",
+    imports: { default: async | trappable },
+    exports: { default: async },
+    with: {
+        "openshell:compute/process.sandbox-process": ProcessHandle,
+        "openshell:compute/network.vm-network": NetworkHandle,
+        "openshell:compute/rootfs.staged-rootfs": RootfsHandle,
+        "openshell:compute/vm.microvm": VmHandle,
+    },
+});
+
+pub use exports::openshell::compute::driver as driver;
+pub use openshell::compute::types;

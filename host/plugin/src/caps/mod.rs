@@ -1,0 +1,88 @@
+//! Host capabilities, one module per WIT interface they implement.
+//!
+//! Every call into a plugin is bound to one sandbox ([`SandboxScope`]):
+//! capabilities act on that sandbox only. Host-side things a capability
+//! starts are owned by [`Services`], keyed by sandbox id, so they outlive the
+//! plugin instance that asked for them.
+
+mod files;
+mod log;
+pub mod process;
+mod vm;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wasmtime::StoreLimits;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+pub use process::{HostEvent, ProcessHandle, ProcessTable};
+pub use vm::{NetworkHandle, RootfsHandle, VmHandle};
+
+use crate::bindings::types::CapError;
+
+/// What a call may touch.
+pub struct SandboxScope {
+    pub plugin: String,
+    /// Empty for calls not about a sandbox (describe, validate).
+    pub sandbox_id: String,
+    /// The sandbox's state directory; `None` where the call has no sandbox.
+    pub dir: Option<Arc<cap_std::fs::Dir>>,
+}
+
+/// Host-side services shared by every call.
+pub struct Services {
+    pub processes: ProcessTable,
+    /// Deadline for one capability call that does I/O.
+    pub io_timeout: Duration,
+}
+
+/// The data of one plugin instance's `Store`.
+pub struct CallState {
+    pub(crate) wasi: WasiCtx,
+    pub(crate) table: ResourceTable,
+    pub(crate) limits: StoreLimits,
+    pub(crate) scope: SandboxScope,
+    pub(crate) services: Arc<Services>,
+}
+
+impl CallState {
+    pub(crate) fn new(scope: SandboxScope, services: Arc<Services>, limits: StoreLimits) -> Self {
+        Self {
+            // Empty on purpose: no preopens, env, args, stdio or sockets.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits,
+            scope,
+            services,
+        }
+    }
+
+    fn dir(&self) -> Result<Arc<cap_std::fs::Dir>, CapError> {
+        self.scope.dir.clone().ok_or_else(|| {
+            CapError::AccessDenied("this call is not about a sandbox; no files are reachable".into())
+        })
+    }
+
+    fn require_sandbox(&self) -> Result<&str, CapError> {
+        if self.scope.sandbox_id.is_empty() {
+            Err(CapError::AccessDenied(
+                "this call is not about a sandbox; capabilities are unavailable".into(),
+            ))
+        } else {
+            Ok(&self.scope.sandbox_id)
+        }
+    }
+}
+
+impl WasiView for CallState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl crate::bindings::types::Host for CallState {}

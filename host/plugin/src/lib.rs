@@ -1,0 +1,25 @@
+//! The wasmtime host for compute-driver plugins.
+//!
+//! A driver is a WebAssembly component (`wit/world.wit`). This crate loads
+//! components ([`PluginHost::install`]), checks their imports against the
+//! operator's grants ([`grants`]), caches compiled code on disk, and calls
+//! their exports ([`Plugin`]) in a fresh instance per call, under a memory
+//! cap, epoch interruption and a wall-clock deadline. The capabilities a
+//! plugin may import are implemented in [`caps`], one module per WIT
+//! interface. Start at [`PluginHost`].
+
+pub mod bindings;
+pub mod caps;
+pub mod grants;
+mod host;
+
+/// Size limits a caller may need to size its own buffers.
+pub mod host_limits {
+    pub use crate::host::{MAX_COMPONENT, MAX_STATE};
+}
+
+pub use caps::{HostEvent, ProcessTable};
+pub use grants::{Capability, GrantError};
+pub use host::{
+    CallError, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost, PluginHostConfig,
+};

@@ -1,0 +1,415 @@
+//! The store's behaviour, written once and run against every backend (see
+//! `store_tests!` in `main.rs`). Each body gets a fresh, empty store.
+
+use std::collections::BTreeMap;
+
+use anyhow::Context;
+use openshell_core::{
+    Event, Resources, Sandbox, SandboxId, SandboxName, SandboxSpec, Status, apply,
+};
+use openshell_store::{PluginRecord, Store, StoreError};
+
+/// A sandbox with every field set to something other than its default.
+pub fn sandbox(name: &str) -> Sandbox {
+    let spec = SandboxSpec {
+        driver: "process".into(),
+        environment: BTreeMap::from([
+            ("HOME".into(), "/home/agent".into()),
+            ("GREETING".into(), "héllo \"wörld\"\n".into()),
+        ]),
+        resources: Resources {
+            vcpus: 2,
+            memory_mib: 512,
+            max_processes: 64,
+        },
+    };
+    let mut s = Sandbox::new(SandboxName::parse(name).unwrap(), spec, None, 1_000);
+    s.status = apply(
+        &Status::provisioning(1_000),
+        &Event::DriverStarting {
+            message: "booting".into(),
+        },
+        1_500,
+    )
+    .unwrap();
+    s.driver_state = (0..=255).collect();
+    s.updated_at_ms = 1_500;
+    s
+}
+
+fn counter(s: &Sandbox) -> u64 {
+    s.spec.environment.get("N").map_or(0, |n| n.parse().unwrap())
+}
+
+pub async fn insert_then_get_round_trips_every_field(store: &Store) -> anyhow::Result<()> {
+    let mut s = sandbox("round-trip");
+    s.request_id = Some("req-1".into());
+    s.revision = 42; // ignored: a new record starts at 1
+
+    let stored = store.insert_sandbox(&s).await?;
+    let expected = Sandbox { revision: 1, ..s };
+    assert_eq!(stored, expected);
+    assert_eq!(store.get_sandbox(expected.id).await?.as_ref(), Some(&expected));
+    assert_eq!(
+        store.get_sandbox_by_name("round-trip").await?.as_ref(),
+        Some(&expected)
+    );
+    assert_eq!(
+        store.get_sandbox_by_request_id("req-1").await?.as_ref(),
+        Some(&expected)
+    );
+
+    // The empty and absent forms round-trip too.
+    let mut bare = sandbox("bare");
+    bare.driver_state.clear();
+    bare.spec = SandboxSpec::default();
+    let bare = store.insert_sandbox(&bare).await?;
+    assert_eq!(store.get_sandbox(bare.id).await?, Some(bare));
+    Ok(())
+}
+
+pub async fn a_taken_name_is_rejected_and_the_store_is_unchanged(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let first = store.insert_sandbox(&sandbox("taken")).await?;
+    let mut second = sandbox("taken");
+    second.request_id = Some("other".into());
+
+    let err = store.insert_sandbox(&second).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NameTaken { name } if name == "taken"),
+        "{err:?}"
+    );
+    assert_eq!(store.count_sandboxes().await?, 1);
+    assert_eq!(store.get_sandbox(second.id).await?, None);
+    assert_eq!(store.get_sandbox_by_request_id("other").await?, None);
+    assert_eq!(store.get_sandbox_by_name("taken").await?, Some(first));
+    Ok(())
+}
+
+pub async fn a_taken_request_id_is_rejected_and_wins_over_a_taken_name(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let mut first = sandbox("first");
+    first.request_id = Some("req".into());
+    let first = store.insert_sandbox(&first).await?;
+
+    let mut retry = sandbox("second");
+    retry.request_id = Some("req".into());
+    let err = store.insert_sandbox(&retry).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::RequestIdTaken { request_id } if request_id == "req"),
+        "{err:?}"
+    );
+
+    // Both taken: it is a retried create, so say so.
+    let mut same = sandbox("first");
+    same.request_id = Some("req".into());
+    let err = store.insert_sandbox(&same).await.unwrap_err();
+    assert!(matches!(err, StoreError::RequestIdTaken { .. }), "{err:?}");
+
+    assert_eq!(store.list_sandboxes(10, 0).await?, vec![first]);
+    Ok(())
+}
+
+pub async fn unknown_sandboxes_are_absent_everywhere(store: &Store) -> anyhow::Result<()> {
+    store.insert_sandbox(&sandbox("known")).await?;
+    let ghost = sandbox("ghost");
+
+    assert_eq!(store.get_sandbox(ghost.id).await?, None);
+    assert_eq!(store.get_sandbox_by_name("ghost").await?, None);
+    assert_eq!(store.get_sandbox_by_request_id("ghost").await?, None);
+    assert_eq!(store.get_secret_hash(ghost.id).await?, None);
+    assert!(!store.delete_sandbox(ghost.id).await?);
+    assert_eq!(store.modify_sandbox(ghost.id, |_| true).await?, None);
+
+    let err = store.update_sandbox(&ghost).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound { id } if id == ghost.id),
+        "{err:?}"
+    );
+    let err = store.set_secret_hash(ghost.id, Some("h")).await.unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
+    Ok(())
+}
+
+pub async fn lists_page_oldest_first_with_ties_broken_by_id(store: &Store) -> anyhow::Result<()> {
+    let mut inserted = Vec::new();
+    // Created out of order, with pairs sharing a timestamp.
+    for (i, created) in [30, 10, 20, 10, 30, 20, 40].into_iter().enumerate() {
+        let mut s = sandbox(&format!("s{i}"));
+        s.created_at_ms = created;
+        inserted.push(store.insert_sandbox(&s).await?);
+    }
+    inserted.sort_by_key(|s| (s.created_at_ms, s.id.to_string()));
+
+    assert_eq!(store.count_sandboxes().await?, 7);
+    assert_eq!(store.list_sandboxes(100, 0).await?, inserted);
+    assert_eq!(store.list_sandboxes(3, 0).await?, inserted[0..3]);
+    assert_eq!(store.list_sandboxes(3, 3).await?, inserted[3..6]);
+    assert_eq!(store.list_sandboxes(3, 6).await?, inserted[6..]);
+    assert_eq!(store.list_sandboxes(3, 7).await?, []);
+    assert_eq!(store.list_sandboxes(0, 0).await?, []);
+    Ok(())
+}
+
+pub async fn listing_by_driver_returns_only_that_drivers_sandboxes(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let mut vm = Vec::new();
+    for (i, driver) in ["vm", "process", "vm", "process", "vm"].into_iter().enumerate() {
+        let mut s = sandbox(&format!("d{i}"));
+        s.spec.driver = driver.into();
+        s.created_at_ms = i64::try_from(i)?;
+        let s = store.insert_sandbox(&s).await?;
+        if driver == "vm" {
+            vm.push(s);
+        }
+    }
+    assert_eq!(store.list_sandboxes_by_driver("vm").await?, vm);
+    assert_eq!(store.list_sandboxes_by_driver("process").await?.len(), 2);
+    assert_eq!(store.list_sandboxes_by_driver("nope").await?, []);
+    Ok(())
+}
+
+pub async fn a_stale_update_conflicts_and_changes_nothing(store: &Store) -> anyhow::Result<()> {
+    let v1 = store.insert_sandbox(&sandbox("cas")).await?;
+
+    let mut fresh = v1.clone();
+    fresh.driver_state = b"first".to_vec();
+    let v2 = store.update_sandbox(&fresh).await?;
+    assert_eq!(v2.revision, 2);
+
+    let mut stale = v1.clone();
+    stale.driver_state = b"second".to_vec();
+    let err = store.update_sandbox(&stale).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Conflict { id, expected_revision: 1 } if id == v1.id),
+        "{err:?}"
+    );
+    assert!(err.is_expected());
+    assert_eq!(store.get_sandbox(v1.id).await?, Some(v2));
+    Ok(())
+}
+
+pub async fn an_update_writes_every_field_and_bumps_the_revision(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let mut v1 = sandbox("before");
+    v1.request_id = Some("r1".into());
+    let v1 = store.insert_sandbox(&v1).await?;
+
+    let mut next = v1.clone();
+    next.name = SandboxName::parse("after")?;
+    next.request_id = None;
+    next.spec.driver = "vm".into();
+    next.spec.environment.insert("EXTRA".into(), "1".into());
+    next.spec.resources.vcpus = 8;
+    next.status = apply(&v1.status, &Event::SupervisorConnected, 2_000)?;
+    next.driver_state = vec![0, 1, 2];
+    next.created_at_ms = 900;
+    next.updated_at_ms = 2_000;
+
+    let v2 = store.update_sandbox(&next).await?;
+    let expected = Sandbox {
+        revision: 2,
+        ..next
+    };
+    assert_eq!(v2, expected);
+    assert_eq!(store.get_sandbox(v1.id).await?.as_ref(), Some(&expected));
+    assert_eq!(store.get_sandbox_by_name("before").await?, None);
+    assert_eq!(store.get_sandbox_by_request_id("r1").await?, None);
+    assert_eq!(store.list_sandboxes_by_driver("vm").await?, vec![expected]);
+    Ok(())
+}
+
+pub async fn an_update_onto_a_taken_name_is_rejected(store: &Store) -> anyhow::Result<()> {
+    store.insert_sandbox(&sandbox("one")).await?;
+    let mut two = sandbox("two");
+    two.request_id = Some("r2".into());
+    let two = store.insert_sandbox(&two).await?;
+    let mut three = sandbox("three");
+    three.request_id = Some("r3".into());
+    store.insert_sandbox(&three).await?;
+
+    let mut renamed = two.clone();
+    renamed.name = SandboxName::parse("one")?;
+    let err = store.update_sandbox(&renamed).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::NameTaken { name } if name == "one"),
+        "{err:?}"
+    );
+
+    let mut moved = two.clone();
+    moved.request_id = Some("r3".into());
+    let err = store.update_sandbox(&moved).await.unwrap_err();
+    assert!(matches!(err, StoreError::RequestIdTaken { .. }), "{err:?}");
+
+    assert_eq!(store.get_sandbox(two.id).await?, Some(two));
+    Ok(())
+}
+
+pub async fn concurrent_modifies_lose_no_update(store: &Store) -> anyhow::Result<()> {
+    const WRITERS: u64 = 200;
+    let id = store.insert_sandbox(&sandbox("counter")).await?.id;
+
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let t0 = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..WRITERS {
+        let store = store.clone();
+        let calls = calls.clone();
+        tasks.spawn(async move {
+            store
+                .modify_sandbox(id, |s| {
+                    calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let n = counter(s) + 1;
+                    s.spec.environment.insert("N".into(), n.to_string());
+                    true
+                })
+                .await
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        joined?.context("modify_sandbox")?.context("sandbox vanished")?;
+    }
+
+    eprintln!("CALLS {} in {:?}", calls.load(std::sync::atomic::Ordering::Relaxed), t0.elapsed());
+    let last = store.get_sandbox(id).await?.context("sandbox vanished")?;
+    assert_eq!(counter(&last), WRITERS);
+    assert_eq!(last.revision, 1 + i64::try_from(WRITERS)?);
+    Ok(())
+}
+
+pub async fn a_modify_that_declines_writes_nothing(store: &Store) -> anyhow::Result<()> {
+    let v1 = store.insert_sandbox(&sandbox("steady")).await?;
+    let seen = store
+        .modify_sandbox(v1.id, |s| {
+            s.driver_state = b"scribbled".to_vec();
+            false
+        })
+        .await?;
+    assert_eq!(seen.as_ref(), Some(&v1));
+    assert_eq!(store.get_sandbox(v1.id).await?, Some(v1));
+    Ok(())
+}
+
+pub async fn a_modify_cannot_redirect_or_rewind_the_swap(store: &Store) -> anyhow::Result<()> {
+    let target = store.insert_sandbox(&sandbox("target")).await?;
+    let bystander = store.insert_sandbox(&sandbox("bystander")).await?;
+
+    let stored = store
+        .modify_sandbox(target.id, |s| {
+            s.id = bystander.id;
+            s.revision = 99;
+            s.driver_state = b"changed".to_vec();
+            true
+        })
+        .await?
+        .context("target vanished")?;
+    assert_eq!(stored.id, target.id);
+    assert_eq!(stored.revision, 2);
+    assert_eq!(stored.driver_state, b"changed");
+    assert_eq!(store.get_sandbox(bystander.id).await?, Some(bystander));
+    Ok(())
+}
+
+pub async fn deleted_sandboxes_are_gone(store: &Store) -> anyhow::Result<()> {
+    let mut s = sandbox("doomed");
+    s.request_id = Some("r".into());
+    let s = store.insert_sandbox(&s).await?;
+    let kept = store.insert_sandbox(&sandbox("kept")).await?;
+
+    assert!(store.delete_sandbox(s.id).await?);
+    assert!(!store.delete_sandbox(s.id).await?);
+    assert_eq!(store.get_sandbox(s.id).await?, None);
+    assert_eq!(store.get_sandbox_by_name("doomed").await?, None);
+    assert_eq!(store.get_sandbox_by_request_id("r").await?, None);
+    assert_eq!(store.list_sandboxes(10, 0).await?, vec![kept]);
+
+    // The name and request_id are free again.
+    let mut again = sandbox("doomed");
+    again.request_id = Some("r".into());
+    store.insert_sandbox(&again).await?;
+    Ok(())
+}
+
+pub async fn plugins_can_be_upserted_listed_and_deleted(store: &Store) -> anyhow::Result<()> {
+    let vm = PluginRecord {
+        name: "vm".into(),
+        digest: "sha256:aa".into(),
+        version: "0.1.0".into(),
+        grants: vec!["openshell:compute/vm@0.1.0".into(), "wasi:clocks".into()],
+        wasm_path: "/var/lib/openshell/plugins/vm.wasm".into(),
+        loaded_at_ms: 1_000,
+    };
+    let process = PluginRecord {
+        name: "process".into(),
+        grants: vec![],
+        ..vm.clone()
+    };
+    assert_eq!(store.get_plugin("vm").await?, None);
+    store.upsert_plugin(&vm).await?;
+    store.upsert_plugin(&process).await?;
+    assert_eq!(store.get_plugin("vm").await?.as_ref(), Some(&vm));
+    assert_eq!(
+        store.list_plugins().await?,
+        vec![process.clone(), vm.clone()]
+    );
+
+    let upgraded = PluginRecord {
+        digest: "sha256:bb".into(),
+        version: "0.2.0".into(),
+        grants: vec!["wasi:clocks".into()],
+        wasm_path: "/elsewhere/vm.wasm".into(),
+        loaded_at_ms: 2_000,
+        ..vm.clone()
+    };
+    store.upsert_plugin(&upgraded).await?;
+    assert_eq!(store.get_plugin("vm").await?.as_ref(), Some(&upgraded));
+    assert_eq!(store.list_plugins().await?.len(), 2);
+
+    assert!(store.delete_plugin("vm").await?);
+    assert!(!store.delete_plugin("vm").await?);
+    assert_eq!(store.get_plugin("vm").await?, None);
+    assert_eq!(store.list_plugins().await?, vec![process]);
+    Ok(())
+}
+
+pub async fn the_secret_hash_is_kept_apart_from_the_sandbox(store: &Store) -> anyhow::Result<()> {
+    const HASH: &str = "argon2id$v=19$SECRET-HASH-MARKER";
+    let s = store.insert_sandbox(&sandbox("secretive")).await?;
+    assert_eq!(store.get_secret_hash(s.id).await?, None);
+
+    store.set_secret_hash(s.id, Some(HASH)).await?;
+    assert_eq!(store.get_secret_hash(s.id).await?.as_deref(), Some(HASH));
+
+    // Not part of the record: no revision bump, and nowhere in what reads return.
+    let read = store.get_sandbox(s.id).await?.context("vanished")?;
+    assert_eq!(read, s);
+    let every_read = [
+        format!("{read:?}"),
+        format!("{:?}", store.get_sandbox_by_name("secretive").await?),
+        format!("{:?}", store.list_sandboxes(10, 0).await?),
+        format!("{:?}", store.list_sandboxes_by_driver("process").await?),
+    ];
+    for text in every_read {
+        assert!(!text.contains("SECRET-HASH-MARKER"), "{text}");
+    }
+
+    // Writing the record leaves the hash alone.
+    store
+        .modify_sandbox(s.id, |s| {
+            s.driver_state.push(1);
+            true
+        })
+        .await?;
+    assert_eq!(store.get_secret_hash(s.id).await?.as_deref(), Some(HASH));
+
+    store.set_secret_hash(s.id, None).await?;
+    assert_eq!(store.get_secret_hash(s.id).await?, None);
+
+    let other = SandboxId::new();
+    assert_eq!(store.get_secret_hash(other).await?, None);
+    Ok(())
+}
