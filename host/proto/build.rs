@@ -6,10 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("openshell_descriptor.bin"))
-        .compile_protos(
-            &files.map(|f| root.join(f)),
-            &[root.clone()],
-        )?;
+        .compile_protos(&files.map(|f| root.join(f)), std::slice::from_ref(&root))?;
     println!("cargo:rerun-if-changed={}", root.display());
     Ok(())
 }

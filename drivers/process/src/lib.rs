@@ -21,6 +21,7 @@ mod bindings {
 use bindings::exports::openshell::compute::driver::{
     DriverError, DriverInfo, Guest, HostEvent, LaunchContext, Outcome, SandboxSpec,
 };
+use bindings::openshell::compute::files;
 use bindings::openshell::compute::log::{self, Level};
 use bindings::openshell::compute::process::{self, ProcessStatus};
 use bindings::openshell::compute::types::{CapError, DriverEvent, Failure, Isolation};
@@ -105,7 +106,7 @@ fn launch(spec: &SandboxSpec, ctx: &LaunchContext, state: &[u8]) -> Result<Outco
         LaunchState::default()
     });
 
-    bindings::openshell::compute::files::create_dir(policy::WORKDIR)
+    files::create_dir(policy::WORKDIR)
         .map_err(|e| failed("WorkdirFailed", "creating the working directory", &e))?;
     process::spawn(&policy::spawn_spec(spec, ctx))
         .map_err(|e| failed("SpawnFailed", "spawning the supervisor", &e))?;

@@ -13,4 +13,4 @@ pub mod server;
 pub mod service;
 pub mod watch;
 
-pub use server::{GatewayConfig, Gateway};
+pub use server::{Gateway, GatewayConfig};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openshell_core::{Event, Phase, Sandbox, SandboxId, SandboxName, SandboxSpec, validate};
-use openshell_plugin::{Capability, CallError, DriverSpec, HostEvent, Plugin, PluginHost};
+use openshell_plugin::{CallError, Capability, DriverSpec, HostEvent, Plugin, PluginHost};
 use openshell_store::{PluginRecord, Store, StoreError};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -165,7 +165,9 @@ impl ComputeRuntime {
                 }
                 // A concurrent retry of the same request won the race.
                 Err(StoreError::RequestIdTaken { request_id }) => {
-                    if let Some(existing) = self.store.get_sandbox_by_request_id(&request_id).await? {
+                    if let Some(existing) =
+                        self.store.get_sandbox_by_request_id(&request_id).await?
+                    {
                         return Ok(existing);
                     }
                     return Err(ApiError::Unavailable(
@@ -187,8 +189,12 @@ impl ComputeRuntime {
         let hash = secret_hash(&secret);
         if let Err(e) = self.store.set_secret_hash(sb.id, Some(&hash)).await {
             tracing::error!(sandbox = %sb.id, "cannot store the sandbox secret: {e}");
-            self.fail(sb.id, "StoreFailed", "could not record the sandbox's credential")
-                .await;
+            self.fail(
+                sb.id,
+                "StoreFailed",
+                "could not record the sandbox's credential",
+            )
+            .await;
             return;
         }
         let spec = driver_spec(&sb);
@@ -307,7 +313,10 @@ impl ComputeRuntime {
         let Some(plugin) = self.plugins.get(&sb.spec.driver) else {
             return;
         };
-        match plugin.on_event(&driver_spec(&sb), &sb.driver_state, &event).await {
+        match plugin
+            .on_event(&driver_spec(&sb), &sb.driver_state, &event)
+            .await
+        {
             Ok(out) => self.apply(id, &out.events, Some(out.state)).await,
             Err(e) => self.driver_failed(id, &plugin.name, &e).await,
         }
@@ -342,7 +351,11 @@ impl ComputeRuntime {
                 name: plugin.name.clone(),
                 digest: plugin.digest.clone(),
                 version: plugin.info.version.clone(),
-                grants: plugin.grants.iter().map(|g| g.as_str().to_owned()).collect(),
+                grants: plugin
+                    .grants
+                    .iter()
+                    .map(|g| g.as_str().to_owned())
+                    .collect(),
                 wasm_path: plugin.path.display().to_string(),
                 loaded_at_ms: now_ms(),
             })
@@ -385,7 +398,9 @@ impl ComputeRuntime {
                 .load_stored(&rec.name, std::path::Path::new(&rec.wasm_path), &grants)
                 .await
             {
-                Ok(_) => tracing::info!(plugin = rec.name, elapsed = ?started.elapsed(), "plugin reloaded"),
+                Ok(_) => {
+                    tracing::info!(plugin = rec.name, elapsed = ?started.elapsed(), "plugin reloaded")
+                }
                 Err(e) => tracing::error!(plugin = rec.name, "cannot reload plugin: {e}"),
             }
         }

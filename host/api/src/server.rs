@@ -3,6 +3,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use openshell_plugin::{PluginHost, PluginHostConfig};
 use openshell_proto::v1::open_shell_server::OpenShellServer;
@@ -26,6 +27,8 @@ pub struct GatewayConfig {
     pub driver_dir: Option<PathBuf>,
     pub disable_tls: bool,
     pub disable_auth: bool,
+    /// Wall-clock deadline for one driver plugin call.
+    pub plugin_call_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -80,7 +83,8 @@ pub struct Gateway {
 
 impl Gateway {
     pub async fn start(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
-        if !cfg.bind.is_loopback() && !(cfg.disable_tls && cfg.disable_auth) {
+        let plaintext_ok = cfg.disable_tls && cfg.disable_auth;
+        if !(cfg.bind.is_loopback() || plaintext_ok) {
             return Err(GatewayError::InsecureBind { bind: cfg.bind });
         }
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| GatewayError::StateDir {
@@ -93,10 +97,9 @@ impl Gateway {
         let store = Store::connect(&db_url).await?;
 
         let (events_tx, events_rx) = mpsc::unbounded_channel();
-        let plugins = Arc::new(PluginHost::new(
-            PluginHostConfig::new(&cfg.state_dir),
-            events_tx,
-        )?);
+        let mut host_cfg = PluginHostConfig::new(&cfg.state_dir);
+        host_cfg.call_timeout = cfg.plugin_call_timeout;
+        let plugins = Arc::new(PluginHost::new(host_cfg, events_tx)?);
         let runtime = ComputeRuntime::new(store, plugins);
         runtime.spawn_host_events(events_rx);
         runtime.recover().await.map_err(GatewayError::Recover)?;
@@ -108,7 +111,9 @@ impl Gateway {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|source| GatewayError::Bind { addr, source })?;
-        let addr = listener.local_addr().map_err(|source| GatewayError::Bind { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| GatewayError::Bind { addr, source })?;
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let service = Service {

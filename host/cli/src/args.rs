@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser, Debug)]
-#[command(name = "openshell", version, about = "Isolated sandboxes for AI agents")]
+#[command(
+    name = "openshell",
+    version,
+    about = "Isolated sandboxes for AI agents"
+)]
 pub struct Cli {
     /// Gateway address, e.g. http://127.0.0.1:8080.
     #[arg(
@@ -78,6 +82,9 @@ pub struct GatewayStart {
     /// Accept requests without a token (development only).
     #[arg(long)]
     pub disable_gateway_auth: bool,
+    /// Seconds one driver plugin call may run before it is abandoned.
+    #[arg(long, default_value_t = 10)]
+    pub plugin_call_timeout_secs: u64,
 }
 
 #[derive(Subcommand, Debug)]

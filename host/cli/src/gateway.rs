@@ -24,6 +24,7 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         driver_dir: a.driver_dir,
         disable_tls: a.disable_tls,
         disable_auth: a.disable_gateway_auth,
+        plugin_call_timeout: std::time::Duration::from_secs(a.plugin_call_timeout_secs),
     })
     .await?;
     println!("Server listening on {}", gw.addr);

@@ -48,7 +48,14 @@ pub fn status(out: Output, endpoint: &str, h: &pb::HealthResponse) {
         Output::Table => {
             println!("Connected to {endpoint}");
             println!("Gateway version: {}", h.version);
-            println!("Drivers: {}", if h.drivers.is_empty() { "(none)".to_owned() } else { h.drivers.join(", ") });
+            println!(
+                "Drivers: {}",
+                if h.drivers.is_empty() {
+                    "(none)".to_owned()
+                } else {
+                    h.drivers.join(", ")
+                }
+            );
         }
     }
 }
@@ -66,11 +73,17 @@ pub fn sandbox(out: Output, s: &pb::Sandbox) {
     if !spec.environment.is_empty() {
         let mut keys: Vec<_> = spec.environment.keys().collect();
         keys.sort();
-        println!("Env:      {}", keys.into_iter().cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "Env:      {}",
+            keys.into_iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     println!("Conditions:");
     for c in &s.conditions {
-        println!("  {:<7} {:<7} {:<24} {}", c.r#type, c.status, c.reason, c.message);
+        println!(
+            "  {:<7} {:<7} {:<24} {}",
+            c.r#type, c.status, c.reason, c.message
+        );
     }
 }
 
@@ -84,7 +97,13 @@ pub fn sandboxes(out: Output, list: &[pb::Sandbox], total: u64) {
     println!("{:<28} {:<13} {:<10} ID", "NAME", "PHASE", "DRIVER");
     for s in list {
         let driver = s.spec.as_ref().map_or("", |sp| sp.driver.as_str());
-        println!("{:<28} {:<13} {:<10} {}", s.name, phase_name(s.phase), driver, s.id);
+        println!(
+            "{:<28} {:<13} {:<10} {}",
+            s.name,
+            phase_name(s.phase),
+            driver,
+            s.id
+        );
     }
 }
 

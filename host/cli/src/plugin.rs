@@ -13,8 +13,8 @@ pub async fn run(endpoint: &str, out: Output, cmd: PluginCmd) -> anyhow::Result<
     let mut c = connect(endpoint).await?;
     match cmd {
         PluginCmd::Load { path, name, grants } => {
-            let component = std::fs::read(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+            let component =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
             let name = match name {
                 Some(n) => n,
                 None => path

@@ -150,7 +150,9 @@ async fn delete_and_wait(c: &mut Client, name: &str) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        Err(anyhow!("the gateway closed the watch before the sandbox was gone"))
+        Err(anyhow!(
+            "the gateway closed the watch before the sandbox was gone"
+        ))
     };
     tokio::time::timeout(Duration::from_secs(120), wait)
         .await
@@ -210,7 +212,12 @@ async fn wait_ready(c: &mut Client, name: &str, timeout: Duration) -> anyhow::Re
                 Some(WatchEvent::Sandbox(s)) => {
                     if progress {
                         let why = s.conditions.first().map_or("", |c| c.message.as_str());
-                        eprint!("\r\x1b[2K{}: {} {}", s.name, output::phase_name(s.phase), why);
+                        eprint!(
+                            "\r\x1b[2K{}: {} {}",
+                            s.name,
+                            output::phase_name(s.phase),
+                            why
+                        );
                     }
                     last = Some(s);
                 }

@@ -43,7 +43,8 @@ impl SandboxName {
     pub fn generate(rng: &mut impl rand::Rng) -> Self {
         const ADJECTIVES: &[&str] = &[
             "amber", "brisk", "calm", "deft", "eager", "fond", "glad", "hardy", "keen", "lucid",
-            "merry", "nimble", "plucky", "quiet", "rapid", "sly", "tidy", "vivid", "witty", "zesty",
+            "merry", "nimble", "plucky", "quiet", "rapid", "sly", "tidy", "vivid", "witty",
+            "zesty",
         ];
         const NOUNS: &[&str] = &[
             "otter", "heron", "lynx", "marten", "newt", "osprey", "panda", "quail", "raven",

@@ -239,7 +239,11 @@ pub fn driver_reason(raw: &str) -> String {
         && raw.len() <= 64
         && raw.starts_with(|c: char| c.is_ascii_uppercase())
         && raw.chars().all(|c| c.is_ascii_alphanumeric());
-    if ok { raw.to_owned() } else { "DriverFailed".to_owned() }
+    if ok {
+        raw.to_owned()
+    } else {
+        "DriverFailed".to_owned()
+    }
 }
 
 /// Cuts a driver message to [`MAX_MESSAGE_LEN`] bytes on a char boundary and
@@ -301,7 +305,12 @@ pub fn apply(current: &Status, event: &Event, now_ms: i64) -> Result<Status, Rej
         ) => return Err(reject()),
 
         (_, Event::DeleteRequested) => {
-            set_ready(&mut next, S::False, R::Deleting, "deletion requested".into());
+            set_ready(
+                &mut next,
+                S::False,
+                R::Deleting,
+                "deletion requested".into(),
+            );
         }
 
         // Error sticks until deleted: nothing may paper over a failure.

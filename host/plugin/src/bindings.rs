@@ -15,5 +15,5 @@ wasmtime::component::bindgen!({
     },
 });
 
-pub use exports::openshell::compute::driver as driver;
+pub use exports::openshell::compute::driver;
 pub use openshell::compute::types;

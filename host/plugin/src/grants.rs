@@ -186,7 +186,10 @@ mod tests {
             "env",
         ] {
             assert!(
-                matches!(check([bad], &Capability::ALL), Err(GrantError::UnknownImport { .. })),
+                matches!(
+                    check([bad], &Capability::ALL),
+                    Err(GrantError::UnknownImport { .. })
+                ),
                 "{bad}"
             );
         }

@@ -321,7 +321,10 @@ impl PluginHost {
         let component = self.compile_cached(&bytes, &digest).await?;
 
         let ty = component.component_type();
-        let import_names: Vec<String> = ty.imports(&self.engine).map(|(n, _)| n.to_owned()).collect();
+        let import_names: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
         let imports = grants::check(import_names.iter().map(String::as_str), grants)?;
 
         let pre = self
@@ -359,15 +362,20 @@ impl PluginHost {
         self.engine.precompile_compatibility_hash().hash(&mut h);
         let cache_dir = self.shared.config.plugins_dir.join("cache");
         let cached = cache_dir.join(format!("{digest}-{:016x}.cwasm", h.finish()));
-        if cached.exists() {
+        // Read, not mmap: a cache file truncated under a live mapping would
+        // kill the gateway with SIGBUS.
+        if let Ok(bytes) = std::fs::read(&cached) {
             // SAFETY: the file was written by `precompile_component` below,
             // into a directory only the gateway writes, under a name that
-            // binds it to these exact bytes and this engine configuration.
+            // binds it to these exact bytes and this engine configuration;
+            // wasmtime still checks its header and version.
             #[allow(unsafe_code, reason = "loading our own precompiled cache")]
-            let loaded = unsafe { Component::deserialize_file(&self.engine, &cached) };
+            let loaded = unsafe { Component::deserialize(&self.engine, &bytes) };
             match loaded {
                 Ok(c) => return Ok(c),
-                Err(e) => tracing::warn!(path = %cached.display(), "ignoring unusable compiled cache: {e:#}"),
+                Err(e) => {
+                    tracing::warn!(path = %cached.display(), "ignoring unusable compiled cache: {e:#}")
+                }
             }
         }
         let engine = self.engine.clone();
@@ -378,7 +386,9 @@ impl PluginHost {
                 source: wasmtime::Error::msg(e.to_string()),
             })?
             .map_err(|source| PluginError::InvalidComponent { source })?;
-        if let Err(e) = std::fs::create_dir_all(&cache_dir).and_then(|_| write_atomic(&cached, &compiled)) {
+        if let Err(e) =
+            std::fs::create_dir_all(&cache_dir).and_then(|_| write_atomic(&cached, &compiled))
+        {
             tracing::warn!(path = %cached.display(), "cannot write compiled cache: {e}");
         }
         // SAFETY: `compiled` was produced by this engine's
@@ -523,7 +533,8 @@ impl Plugin {
     ) -> Result<Outcome, CallError> {
         let scope = self.scope(Some(&spec.id))?;
         let (wspec, ctx) = (to_wit(spec), launch_ctx(secret));
-        let r = guarded_call!(self, scope, |drv, store| drv.call_create(store, &wspec, &ctx, state))?;
+        let r = guarded_call!(self, scope, |drv, store| drv
+            .call_create(store, &wspec, &ctx, state))?;
         self.outcome(r)
     }
 
@@ -535,14 +546,16 @@ impl Plugin {
     ) -> Result<Outcome, CallError> {
         let scope = self.scope(Some(&spec.id))?;
         let (wspec, ctx) = (to_wit(spec), launch_ctx(secret));
-        let r = guarded_call!(self, scope, |drv, store| drv.call_resume(store, &wspec, &ctx, state))?;
+        let r = guarded_call!(self, scope, |drv, store| drv
+            .call_resume(store, &wspec, &ctx, state))?;
         self.outcome(r)
     }
 
     pub async fn delete(&self, spec: &DriverSpec, state: &[u8]) -> Result<(), CallError> {
         let scope = self.scope(Some(&spec.id))?;
         let wspec = to_wit(spec);
-        let r = guarded_call!(self, scope, |drv, store| drv.call_delete(store, &wspec, state))?;
+        let r = guarded_call!(self, scope, |drv, store| drv
+            .call_delete(store, &wspec, state))?;
         r.map_err(from_driver_error)
     }
 
@@ -558,7 +571,8 @@ impl Plugin {
             HostEvent::Exited { status, .. } => wit::HostEvent::ProcessExited(*status),
             HostEvent::PollFailed { message, .. } => wit::HostEvent::PollFailed(message.clone()),
         };
-        let r = guarded_call!(self, scope, |drv, store| drv.call_on_event(store, &wspec, state, &ev))?;
+        let r = guarded_call!(self, scope, |drv, store| drv
+            .call_on_event(store, &wspec, state, &ev))?;
         self.outcome(r)
     }
 

@@ -9,7 +9,7 @@
 //!
 //! One set of SQL strings serves both backends: both accept `$1` placeholders
 //! (sqlx-sqlite binds `$N` by number) and `INSERT ... ON CONFLICT`. What
-//! differs is only the Rust types sqlx uses per backend, which [`with_pool!`]
+//! differs is only the Rust types sqlx uses per backend, which `with_pool!`
 //! papers over by compiling each query body once per backend.
 
 mod error;

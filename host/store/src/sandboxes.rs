@@ -37,9 +37,16 @@ const UPDATE: &str = concat!(
      WHERE id = $1 AND revision = $9 RETURNING ",
     sandbox_columns!()
 );
-const SELECT_BY_ID: &str = concat!("SELECT ", sandbox_columns!(), " FROM sandboxes WHERE id = $1");
-const SELECT_BY_NAME: &str =
-    concat!("SELECT ", sandbox_columns!(), " FROM sandboxes WHERE name = $1");
+const SELECT_BY_ID: &str = concat!(
+    "SELECT ",
+    sandbox_columns!(),
+    " FROM sandboxes WHERE id = $1"
+);
+const SELECT_BY_NAME: &str = concat!(
+    "SELECT ",
+    sandbox_columns!(),
+    " FROM sandboxes WHERE name = $1"
+);
 const SELECT_BY_REQUEST_ID: &str = concat!(
     "SELECT ",
     sandbox_columns!(),
@@ -136,13 +143,12 @@ struct SandboxRow {
 
 impl SandboxRow {
     fn into_sandbox(self) -> Result<Sandbox, StoreError> {
-        let corrupt = |column, source: Box<dyn std::error::Error + Send + Sync>| {
-            StoreError::Corrupt {
+        let corrupt =
+            |column, source: Box<dyn std::error::Error + Send + Sync>| StoreError::Corrupt {
                 id: self.id.clone(),
                 column,
                 source,
-            }
-        };
+            };
         Ok(Sandbox {
             id: SandboxId(uuid::Uuid::parse_str(&self.id).map_err(|e| corrupt("id", e.into()))?),
             name: SandboxName::parse(&self.name).map_err(|e| corrupt("name", e.into()))?,
@@ -176,7 +182,9 @@ impl Store {
         });
         match inserted {
             Ok(row) => row.into_sandbox(),
-            Err(source) => Err(self.explain_write_error("insert sandbox", sandbox, source).await),
+            Err(source) => Err(self
+                .explain_write_error("insert sandbox", sandbox, source)
+                .await),
         }
     }
 
@@ -194,13 +202,21 @@ impl Store {
         &self,
         request_id: &str,
     ) -> Result<Option<Sandbox>, StoreError> {
-        self.fetch_one_by(SELECT_BY_REQUEST_ID, request_id, "get sandbox by request_id")
-            .await
+        self.fetch_one_by(
+            SELECT_BY_REQUEST_ID,
+            request_id,
+            "get sandbox by request_id",
+        )
+        .await
     }
 
     /// One page of sandboxes, oldest first (ties broken by id, so pages are
     /// stable).
-    pub async fn list_sandboxes(&self, limit: u32, offset: u32) -> Result<Vec<Sandbox>, StoreError> {
+    pub async fn list_sandboxes(
+        &self,
+        limit: u32,
+        offset: u32,
+    ) -> Result<Vec<Sandbox>, StoreError> {
         let rows = with_pool!(self, |pool| {
             sqlx::query_as::<_, SandboxRow>(SELECT_PAGE)
                 .bind(i64::from(limit))
@@ -241,9 +257,13 @@ impl Store {
     pub async fn update_sandbox(&self, sandbox: &Sandbox) -> Result<Sandbox, StoreError> {
         let cols = SandboxColumns::new(sandbox);
         let updated = with_pool!(self, |pool| {
-            bind_sandbox!(sqlx::query_as::<_, SandboxRow>(UPDATE), cols, sandbox.revision)
-                .fetch_optional(pool)
-                .await
+            bind_sandbox!(
+                sqlx::query_as::<_, SandboxRow>(UPDATE),
+                cols,
+                sandbox.revision
+            )
+            .fetch_optional(pool)
+            .await
         });
         match updated {
             Ok(Some(row)) => row.into_sandbox(),
@@ -264,7 +284,9 @@ impl Store {
                     StoreError::NotFound { id: sandbox.id }
                 })
             }
-            Err(source) => Err(self.explain_write_error("update sandbox", sandbox, source).await),
+            Err(source) => Err(self
+                .explain_write_error("update sandbox", sandbox, source)
+                .await),
         }
     }
 
@@ -373,22 +395,27 @@ impl Store {
     }
 
     /// Turns a unique violation into the answer a caller can act on. The
-    /// database only says "some unique constraint" (SQLite names it in a
-    /// message, Postgres in a field), so ask which value is taken instead:
-    /// that reads the same on both backends.
+    /// backends name the violated constraint differently (SQLite in the
+    /// message text, Postgres in a field), so ask which value is taken
+    /// instead: the same query works on both, and a row that won a race is
+    /// found just the same.
     async fn explain_write_error(
         &self,
         op: &'static str,
         sandbox: &Sandbox,
         source: sqlx::Error,
     ) -> StoreError {
-        let is_unique = matches!(&source, sqlx::Error::Database(e) if e.kind() == ErrorKind::UniqueViolation);
+        let is_unique =
+            matches!(&source, sqlx::Error::Database(e) if e.kind() == ErrorKind::UniqueViolation);
         if !is_unique {
             return StoreError::Query { op, source };
         }
         let id = sandbox.id.to_string();
         if let Some(request_id) = &sandbox.request_id {
-            match self.taken_by_other(COUNT_OTHER_WITH_REQUEST_ID, request_id, &id).await {
+            match self
+                .taken_by_other(COUNT_OTHER_WITH_REQUEST_ID, request_id, &id)
+                .await
+            {
                 Ok(true) => {
                     return StoreError::RequestIdTaken {
                         request_id: request_id.clone(),
@@ -398,7 +425,10 @@ impl Store {
                 Err(e) => return e,
             }
         }
-        match self.taken_by_other(COUNT_OTHER_WITH_NAME, sandbox.name.as_str(), &id).await {
+        match self
+            .taken_by_other(COUNT_OTHER_WITH_NAME, sandbox.name.as_str(), &id)
+            .await
+        {
             Ok(true) => StoreError::NameTaken {
                 name: sandbox.name.to_string(),
             },
@@ -414,15 +444,22 @@ impl Store {
         id: &str,
     ) -> Result<bool, StoreError> {
         let count: i64 = with_pool!(self, |pool| {
-            sqlx::query_scalar(sql).bind(value).bind(id).fetch_one(pool).await
+            sqlx::query_scalar(sql)
+                .bind(value)
+                .bind(id)
+                .fetch_one(pool)
+                .await
         })
         .map_err(StoreError::query("look up a taken value"))?;
         Ok(count > 0)
     }
 }
 
-/// Waits a random moment that grows with `attempt` (up to ~6 ms), so writers
-/// that collided spread out instead of colliding again in lockstep.
+/// Waits a random moment whose range doubles with each attempt (up to 200 µs
+/// on the first retry, ~100 ms from the tenth), so writers that collided
+/// spread out instead of colliding again in lockstep. The high cap matters
+/// when many writers share a few connections: with a ~6 ms cap, 200 writers
+/// on one in-memory SQLite connection needed roughly twice the attempts.
 async fn backoff(attempt: u32) {
     let max_micros = 100_u64 << attempt.min(10);
     let micros = rand::rng().random_range(0..=max_micros);

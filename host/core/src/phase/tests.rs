@@ -126,7 +126,8 @@ fn arb_event() -> impl Strategy<Value = Event> {
     prop_oneof![
         ".{0,40}".prop_map(|message| Event::DriverStarting { message }),
         ".{0,40}".prop_map(|message| Event::DriverProgress { message }),
-        (".{0,70}", ".{0,40}").prop_map(|(reason, message)| Event::DriverFailed { reason, message }),
+        (".{0,70}", ".{0,40}")
+            .prop_map(|(reason, message)| Event::DriverFailed { reason, message }),
         any::<i32>().prop_map(|status| Event::DriverExited { status }),
         Just(Event::SupervisorConnected),
         Just(Event::SupervisorDisconnected),

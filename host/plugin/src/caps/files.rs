@@ -29,9 +29,9 @@ fn check_path(path: &str) -> Result<(), CapError> {
 
 fn map_io(path: &str, e: io::Error) -> CapError {
     match e.kind() {
-        io::ErrorKind::PermissionDenied => {
-            CapError::AccessDenied(format!("{path:?} leads outside the sandbox's state directory"))
-        }
+        io::ErrorKind::PermissionDenied => CapError::AccessDenied(format!(
+            "{path:?} leads outside the sandbox's state directory"
+        )),
         io::ErrorKind::NotFound => CapError::Invalid(format!("{path:?} does not exist")),
         _ => CapError::Failed(format!("{path:?}: {e}")),
     }
@@ -127,7 +127,10 @@ mod tests {
 
     #[test]
     fn absolute_and_empty_paths_are_refused_before_any_io() {
-        assert!(matches!(check_path("/etc/passwd"), Err(CapError::AccessDenied(_))));
+        assert!(matches!(
+            check_path("/etc/passwd"),
+            Err(CapError::AccessDenied(_))
+        ));
         assert!(matches!(check_path(""), Err(CapError::Invalid(_))));
         assert!(matches!(check_path("a\0b"), Err(CapError::Invalid(_))));
         assert!(check_path("a/b.txt").is_ok());

@@ -61,7 +61,9 @@ impl CallState {
 
     fn dir(&self) -> Result<Arc<cap_std::fs::Dir>, CapError> {
         self.scope.dir.clone().ok_or_else(|| {
-            CapError::AccessDenied("this call is not about a sandbox; no files are reachable".into())
+            CapError::AccessDenied(
+                "this call is not about a sandbox; no files are reachable".into(),
+            )
         })
     }
 

@@ -109,5 +109,8 @@ fn with_database_swaps_only_the_path() {
         "postgres://u@127.0.0.1:5/t_1?sslmode=disable"
     );
     assert_eq!(with_database("postgresql://h", "t_2"), "postgresql://h/t_2");
-    assert_eq!(with_database("postgres://h?x=1", "t_3"), "postgres://h/t_3?x=1");
+    assert_eq!(
+        with_database("postgres://h?x=1", "t_3"),
+        "postgres://h/t_3?x=1"
+    );
 }

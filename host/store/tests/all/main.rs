@@ -70,7 +70,12 @@ store_tests!(
 
 #[tokio::test]
 async fn unsupported_urls_are_rejected_naming_the_accepted_forms() {
-    for url in ["", "/var/lib/openshell.db", "mysql://u:hunter2@h/d", "http://x"] {
+    for url in [
+        "",
+        "/var/lib/openshell.db",
+        "mysql://u:hunter2@h/d",
+        "http://x",
+    ] {
         let err = openshell_store::Store::connect(url).await.unwrap_err();
         assert!(
             matches!(err, openshell_store::StoreError::UnsupportedUrl { .. }),

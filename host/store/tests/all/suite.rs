@@ -38,7 +38,10 @@ pub fn sandbox(name: &str) -> Sandbox {
 }
 
 fn counter(s: &Sandbox) -> u64 {
-    s.spec.environment.get("N").map_or(0, |n| n.parse().unwrap())
+    s.spec
+        .environment
+        .get("N")
+        .map_or(0, |n| n.parse().unwrap())
 }
 
 pub async fn insert_then_get_round_trips_every_field(store: &Store) -> anyhow::Result<()> {
@@ -49,7 +52,10 @@ pub async fn insert_then_get_round_trips_every_field(store: &Store) -> anyhow::R
     let stored = store.insert_sandbox(&s).await?;
     let expected = Sandbox { revision: 1, ..s };
     assert_eq!(stored, expected);
-    assert_eq!(store.get_sandbox(expected.id).await?.as_ref(), Some(&expected));
+    assert_eq!(
+        store.get_sandbox(expected.id).await?.as_ref(),
+        Some(&expected)
+    );
     assert_eq!(
         store.get_sandbox_by_name("round-trip").await?.as_ref(),
         Some(&expected)
@@ -128,7 +134,10 @@ pub async fn unknown_sandboxes_are_absent_everywhere(store: &Store) -> anyhow::R
         matches!(err, StoreError::NotFound { id } if id == ghost.id),
         "{err:?}"
     );
-    let err = store.set_secret_hash(ghost.id, Some("h")).await.unwrap_err();
+    let err = store
+        .set_secret_hash(ghost.id, Some("h"))
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::NotFound { .. }), "{err:?}");
     Ok(())
 }
@@ -157,7 +166,10 @@ pub async fn listing_by_driver_returns_only_that_drivers_sandboxes(
     store: &Store,
 ) -> anyhow::Result<()> {
     let mut vm = Vec::new();
-    for (i, driver) in ["vm", "process", "vm", "process", "vm"].into_iter().enumerate() {
+    for (i, driver) in ["vm", "process", "vm", "process", "vm"]
+        .into_iter()
+        .enumerate()
+    {
         let mut s = sandbox(&format!("d{i}"));
         s.spec.driver = driver.into();
         s.created_at_ms = i64::try_from(i)?;
@@ -253,16 +265,12 @@ pub async fn concurrent_modifies_lose_no_update(store: &Store) -> anyhow::Result
     const WRITERS: u64 = 200;
     let id = store.insert_sandbox(&sandbox("counter")).await?.id;
 
-    let calls = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let t0 = std::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..WRITERS {
         let store = store.clone();
-        let calls = calls.clone();
         tasks.spawn(async move {
             store
                 .modify_sandbox(id, |s| {
-                    calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let n = counter(s) + 1;
                     s.spec.environment.insert("N".into(), n.to_string());
                     true
@@ -271,10 +279,11 @@ pub async fn concurrent_modifies_lose_no_update(store: &Store) -> anyhow::Result
         });
     }
     while let Some(joined) = tasks.join_next().await {
-        joined?.context("modify_sandbox")?.context("sandbox vanished")?;
+        joined?
+            .context("modify_sandbox")?
+            .context("sandbox vanished")?;
     }
 
-    eprintln!("CALLS {} in {:?}", calls.load(std::sync::atomic::Ordering::Relaxed), t0.elapsed());
     let last = store.get_sandbox(id).await?.context("sandbox vanished")?;
     assert_eq!(counter(&last), WRITERS);
     assert_eq!(last.revision, 1 + i64::try_from(WRITERS)?);

@@ -1,0 +1,169 @@
+//! Starting gateways and finding driver components for tests.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use openshell_api::{Gateway, GatewayConfig};
+use openshell_proto::v1 as pb;
+use openshell_proto::v1::open_shell_client::OpenShellClient;
+use tonic::transport::Channel;
+
+pub type Client = OpenShellClient<Channel>;
+
+pub struct TestGateway {
+    pub gw: Option<Gateway>,
+    pub client: Client,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl TestGateway {
+    /// A gateway on a fresh state dir with an in-memory database.
+    pub async fn start() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = tmp.path().to_owned();
+        let mut gw = Self::start_on(&state, Some("sqlite::memory:")).await;
+        gw._tmp = Some(tmp);
+        gw
+    }
+
+    /// A gateway on `state`, with the database given or the default SQLite file.
+    pub async fn start_on(state: &Path, db_url: Option<&str>) -> Self {
+        let gw = Gateway::start(GatewayConfig {
+            bind: "127.0.0.1".parse().unwrap(),
+            port: 0,
+            db_url: db_url.map(str::to_owned),
+            state_dir: state.to_owned(),
+            drivers: vec![],
+            driver_dir: None,
+            disable_tls: true,
+            disable_auth: true,
+            plugin_call_timeout: Duration::from_secs(2),
+        })
+        .await
+        .expect("gateway starts");
+        let client = client(&format!("http://{}", gw.addr)).await;
+        Self {
+            gw: Some(gw),
+            client,
+            _tmp: None,
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(gw) = self.gw.take() {
+            gw.shutdown().await.unwrap();
+        }
+    }
+
+    pub async fn load(&mut self, name: &str, fixture: &str, grants: &[&str]) -> pb::Plugin {
+        self.try_load(name, fixture, grants)
+            .await
+            .unwrap_or_else(|s| panic!("loading {fixture}: {s}"))
+    }
+
+    pub async fn try_load(
+        &mut self,
+        name: &str,
+        fixture: &str,
+        grants: &[&str],
+    ) -> Result<pb::Plugin, tonic::Status> {
+        let component = std::fs::read(wasm(fixture)).unwrap();
+        let r = self
+            .client
+            .load_plugin(pb::LoadPluginRequest {
+                name: name.into(),
+                component,
+                grants: grants.iter().map(|g| g.to_string()).collect(),
+            })
+            .await?;
+        Ok(r.into_inner().plugin.unwrap())
+    }
+
+    pub async fn create(&mut self, name: &str, driver: &str) -> Result<pb::Sandbox, tonic::Status> {
+        let r = self
+            .client
+            .create_sandbox(pb::CreateSandboxRequest {
+                name: name.into(),
+                spec: Some(pb::SandboxSpec {
+                    driver: driver.into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await?;
+        Ok(r.into_inner().sandbox.unwrap())
+    }
+
+    pub async fn get(&mut self, name: &str) -> Result<pb::Sandbox, tonic::Status> {
+        let r = self
+            .client
+            .get_sandbox(pb::GetSandboxRequest { name: name.into() })
+            .await?;
+        Ok(r.into_inner().sandbox.unwrap())
+    }
+
+    pub async fn total(&mut self) -> u64 {
+        self.client
+            .list_sandboxes(pb::ListSandboxesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .total
+    }
+
+    /// Polls until `pred` holds for the sandbox, or panics after 15 s.
+    pub async fn wait_for(
+        &mut self,
+        name: &str,
+        what: &str,
+        pred: impl Fn(&pb::Sandbox) -> bool,
+    ) -> pb::Sandbox {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let sb = self.get(name).await.unwrap();
+            if pred(&sb) {
+                return sb;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("{name} never reached {what}: {sb:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+pub async fn client(url: &str) -> Client {
+    let ch = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the test gateway");
+    OpenShellClient::new(ch).max_encoding_message_size(64 << 20)
+}
+
+/// Path of a driver component built by `just drivers`.
+pub fn wasm(crate_name: &str) -> PathBuf {
+    let dir = std::env::var_os("OPENSHELL_WASM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
+            target.join("wasm32-wasip2/release")
+        });
+    let path = dir.join(format!("{}.wasm", crate_name.replace('-', "_")));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the driver components first with `just drivers`",
+        path.display()
+    );
+    path
+}
+
+pub fn phase(sb: &pb::Sandbox) -> pb::SandboxPhase {
+    pb::SandboxPhase::try_from(sb.phase).unwrap()
+}
+
+pub fn condition<'a>(sb: &'a pb::Sandbox, kind: &str) -> Option<&'a pb::Condition> {
+    sb.conditions.iter().find(|c| c.r#type == kind)
+}

@@ -1,0 +1,6 @@
+//! Gateway integration tests: a real gateway on a loopback TCP port, real
+//! SQLite, real driver components built from `drivers/`.
+
+mod harness;
+mod plugins;
+mod sandboxes;

@@ -1,0 +1,328 @@
+//! Starting gateways and running the CLI as child processes.
+//!
+//! Every child gets a deadline, so a hang fails the test instead of stalling
+//! the suite, and a guard that kills it on drop, so a failing test leaves no
+//! process behind.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// How long any one CLI command or gateway start-up may take.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The binary under test.
+pub const OPENSHELL: &str = env!("CARGO_BIN_EXE_openshell");
+
+/// Environment that would change what the binary does behind the test's back.
+const INHERITED_CONFIG: &[&str] = &[
+    "OPENSHELL_GATEWAY_ENDPOINT",
+    "OPENSHELL_DB_URL",
+    "OPENSHELL_STATE_DIR",
+    "OPENSHELL_DRIVERS",
+    "OPENSHELL_DRIVER_DIR",
+    "OPENSHELL_PROVISION_TIMEOUT",
+    "OPENSHELL_LOG",
+];
+
+/// `openshell ARGS` with no inherited OpenShell configuration.
+pub fn openshell<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    let mut cmd = Command::new(OPENSHELL);
+    for var in INHERITED_CONFIG {
+        cmd.env_remove(var);
+    }
+    cmd.args(args).stdin(Stdio::null());
+    cmd
+}
+
+/// A child process that is killed (SIGKILL) and reaped when dropped, unless
+/// it already exited.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// Waits for the child to exit; `None` if it still runs at `deadline`.
+    pub fn wait_until(&mut self, deadline: Instant) -> Option<ExitStatus> {
+        loop {
+            if let Some(status) = self.0.try_wait().expect("wait for a child") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends SIGTERM, as an operator or a service manager would.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .expect("run kill(1)");
+        assert!(status.success(), "kill -TERM {} failed", self.0.id());
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Lines of a child's stdout, read on a thread so that a silent child cannot
+/// block the test. The thread keeps draining, so the child never writes into
+/// a closed pipe.
+pub struct Lines(Receiver<String>);
+
+impl Lines {
+    pub fn of(child: &mut Child) -> Lines {
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        Lines(rx)
+    }
+
+    /// The next line, or `None` at end of output; panics after `timeout`.
+    pub fn next(&self, timeout: Duration) -> Option<String> {
+        match self.0.recv_timeout(timeout) {
+            Ok(line) => Some(line),
+            Err(RecvTimeoutError::Disconnected) => None,
+            Err(RecvTimeoutError::Timeout) => panic!("no output within {timeout:?}"),
+        }
+    }
+}
+
+/// A gateway process: `openshell gateway start --port 0` on loopback.
+pub struct Gateway {
+    process: KillOnDrop,
+    stdout: Lines,
+    /// `http://127.0.0.1:PORT`.
+    pub endpoint: String,
+    /// The line it printed when ready.
+    pub ready_line: String,
+    log: PathBuf,
+}
+
+impl Gateway {
+    /// A gateway with an in-memory database.
+    pub fn in_memory(dir: &Path) -> Gateway {
+        Gateway::start(dir, &["--db-url", "sqlite::memory:"])
+    }
+
+    /// A gateway whose database is the default SQLite file in `state/`
+    /// under `dir`; a second gateway on the same `dir` sees the same state.
+    pub fn on_file(dir: &Path) -> Gateway {
+        Gateway::start(dir, &[])
+    }
+
+    /// Starts `openshell gateway start --port 0 --state-dir DIR/state
+    /// --disable-tls --disable-gateway-auth EXTRA...` and waits until it says
+    /// where it listens. Its log goes to `DIR/gateway-N.log`.
+    pub fn start(dir: &Path, extra: &[&str]) -> Gateway {
+        let log = (0..)
+            .map(|n| dir.join(format!("gateway-{n}.log")))
+            .find(|p| !p.exists())
+            .expect("a free log file name");
+        let state = dir.join("state");
+        let mut child = openshell(["gateway", "start", "--port", "0", "--state-dir"])
+            .arg(&state)
+            .args(["--disable-tls", "--disable-gateway-auth"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(File::create(&log).expect("create the gateway log"))
+            .spawn()
+            .expect("spawn the gateway");
+        let stdout = Lines::of(&mut child);
+        let process = KillOnDrop(child);
+        let ready_line = match stdout.0.recv_timeout(DEADLINE) {
+            Ok(line) => line,
+            Err(_) => panic!(
+                "the gateway never said it was listening; its log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            ),
+        };
+        let addr = ready_line
+            .strip_prefix("Server listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line from the gateway: {ready_line:?}"));
+        assert!(
+            addr.starts_with("127.0.0.1:"),
+            "the gateway should listen on loopback by default: {ready_line:?}"
+        );
+        Gateway {
+            process,
+            stdout,
+            endpoint: format!("http://{addr}"),
+            ready_line,
+            log,
+        }
+    }
+
+    /// `openshell ARGS` pointed at this gateway (through the environment,
+    /// as a user would set it up).
+    pub fn cli<I, S>(&self, args: I) -> Command
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = openshell(args);
+        cmd.env("OPENSHELL_GATEWAY_ENDPOINT", &self.endpoint);
+        cmd
+    }
+
+    /// Runs `openshell ARGS` against this gateway and insists it succeeds.
+    pub fn ok<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let run = run(self.cli(args));
+        assert!(run.success, "{run}\ngateway log:\n{}", self.log());
+        run
+    }
+
+    /// Runs `openshell ARGS` against this gateway and insists it fails.
+    pub fn fails<I, S>(&self, args: I) -> Run
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let run = run(self.cli(args));
+        assert!(!run.success, "expected a failure: {run}");
+        run
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit. Returns the exit status and
+    /// whatever else the gateway printed on stdout after the ready line.
+    pub fn terminate(mut self, within: Duration) -> (ExitStatus, Vec<String>) {
+        self.process.terminate();
+        let Some(status) = self.process.wait_until(Instant::now() + within) else {
+            panic!(
+                "the gateway still ran {within:?} after SIGTERM; its log:\n{}",
+                self.log()
+            );
+        };
+        let mut rest = Vec::new();
+        while let Some(line) = self.stdout.next(Duration::from_secs(5)) {
+            rest.push(line);
+        }
+        (status, rest)
+    }
+}
+
+/// What a finished command did.
+pub struct Run {
+    pub command: String,
+    pub success: bool,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl std::fmt::Display for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "`{}` {}\n--- stdout\n{}--- stderr\n{}",
+            self.command,
+            if self.success { "succeeded" } else { "failed" },
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+/// Runs `cmd` to completion (killing it at the deadline) with its output in
+/// temp files, so a chatty child cannot fill a pipe and stall.
+pub fn run(mut cmd: Command) -> Run {
+    let out = tempfile::tempfile().expect("temp file");
+    let err = tempfile::tempfile().expect("temp file");
+    let command = format!(
+        "openshell {}",
+        cmd.get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut child = KillOnDrop(
+        cmd.stdout(out.try_clone().expect("dup"))
+            .stderr(err.try_clone().expect("dup"))
+            .spawn()
+            .expect("spawn openshell"),
+    );
+    let Some(status) = child.wait_until(Instant::now() + DEADLINE) else {
+        panic!("`{command}` still ran after {DEADLINE:?}");
+    };
+    Run {
+        command,
+        success: status.success(),
+        stdout: read_all(out),
+        stderr: read_all(err),
+    }
+}
+
+fn read_all(mut f: File) -> String {
+    use std::io::{Read, Seek};
+    let mut s = String::new();
+    f.rewind().expect("rewind");
+    f.read_to_string(&mut s).expect("read output");
+    s
+}
+
+/// A driver component built by `just drivers`: `$OPENSHELL_WASM_DIR`, else
+/// `wasm32-wasip2/release` next to the profile dir of the binary under test.
+pub fn wasm(name: &str) -> PathBuf {
+    let dir = std::env::var_os("OPENSHELL_WASM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(OPENSHELL)
+                .ancestors()
+                .nth(2)
+                .expect("the binary lives in TARGET/PROFILE/")
+                .join("wasm32-wasip2/release")
+        });
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: build the driver components first with `just drivers`",
+        path.display()
+    );
+    path
+}
+
+/// Loads the echo fixture as `echo` with the grants it needs.
+pub fn load_echo(gw: &Gateway) -> Run {
+    let path = wasm("fixture_echo");
+    let path = path.to_str().expect("a UTF-8 target dir");
+    gw.ok([
+        "plugin", "load", path, "--name", "echo", "--grant", "log", "--grant", "files",
+    ])
+}
+
+/// The names `sandbox list --names` prints, in order.
+pub fn sandbox_names(gw: &Gateway) -> Vec<String> {
+    gw.ok(["sandbox", "list", "--names"])
+        .stdout
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}

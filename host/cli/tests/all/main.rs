@@ -1,0 +1,10 @@
+//! CLI integration tests: the real `openshell` binary against a real gateway
+//! process (`openshell gateway start`) on a loopback port, with the driver
+//! fixtures built from `drivers/` (`just drivers`).
+//!
+//! Every test starts its own gateway in its own temp dir, so they run in
+//! parallel; [`harness::Gateway`] kills its process even when a test panics.
+
+mod gateway;
+mod harness;
+mod sandbox;

@@ -1,0 +1,52 @@
+# Every task in one place. `just --list` shows them.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+target := env_var_or_default("CARGO_TARGET_DIR", justfile_directory() + "/target")
+wasm_dir := target / "wasm32-wasip2/release"
+export OPENSHELL_WASM_DIR := wasm_dir
+
+# List the tasks.
+default:
+    @just --list
+
+# Install what a fresh machine lacks (apt packages, rust targets, just, a Python venv).
+setup:
+    scripts/setup.sh
+
+# Build the host workspace and the driver components.
+build: drivers
+    cargo build --workspace
+
+# Build the driver components (and test fixtures) to WebAssembly.
+drivers:
+    cargo build --release --target wasm32-wasip2 --manifest-path drivers/Cargo.toml
+
+# Run a gateway on 127.0.0.1:8080 with the process driver (state in ./.state).
+gateway *args: build
+    cargo run -q -p openshell-cli -- gateway start --state-dir .state --drivers process --driver-dir {{wasm_dir}} {{args}}
+
+# Format everything.
+fmt:
+    cargo fmt --all
+    cargo fmt --manifest-path drivers/Cargo.toml --all
+
+# Formatting and clippy on both workspaces, warnings as errors.
+lint:
+    cargo fmt --all -- --check
+    cargo fmt --manifest-path drivers/Cargo.toml --all -- --check
+    cargo clippy --workspace --all-targets -- -D warnings
+    cargo clippy --manifest-path drivers/Cargo.toml --target wasm32-wasip2 --all-targets -- -D warnings
+
+# Every test: unit, integration (SQLite and a throwaway PostgreSQL), CLI and the generic gRPC client.
+test: drivers
+    OPENSHELL_REQUIRE_POSTGRES=1 scripts/pg-test.sh cargo test --workspace
+    just grpc-generic
+
+# A client that knows only proto/ (Python grpcio) calls every RPC of a live gateway.
+grpc-generic:
+    cargo build -q -p openshell-cli
+    .venv/bin/python e2e/grpc_generic_client.py --openshell {{target}}/debug/openshell --proto-dir proto --wasm {{wasm_dir}}/fixture_echo.wasm
+
+# What CI runs.
+ci: lint test

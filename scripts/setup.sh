@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian 12 machine lacks to build and test openshell.
+# Idempotent: skips what is already there.
+set -euo pipefail
+
+need_apt=()
+for pkg in protobuf-compiler postgresql musl-tools tmux python3-venv; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
+done
+if ((${#need_apt[@]})); then
+  echo "setup: installing ${need_apt[*]}"
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  $sudo_ apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# The toolchain and targets pinned in rust-toolchain.toml.
+rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
+rustup target add wasm32-wasip2 x86_64-unknown-linux-musl >/dev/null
+
+if ! command -v just >/dev/null 2>&1; then
+  echo "setup: installing just (PyPI rust-just)"
+  python3 -m pip install -q rust-just
+fi
+
+# A private Python environment for the generic gRPC client test.
+venv=".venv"
+if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import grpc_tools' 2>/dev/null; then
+  echo "setup: creating $venv with grpcio-tools"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q grpcio grpcio-tools grpcio-reflection
+fi
+echo "setup: done"
