@@ -8,9 +8,13 @@
 
 pub mod convert;
 pub mod error;
+pub mod exec;
 pub mod runtime;
+pub mod relay;
 pub mod server;
 pub mod service;
+pub mod sessions;
+pub mod supervisor;
 pub mod watch;
 
 pub use server::{Gateway, GatewayConfig};

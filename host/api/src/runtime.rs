@@ -6,17 +6,20 @@
 //! (driver create and delete) runs in owned tasks after the durable write,
 //! so a client hanging up never strands a sandbox.
 
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openshell_core::{Event, Phase, Sandbox, SandboxId, SandboxName, SandboxSpec, validate};
 use openshell_plugin::{CallError, Capability, DriverSpec, HostEvent, Plugin, PluginHost};
 use openshell_store::{PluginRecord, Store, StoreError};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::error::ApiError;
+use crate::relay::{RelayLimits, RelayTable};
+use crate::sessions::{SessionObserver, SessionRegistry};
+use crate::supervisor::SupervisorListeners;
 use crate::watch::WatchBus;
 
 pub fn now_ms() -> i64 {
@@ -36,19 +39,87 @@ pub fn bundled_grants(driver: &str) -> Option<&'static [Capability]> {
     }
 }
 
+/// Tunables of the runtime.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeOptions {
+    /// Supervisor heartbeat; a session silent for two is dropped.
+    pub heartbeat: Duration,
+    pub relays: RelayLimits,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            relays: RelayLimits::default(),
+        }
+    }
+}
+
 pub struct ComputeRuntime {
     pub store: Store,
     pub plugins: Arc<PluginHost>,
     pub watch: WatchBus,
+    pub sessions: Arc<SessionRegistry>,
+    pub relays: RelayTable,
+    pub listeners: SupervisorListeners,
+    pub heartbeat: Duration,
+    shutdown: watch::Sender<bool>,
+}
+
+/// Turns registry transitions into stored phase changes, in order, off the
+/// registry's lock. Each nudge is applied as the registry's current truth,
+/// so a quick disconnect-reconnect can never leave a stale phase behind.
+struct SessionEvents(mpsc::UnboundedSender<SandboxId>);
+
+impl SessionObserver for SessionEvents {
+    fn on_connected(&self, sandbox: SandboxId) {
+        let _ = self.0.send(sandbox);
+    }
+    fn on_disconnected(&self, sandbox: SandboxId) {
+        let _ = self.0.send(sandbox);
+    }
 }
 
 impl ComputeRuntime {
-    pub fn new(store: Store, plugins: Arc<PluginHost>) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(store: Store, plugins: Arc<PluginHost>, opts: RuntimeOptions) -> Arc<Self> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sessions = Arc::new(SessionRegistry::default());
+        sessions.set_observer(Arc::new(SessionEvents(tx)));
+        let runtime = Arc::new(Self {
             store,
             plugins,
             watch: WatchBus::new(),
-        })
+            sessions,
+            relays: RelayTable::new(opts.relays),
+            listeners: SupervisorListeners::default(),
+            heartbeat: opts.heartbeat,
+            shutdown: watch::channel(false).0,
+        });
+        let weak: Weak<Self> = Arc::downgrade(&runtime);
+        tokio::spawn(async move {
+            while let Some(id) = rx.recv().await {
+                let Some(rt) = weak.upgrade() else { return };
+                let ev = if rt.sessions.has_session(id) {
+                    Event::SupervisorConnected
+                } else {
+                    Event::SupervisorDisconnected
+                };
+                rt.apply(id, &[ev], None).await;
+            }
+        });
+        runtime
+    }
+
+    /// Flips to true when the gateway shuts down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Ends sessions, listeners and watches.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+        self.listeners.stop_all();
     }
 
     /// Finds a sandbox by name or id.
@@ -197,6 +268,12 @@ impl ComputeRuntime {
             .await;
             return;
         }
+        let socket = self.plugins.supervisor_socket(&sb.id.to_string());
+        if let Err(e) = self.listeners.start(self.clone(), sb.id, &socket) {
+            tracing::error!(sandbox = %sb.id, "{e}");
+            self.fail(sb.id, "SocketFailed", &e.to_string()).await;
+            return;
+        }
         let spec = driver_spec(&sb);
         let result = if resume {
             plugin.resume(&spec, &secret, &sb.driver_state).await
@@ -223,13 +300,17 @@ impl ComputeRuntime {
     }
 
     /// Applies events (and a new driver state) to a stored sandbox.
+    ///
+    /// If the sandbox's supervisor already holds a session (it registered
+    /// before this update was stored), the sandbox is promoted on the spot.
     pub async fn apply(&self, id: SandboxId, events: &[Event], state: Option<Vec<u8>>) {
         let now = now_ms();
+        let backfill = self.sessions.has_session(id).then_some(Event::SupervisorConnected);
         let r = self
             .store
             .modify_sandbox(id, |sb| {
                 let mut changed = false;
-                for e in events {
+                for e in events.iter().chain(backfill.as_ref()) {
                     match openshell_core::apply(&sb.status, e, now) {
                         Ok(next) if next != sb.status => {
                             sb.status = next;
@@ -273,6 +354,7 @@ impl ComputeRuntime {
     }
 
     async fn finish_delete(&self, sb: Sandbox) {
+        self.sessions.forget(sb.id);
         match self.plugins.get(&sb.spec.driver) {
             Some(plugin) => {
                 if let Err(e) = plugin.delete(&driver_spec(&sb), &sb.driver_state).await {
@@ -285,6 +367,9 @@ impl ComputeRuntime {
                 "driver is not loaded; removing the record without it"
             ),
         }
+        // Whatever the driver did, nothing the host launched may outlive the record.
+        self.plugins.processes().kill(&sb.id.to_string()).await;
+        self.listeners.stop(sb.id);
         let dir = self.plugins.sandbox_dir(&sb.id.to_string());
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound
@@ -412,15 +497,34 @@ impl ComputeRuntime {
             }
             offset += page.len() as u32;
             for sb in page {
-                if sb.status.phase == Phase::Deleting {
-                    let me = self.clone();
-                    tokio::spawn(async move { me.finish_delete(sb).await });
-                } else {
-                    self.apply(sb.id, &[Event::GatewayRestarted], None).await;
+                match sb.status.phase {
+                    Phase::Deleting => {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.finish_delete(sb).await });
+                    }
+                    Phase::Error => {}
+                    Phase::Provisioning | Phase::Ready | Phase::Unknown => {
+                        self.apply(sb.id, &[Event::GatewayRestarted], None).await;
+                        self.resume(sb).await;
+                    }
                 }
             }
         }
         Ok(())
+    }
+}
+
+impl ComputeRuntime {
+    /// Relaunches a stored sandbox after a restart through its driver's
+    /// `resume`, with a fresh secret.
+    async fn resume(self: &Arc<Self>, sb: Sandbox) {
+        let Some(plugin) = self.plugins.get(&sb.spec.driver) else {
+            let msg = format!("driver {:?} is not loaded after the restart", sb.spec.driver);
+            self.fail(sb.id, "DriverMissing", &msg).await;
+            return;
+        };
+        let me = self.clone();
+        tokio::spawn(async move { me.launch(plugin, sb, true).await });
     }
 }
 

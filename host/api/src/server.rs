@@ -8,10 +8,10 @@ use std::time::Duration;
 use openshell_plugin::{PluginHost, PluginHostConfig};
 use openshell_proto::v1::open_shell_server::OpenShellServer;
 use openshell_store::Store;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::runtime::{ComputeRuntime, bundled_grants};
+use crate::runtime::{ComputeRuntime, RuntimeOptions, bundled_grants};
 use crate::service::Service;
 
 #[derive(Clone, Debug)]
@@ -29,6 +29,12 @@ pub struct GatewayConfig {
     pub disable_auth: bool,
     /// Wall-clock deadline for one driver plugin call.
     pub plugin_call_timeout: Duration,
+    /// Supervisor heartbeat interval.
+    pub heartbeat: Duration,
+    /// The launcher and supervisor binaries for process sandboxes; default:
+    /// next to the running executable.
+    pub launcher: Option<PathBuf>,
+    pub supervisor: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +83,6 @@ pub enum GatewayError {
 pub struct Gateway {
     pub addr: SocketAddr,
     pub runtime: Arc<ComputeRuntime>,
-    shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), GatewayError>>,
 }
 
@@ -99,8 +104,17 @@ impl Gateway {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut host_cfg = PluginHostConfig::new(&cfg.state_dir);
         host_cfg.call_timeout = cfg.plugin_call_timeout;
+        host_cfg.launcher = cfg.launcher.clone().or_else(|| sibling_binary("openshell-sandbox-launch"));
+        host_cfg.supervisor = cfg.supervisor.clone().or_else(|| sibling_binary("openshell-supervisor"));
         let plugins = Arc::new(PluginHost::new(host_cfg, events_tx)?);
-        let runtime = ComputeRuntime::new(store, plugins);
+        let runtime = ComputeRuntime::new(
+            store,
+            plugins,
+            RuntimeOptions {
+                heartbeat: cfg.heartbeat,
+                ..RuntimeOptions::default()
+            },
+        );
         runtime.spawn_host_events(events_rx);
         runtime.recover().await.map_err(GatewayError::Recover)?;
         for name in &cfg.drivers {
@@ -115,10 +129,9 @@ impl Gateway {
             .local_addr()
             .map_err(|source| GatewayError::Bind { addr, source })?;
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let service = Service {
             runtime: runtime.clone(),
-            shutdown: shutdown_rx.clone(),
+            shutdown: runtime.shutdown_signal(),
         };
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(openshell_proto::FILE_DESCRIPTOR_SET)
@@ -126,7 +139,7 @@ impl Gateway {
             .expect("the embedded descriptor set is valid");
         let api = OpenShellServer::new(service)
             .max_decoding_message_size(openshell_plugin::host_limits::MAX_COMPONENT + (1 << 20));
-        let mut stop = shutdown_rx;
+        let mut stop = runtime.shutdown_signal();
         let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(api)
@@ -144,14 +157,13 @@ impl Gateway {
         Ok(Gateway {
             addr,
             runtime,
-            shutdown,
             task,
         })
     }
 
     /// Stops accepting, ends open streams, and waits for in-flight requests.
     pub async fn shutdown(self) -> Result<(), GatewayError> {
-        let _ = self.shutdown.send(true);
+        self.runtime.begin_shutdown();
         match self.task.await {
             Ok(r) => r,
             Err(e) => {
@@ -160,6 +172,13 @@ impl Gateway {
             }
         }
     }
+}
+
+/// A binary installed next to the running executable, if there is one.
+fn sibling_binary(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.join(name);
+    p.is_file().then_some(p)
 }
 
 /// Where bundled drivers are looked for, in order.

@@ -218,6 +218,16 @@ impl OpenShell for Service {
         )))
     }
 
+    type ExecSandboxStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ExecServerMessage, Status>>;
+
+    async fn exec_sandbox(
+        &self,
+        req: Request<tonic::Streaming<pb::ExecClientMessage>>,
+    ) -> Result<Response<Self::ExecSandboxStream>, Status> {
+        let out = crate::exec::exec(self.runtime.clone(), req.into_inner()).await?;
+        Ok(Response::new(out))
+    }
+
     async fn load_plugin(
         &self,
         req: Request<pb::LoadPluginRequest>,

@@ -85,6 +85,15 @@ pub struct GatewayStart {
     /// Seconds one driver plugin call may run before it is abandoned.
     #[arg(long, default_value_t = 10)]
     pub plugin_call_timeout_secs: u64,
+    /// Supervisor heartbeat interval in milliseconds; a session silent for two is dropped.
+    #[arg(long, default_value_t = 15_000)]
+    pub heartbeat_ms: u64,
+    /// The process-sandbox launcher; default: next to this binary.
+    #[arg(long, env = "OPENSHELL_LAUNCHER")]
+    pub launcher: Option<PathBuf>,
+    /// The in-sandbox supervisor binary; default: next to this binary.
+    #[arg(long, env = "OPENSHELL_SUPERVISOR")]
+    pub supervisor: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -113,6 +122,21 @@ pub enum SandboxCmd {
         /// Delete every sandbox.
         #[arg(long, conflicts_with = "names")]
         all: bool,
+    },
+    /// Runs a command in a Ready sandbox; exits with its exit code.
+    Exec {
+        name: String,
+        /// Working directory inside the sandbox (default /sandbox).
+        #[arg(long)]
+        workdir: Option<String>,
+        /// Seconds before the command is killed (exit 124); 0 = none.
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+        /// Environment variable for the command (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Streams a sandbox's changes.
     Watch {
@@ -148,7 +172,10 @@ pub struct SandboxCreate {
     /// Seconds to wait for Ready.
     #[arg(long, env = "OPENSHELL_PROVISION_TIMEOUT", default_value_t = 300)]
     pub timeout: u64,
-    /// Command to run once Ready.
+    /// Delete the sandbox after the command finishes.
+    #[arg(long, requires = "command")]
+    pub rm: bool,
+    /// Command to run once Ready; the CLI exits with its code.
     #[arg(last = true)]
     pub command: Vec<String>,
 }

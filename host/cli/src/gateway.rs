@@ -25,6 +25,9 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         disable_tls: a.disable_tls,
         disable_auth: a.disable_gateway_auth,
         plugin_call_timeout: std::time::Duration::from_secs(a.plugin_call_timeout_secs),
+        heartbeat: std::time::Duration::from_millis(a.heartbeat_ms.max(100)),
+        launcher: a.launcher,
+        supervisor: a.supervisor,
     })
     .await?;
     println!("Server listening on {}", gw.addr);

@@ -6,6 +6,7 @@
 
 mod args;
 mod client;
+mod exec;
 mod gateway;
 mod output;
 mod plugin;

@@ -63,6 +63,26 @@ pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result
                 return Ok(ExitCode::FAILURE);
             }
         }
+        SandboxCmd::Exec {
+            name,
+            workdir,
+            timeout,
+            env,
+            command,
+        } => {
+            let code = crate::exec::run(
+                &mut c,
+                crate::exec::ExecArgs {
+                    sandbox: name,
+                    argv: command,
+                    workdir: workdir.unwrap_or_default(),
+                    timeout_ms: timeout.saturating_mul(1000),
+                    env: env.into_iter().collect(),
+                },
+            )
+            .await?;
+            return Ok(exit_code(code));
+        }
         SandboxCmd::Watch {
             name,
             until_settled,
@@ -104,6 +124,11 @@ pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A remote exit code as ours (codes outside 0..=255 become 255).
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(255))
 }
 
 async fn all_names(c: &mut Client) -> anyhow::Result<Vec<String>> {
@@ -184,14 +209,27 @@ async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result
         return Ok(ExitCode::SUCCESS);
     }
     let ready = wait_ready(c, &sb.name, Duration::from_secs(a.timeout)).await?;
-    if !a.command.is_empty() {
-        bail!(
-            "sandbox {} is Ready, but this build cannot run commands in it yet (exec arrives with the supervisor)",
-            ready.name
-        );
+    if a.command.is_empty() {
+        output::sandbox(out, &ready);
+        return Ok(ExitCode::SUCCESS);
     }
-    output::sandbox(out, &ready);
-    Ok(ExitCode::SUCCESS)
+    let result = crate::exec::run(
+        c,
+        crate::exec::ExecArgs {
+            sandbox: ready.id.clone(),
+            argv: a.command,
+            workdir: String::new(),
+            timeout_ms: 0,
+            env: Default::default(),
+        },
+    )
+    .await;
+    if a.rm
+        && let Err(e) = delete_and_wait(c, &ready.name).await
+    {
+        eprintln!("warning: could not delete {}: {e:#}", ready.name);
+    }
+    Ok(exit_code(result?))
 }
 
 /// Waits on the watch stream for Ready; fails on Error, deletion or timeout.

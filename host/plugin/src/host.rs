@@ -16,7 +16,7 @@ use openshell_core::{Event, Resources};
 
 use crate::bindings::types::{self as wit, DriverError, DriverEvent, Isolation};
 use crate::bindings::{ComputeDriver, ComputeDriverPre};
-use crate::caps::{CallState, HostEvent, ProcessTable, SandboxScope, Services};
+use crate::caps::{CallState, HostEvent, ProcessConfig, ProcessTable, SandboxScope, Services};
 use crate::grants::{self, Capability, GrantError};
 
 /// Largest state blob a driver may ask the host to keep.
@@ -36,6 +36,12 @@ pub struct PluginHostConfig {
     pub call_timeout: Duration,
     /// Deadline for one capability call that does I/O.
     pub io_timeout: Duration,
+    /// `openshell-sandbox-launch`, for process sandboxes.
+    pub launcher: Option<PathBuf>,
+    /// `openshell-supervisor`, run inside each process sandbox.
+    pub supervisor: Option<PathBuf>,
+    /// Host uid that a process sandbox's root maps to.
+    pub uid_base: u32,
 }
 
 impl PluginHostConfig {
@@ -46,6 +52,9 @@ impl PluginHostConfig {
             memory_limit: 64 << 20,
             call_timeout: Duration::from_secs(10),
             io_timeout: Duration::from_secs(5),
+            launcher: None,
+            supervisor: None,
+            uid_base: 100_000,
         }
     }
 }
@@ -238,8 +247,13 @@ impl PluginHost {
                 source,
             })?;
 
+        let process_cfg = ProcessConfig {
+            launcher: config.launcher.clone(),
+            supervisor: config.supervisor.clone(),
+            uid_base: config.uid_base,
+        };
         let services = Arc::new(Services {
-            processes: ProcessTable::new(events),
+            processes: ProcessTable::new(events, process_cfg),
             io_timeout: config.io_timeout,
         });
         Ok(Self {
@@ -419,6 +433,20 @@ impl PluginHost {
     pub fn sandbox_dir(&self, sandbox_id: &str) -> PathBuf {
         self.shared.config.sandboxes_dir.join(sandbox_id)
     }
+
+    /// The unix socket a sandbox's supervisor dials; the process capability
+    /// mounts its directory at `/run/openshell` inside the sandbox.
+    pub fn supervisor_socket(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("run/gateway.sock")
+    }
+}
+
+/// A sandbox's state dir: only the gateway may list it (the sandbox sees
+/// just the parts mounted into it).
+fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
 }
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -482,16 +510,19 @@ impl Plugin {
         store
     }
 
-    fn scope(&self, sandbox_id: Option<&str>) -> Result<SandboxScope, CallError> {
-        let Some(id) = sandbox_id else {
+    fn scope(&self, sandbox: Option<&DriverSpec>) -> Result<SandboxScope, CallError> {
+        let Some(spec) = sandbox else {
             return Ok(SandboxScope {
                 plugin: self.name.clone(),
                 sandbox_id: String::new(),
+                sandbox_name: String::new(),
+                state_path: None,
                 dir: None,
             });
         };
+        let id = spec.id.as_str();
         let path = self.shared.config.sandboxes_dir.join(id);
-        let dir = std::fs::create_dir_all(&path)
+        let dir = create_private_dir(&path)
             .and_then(|_| cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority()))
             .map_err(|e| CallError::Failed {
                 reason: "StateDirUnavailable".into(),
@@ -500,6 +531,8 @@ impl Plugin {
         Ok(SandboxScope {
             plugin: self.name.clone(),
             sandbox_id: id.to_owned(),
+            sandbox_name: spec.name.clone(),
+            state_path: Some(path),
             dir: Some(Arc::new(dir)),
         })
     }
@@ -531,7 +564,7 @@ impl Plugin {
         secret: &str,
         state: &[u8],
     ) -> Result<Outcome, CallError> {
-        let scope = self.scope(Some(&spec.id))?;
+        let scope = self.scope(Some(spec))?;
         let (wspec, ctx) = (to_wit(spec), launch_ctx(secret));
         let r = guarded_call!(self, scope, |drv, store| drv
             .call_create(store, &wspec, &ctx, state))?;
@@ -544,7 +577,7 @@ impl Plugin {
         secret: &str,
         state: &[u8],
     ) -> Result<Outcome, CallError> {
-        let scope = self.scope(Some(&spec.id))?;
+        let scope = self.scope(Some(spec))?;
         let (wspec, ctx) = (to_wit(spec), launch_ctx(secret));
         let r = guarded_call!(self, scope, |drv, store| drv
             .call_resume(store, &wspec, &ctx, state))?;
@@ -552,7 +585,7 @@ impl Plugin {
     }
 
     pub async fn delete(&self, spec: &DriverSpec, state: &[u8]) -> Result<(), CallError> {
-        let scope = self.scope(Some(&spec.id))?;
+        let scope = self.scope(Some(spec))?;
         let wspec = to_wit(spec);
         let r = guarded_call!(self, scope, |drv, store| drv
             .call_delete(store, &wspec, state))?;
@@ -565,7 +598,7 @@ impl Plugin {
         state: &[u8],
         event: &HostEvent,
     ) -> Result<Outcome, CallError> {
-        let scope = self.scope(Some(&spec.id))?;
+        let scope = self.scope(Some(spec))?;
         let wspec = to_wit(spec);
         let ev = match event {
             HostEvent::Exited { status, .. } => wit::HostEvent::ProcessExited(*status),

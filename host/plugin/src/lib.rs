@@ -18,7 +18,7 @@ pub mod host_limits {
     pub use crate::host::{MAX_COMPONENT, MAX_STATE};
 }
 
-pub use caps::{HostEvent, ProcessTable};
+pub use caps::{HostEvent, ProcessConfig, ProcessTable};
 pub use grants::{Capability, GrantError};
 pub use host::{
     CallError, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost, PluginHostConfig,

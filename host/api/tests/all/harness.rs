@@ -38,6 +38,9 @@ impl TestGateway {
             disable_tls: true,
             disable_auth: true,
             plugin_call_timeout: Duration::from_secs(2),
+            heartbeat: Duration::from_millis(300),
+            launcher: Some(bin("openshell-sandbox-launch")),
+            supervisor: Some(bin("openshell-supervisor")),
         })
         .await
         .expect("gateway starts");
@@ -47,6 +50,10 @@ impl TestGateway {
             client,
             _tmp: None,
         }
+    }
+
+    pub fn runtime(&self) -> std::sync::Arc<openshell_api::runtime::ComputeRuntime> {
+        self.gw.as_ref().expect("running").runtime.clone()
     }
 
     pub async fn stop(&mut self) {
@@ -141,16 +148,22 @@ pub async fn client(url: &str) -> Client {
     OpenShellClient::new(ch).max_encoding_message_size(64 << 20)
 }
 
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"))
+}
+
+/// A workspace binary built by `cargo build` (the test profile's debug dir).
+pub fn bin(name: &str) -> PathBuf {
+    target_dir().join("debug").join(name)
+}
+
 /// Path of a driver component built by `just drivers`.
 pub fn wasm(crate_name: &str) -> PathBuf {
     let dir = std::env::var_os("OPENSHELL_WASM_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target"));
-            target.join("wasm32-wasip2/release")
-        });
+        .unwrap_or_else(|| target_dir().join("wasm32-wasip2/release"));
     let path = dir.join(format!("{}.wasm", crate_name.replace('-', "_")));
     assert!(
         path.is_file(),

@@ -3,4 +3,5 @@
 
 mod harness;
 mod plugins;
+mod readiness;
 mod sandboxes;

@@ -17,17 +17,6 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// The binary under test.
 pub const OPENSHELL: &str = env!("CARGO_BIN_EXE_openshell");
 
-/// Environment that would change what the binary does behind the test's back.
-const INHERITED_CONFIG: &[&str] = &[
-    "OPENSHELL_GATEWAY_ENDPOINT",
-    "OPENSHELL_DB_URL",
-    "OPENSHELL_STATE_DIR",
-    "OPENSHELL_DRIVERS",
-    "OPENSHELL_DRIVER_DIR",
-    "OPENSHELL_PROVISION_TIMEOUT",
-    "OPENSHELL_LOG",
-];
-
 /// `openshell ARGS` with no inherited OpenShell configuration.
 pub fn openshell<I, S>(args: I) -> Command
 where
@@ -35,8 +24,12 @@ where
     S: AsRef<std::ffi::OsStr>,
 {
     let mut cmd = Command::new(OPENSHELL);
-    for var in INHERITED_CONFIG {
-        cmd.env_remove(var);
+    // OPENSHELL_* settings in the developer's shell would change what the
+    // binary does behind the test's back.
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("OPENSHELL_") {
+            cmd.env_remove(var);
+        }
     }
     cmd.args(args).stdin(Stdio::null());
     cmd

@@ -30,7 +30,10 @@ fn creating_with_an_unknown_driver_fails_and_says_how_to_load_one() {
     );
     assert!(create.stderr.contains("openshell plugin load"), "{create}");
     assert!(!create.stderr.contains("Created sandbox"), "{create}");
-    assert!(sandbox_names(&gw).is_empty(), "a rejected create stores nothing");
+    assert!(
+        sandbox_names(&gw).is_empty(),
+        "a rejected create stores nothing"
+    );
 }
 
 #[test]
@@ -55,7 +58,11 @@ fn a_loaded_plugin_is_listed_with_its_digest_and_grants() {
     let plugins = v.as_array().expect("a JSON array");
     assert_eq!(plugins.len(), 1, "{json}");
     assert_eq!(plugins[0]["name"], "echo", "{json}");
-    assert_eq!(plugins[0]["grants"], serde_json::json!(["log", "files"]), "{json}");
+    assert_eq!(
+        plugins[0]["grants"],
+        serde_json::json!(["log", "files"]),
+        "{json}"
+    );
     let digest = plugins[0]["digest"].as_str().unwrap();
     assert_eq!(digest.len(), 64, "a hex sha256: {digest:?}");
     assert!(
@@ -100,7 +107,10 @@ fn a_sandbox_is_created_listed_read_watched_and_deleted() {
 
     let delete = gw.ok(["sandbox", "delete", "a1"]);
     assert!(delete.stdout.contains("Deleted sandbox: a1"), "{delete}");
-    assert!(sandbox_names(&gw).is_empty(), "delete waits until the sandbox is gone");
+    assert!(
+        sandbox_names(&gw).is_empty(),
+        "delete waits until the sandbox is gone"
+    );
 
     // The open watch saw the deletion and ended by itself.
     let mut seen = vec![first];
@@ -139,7 +149,10 @@ fn the_echo_driver_reports_progress_in_a_driver_condition() {
             .find(|c| c["type"] == "Driver");
         if let Some(c) = driver {
             assert_eq!(c["message"], "echo says hi to e1", "{get}");
-            assert_eq!(sb["phase"], "Provisioning", "no sandbox is Ready yet: {get}");
+            assert_eq!(
+                sb["phase"], "Provisioning",
+                "no sandbox is Ready yet: {get}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "no Driver condition: {get}");
@@ -173,7 +186,10 @@ fn a_name_that_is_not_a_dns_label_is_rejected() {
     let create = gw.fails(["sandbox", "create", "--name", "Bad_Name", "--no-wait"]);
     assert!(create.stderr.contains("DNS label"), "{create}");
     assert!(create.stderr.contains("Bad_Name"), "{create}");
-    assert!(sandbox_names(&gw).is_empty(), "a rejected create stores nothing");
+    assert!(
+        sandbox_names(&gw).is_empty(),
+        "a rejected create stores nothing"
+    );
 }
 
 #[test]
@@ -199,7 +215,11 @@ fn sandboxes_and_plugins_survive_a_gateway_restart() {
 
     let gw = Gateway::on_file(dir.path());
     assert_eq!(sandbox_names(&gw), ["r1", "r2"]);
-    assert_eq!(echo_digest(&gw), digest_before, "the same build is reloaded");
+    assert_eq!(
+        echo_digest(&gw),
+        digest_before,
+        "the same build is reloaded"
+    );
 
     // The reloaded plugin still drives sandboxes.
     gw.ok(["sandbox", "create", "--name", "r3", "--no-wait"]);

@@ -17,7 +17,7 @@ use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-pub use process::{HostEvent, ProcessHandle, ProcessTable};
+pub use process::{HostEvent, ProcessConfig, ProcessHandle, ProcessTable};
 pub use vm::{NetworkHandle, RootfsHandle, VmHandle};
 
 use crate::bindings::types::CapError;
@@ -27,6 +27,9 @@ pub struct SandboxScope {
     pub plugin: String,
     /// Empty for calls not about a sandbox (describe, validate).
     pub sandbox_id: String,
+    pub sandbox_name: String,
+    /// Host path of the sandbox's state directory (for launch configs).
+    pub state_path: Option<std::path::PathBuf>,
     /// The sandbox's state directory; `None` where the call has no sandbox.
     pub dir: Option<Arc<cap_std::fs::Dir>>,
 }

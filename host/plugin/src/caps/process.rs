@@ -1,11 +1,18 @@
 //! `openshell:compute/process`: the confined supervisor process of a
-//! sandbox. The table of running processes is keyed by sandbox id and owned
-//! by the host, so it outlives the plugin instance that spawned them.
+//! sandbox. The host runs `openshell-sandbox-launch` (namespaces, cgroups,
+//! a read-only root) which runs the supervisor inside. The table of running
+//! processes is keyed by sandbox id and owned by the host, so it outlives
+//! the plugin instance that spawned them.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::path::{Component, Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::mpsc;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::sync::{mpsc, oneshot, watch};
 use wasmtime::component::Resource;
 
 use crate::bindings::openshell::compute::process::{
@@ -27,60 +34,255 @@ pub struct ProcessHandle {
     sandbox_id: String,
 }
 
-/// Running sandbox processes by sandbox id.
-#[derive(Debug)]
-pub struct ProcessTable {
-    running: Mutex<HashMap<String, Child>>,
-    events: mpsc::UnboundedSender<HostEvent>,
+/// Where the process capability finds its binaries.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessConfig {
+    pub launcher: Option<PathBuf>,
+    pub supervisor: Option<PathBuf>,
+    /// In-sandbox uids 0..65536 map to host uids from here.
+    pub uid_base: u32,
 }
 
-#[derive(Debug)]
-struct Child {
-    exit: Option<i32>,
+struct Proc {
+    pid: i32,
+    exit: watch::Receiver<Option<i32>>,
+}
+
+struct SpawnJob {
+    cmd: Command,
+    reply: oneshot::Sender<std::io::Result<std::process::Child>>,
+}
+
+/// Running sandbox processes by sandbox id.
+pub struct ProcessTable {
+    running: Mutex<HashMap<String, Arc<Proc>>>,
+    events: mpsc::UnboundedSender<HostEvent>,
+    spawner: std::sync::mpsc::Sender<SpawnJob>,
+    pub config: ProcessConfig,
+}
+
+impl std::fmt::Debug for ProcessTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessTable").finish_non_exhaustive()
+    }
+}
+
+/// The exit code a shell would report: the code, or 128+signal.
+fn exit_code(st: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    st.code().or_else(|| st.signal().map(|s| 128 + s)).unwrap_or(-1)
 }
 
 impl ProcessTable {
-    pub fn new(events: mpsc::UnboundedSender<HostEvent>) -> Self {
+    pub fn new(events: mpsc::UnboundedSender<HostEvent>, config: ProcessConfig) -> Self {
+        // Children are forked from this one long-lived thread: the
+        // launcher's parent-death signal fires when the *thread* that forked
+        // it exits, and async runtime threads come and go.
+        let (spawner, jobs) = std::sync::mpsc::channel::<SpawnJob>();
+        let _ = std::thread::Builder::new()
+            .name("sandbox-spawner".into())
+            .spawn(move || {
+                for mut job in jobs {
+                    let _ = job.reply.send(job.cmd.spawn());
+                }
+            });
         Self {
             running: Mutex::new(HashMap::new()),
             events,
+            spawner,
+            config,
         }
     }
 
-    fn status(&self, sandbox_id: &str) -> Option<ProcessStatus> {
+    fn get(&self, sandbox_id: &str) -> Option<Arc<Proc>> {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.get(sandbox_id).map(|c| match c.exit {
+        running.get(sandbox_id).cloned()
+    }
+
+    fn status(&self, sandbox_id: &str) -> Option<ProcessStatus> {
+        self.get(sandbox_id).map(|p| match *p.exit.borrow() {
             None => ProcessStatus::Running,
             Some(s) => ProcessStatus::Exited(s),
         })
     }
 
-    /// Number of sandbox processes the host tracks.
-    pub fn len(&self) -> usize {
-        self.running.lock().unwrap_or_else(|p| p.into_inner()).len()
+    /// Host processes (launchers) currently alive.
+    pub fn running(&self) -> usize {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        running.values().filter(|p| p.exit.borrow().is_none()).count()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
+    async fn spawn(&self, sandbox_id: &str, cmd: Command) -> Result<(), CapError> {
+        if matches!(self.status(sandbox_id), Some(ProcessStatus::Running)) {
+            return Err(CapError::Invalid(
+                "this sandbox's process is already running".into(),
+            ));
+        }
+        let (reply, rx) = oneshot::channel();
+        self.spawner
+            .send(SpawnJob { cmd, reply })
+            .map_err(|_| CapError::Failed("the spawner thread is gone".into()))?;
+        let mut child = rx
+            .await
+            .map_err(|_| CapError::Failed("the spawner thread is gone".into()))?
+            .map_err(|e| CapError::Failed(format!("cannot start the sandbox launcher: {e}")))?;
+        let pid = child.id() as i32;
+        let (exit_tx, exit_rx) = watch::channel(None);
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(sandbox_id.to_owned(), Arc::new(Proc { pid, exit: exit_rx }));
+        let (events, id) = (self.events.clone(), sandbox_id.to_owned());
+        // Waiting blocks, so it gets its own small thread per sandbox.
+        let _ = std::thread::Builder::new()
+            .name("sandbox-wait".into())
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let ev = match child.wait() {
+                    Ok(st) => {
+                        let status = exit_code(st);
+                        let _ = exit_tx.send(Some(status));
+                        HostEvent::Exited {
+                            sandbox_id: id,
+                            status,
+                        }
+                    }
+                    Err(e) => HostEvent::PollFailed {
+                        sandbox_id: id,
+                        message: format!("cannot wait for the sandbox process: {e}"),
+                    },
+                };
+                let _ = events.send(ev);
+            });
+        Ok(())
     }
 
-    #[doc(hidden)]
-    pub fn events(&self) -> &mpsc::UnboundedSender<HostEvent> {
-        &self.events
+    /// SIGTERM, up to `grace` for it to exit, then SIGKILL. Returns the
+    /// exit status, or None if nothing ran.
+    pub async fn stop(&self, sandbox_id: &str, grace: Duration) -> Option<i32> {
+        let p = self.get(sandbox_id)?;
+        let mut exit = p.exit.clone();
+        if exit.borrow().is_none() {
+            let _ = kill(Pid::from_raw(p.pid), Signal::SIGTERM);
+            if tokio::time::timeout(grace, exit.wait_for(Option::is_some))
+                .await
+                .is_err()
+            {
+                let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
+                let _ = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some)).await;
+            }
+        }
+        let status = *exit.borrow();
+        status
+    }
+
+    /// Stops a sandbox's process at once and forgets it.
+    pub async fn kill(&self, sandbox_id: &str) {
+        self.stop(sandbox_id, Duration::ZERO).await;
+        self.running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(sandbox_id);
+    }
+}
+
+/// A workdir must be a plain relative path: no `..`, no root, no prefix.
+fn check_relative(path: &str) -> Result<(), CapError> {
+    let p = Path::new(path);
+    let ok = !path.is_empty()
+        && !path.contains('\0')
+        && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if ok {
+        Ok(())
+    } else {
+        Err(CapError::AccessDenied(format!(
+            "workdir {path:?} must be a relative path inside the sandbox's state directory"
+        )))
+    }
+}
+
+impl CallState {
+    fn launch_command(&self, id: &str, spec: &SpawnSpec) -> Result<Command, CapError> {
+        let cfg = &self.services.processes.config;
+        let (Some(launcher), Some(supervisor)) = (&cfg.launcher, &cfg.supervisor) else {
+            return Err(CapError::Unavailable(
+                "process sandboxes need openshell-sandbox-launch and openshell-supervisor installed next to the gateway".into(),
+            ));
+        };
+        check_relative(&spec.workdir)?;
+        for (k, _) in &spec.environment {
+            if !openshell_core::validate::is_env_key(k) {
+                return Err(CapError::Invalid(format!("environment key {k:?} is invalid")));
+            }
+        }
+        let dir = self.dir()?;
+        dir.create_dir_all(&spec.workdir)
+            .map_err(|e| CapError::Failed(format!("cannot create the workdir: {e}")))?;
+        let state = self
+            .scope
+            .state_path
+            .clone()
+            .ok_or_else(|| CapError::AccessDenied("no sandbox state directory".into()))?;
+        let mut env = spec.environment.clone();
+        // Host floor: sandbox code never runs as the sandbox's root.
+        env.retain(|(k, _)| k != "OPENSHELL_SANDBOX_UID");
+        env.push(("OPENSHELL_SANDBOX_UID".into(), "1000".into()));
+        let c = &spec.confinement;
+        let config = serde_json::json!({
+            "sandbox_id": id,
+            "hostname": self.scope.sandbox_name,
+            "state_dir": state,
+            "workdir": state.join(&spec.workdir),
+            "run_dir": state.join("run"),
+            "program": supervisor,
+            "args": [],
+            "env": env,
+            "uid_base": cfg.uid_base,
+            "isolate_network": c.isolate_network,
+            "memory_mib": c.memory_mib,
+            "max_processes": c.max_processes,
+            "cpu_millis": c.cpu_millis,
+        });
+        let config_path = state.join("launch.json");
+        std::fs::write(&config_path, config.to_string())
+            .map_err(|e| CapError::Failed(format!("cannot write the launch config: {e}")))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(state.join("supervisor.log"))
+            .map_err(|e| CapError::Failed(format!("cannot open the supervisor log: {e}")))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| CapError::Failed(format!("cannot open the supervisor log: {e}")))?;
+        let mut cmd = Command::new(launcher);
+        cmd.arg("--config")
+            .arg(&config_path)
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        Ok(cmd)
     }
 }
 
 impl Host for CallState {
     async fn spawn(
         &mut self,
-        _spec: SpawnSpec,
+        spec: SpawnSpec,
     ) -> wasmtime::Result<Result<Resource<ProcessHandle>, CapError>> {
-        if let Err(e) = self.require_sandbox() {
+        let id = match self.require_sandbox() {
+            Ok(id) => id.to_owned(),
+            Err(e) => return Ok(Err(e)),
+        };
+        let cmd = match self.launch_command(&id, &spec) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(e)),
+        };
+        let services = self.services.clone();
+        if let Err(e) = services.processes.spawn(&id, cmd).await {
             return Ok(Err(e));
         }
-        Ok(Err(CapError::Unavailable(
-            "this gateway build cannot spawn sandbox processes yet".into(),
-        )))
+        Ok(Ok(self.table.push(ProcessHandle { sandbox_id: id })?))
     }
 
     async fn current(&mut self) -> wasmtime::Result<Option<Resource<ProcessHandle>>> {
@@ -108,17 +310,36 @@ impl HostSandboxProcess for CallState {
     async fn stop(
         &mut self,
         h: Resource<ProcessHandle>,
-        _grace_ms: u32,
+        grace_ms: u32,
     ) -> wasmtime::Result<Result<i32, CapError>> {
-        let _ = self.table.get(&h)?;
-        Ok(Err(CapError::Unavailable(
-            "this gateway build cannot spawn sandbox processes yet".into(),
-        )))
+        let id = self.table.get(&h)?.sandbox_id.clone();
+        // Bounded: never longer than the capability I/O deadline.
+        let grace = Duration::from_millis(grace_ms.into()).min(self.services.io_timeout);
+        let services = self.services.clone();
+        Ok(services
+            .processes
+            .stop(&id, grace)
+            .await
+            .ok_or_else(|| CapError::Invalid("nothing is running".into())))
     }
 
     async fn drop(&mut self, h: Resource<ProcessHandle>) -> wasmtime::Result<()> {
         // Dropping the handle never stops the process: the host owns it.
         self.table.delete(h)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workdirs_must_stay_inside_the_state_dir() {
+        assert!(check_relative("workdir").is_ok());
+        assert!(check_relative("a/b").is_ok());
+        for bad in ["", "/abs", "../up", "a/../../b", "a\0b"] {
+            assert!(check_relative(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -1,0 +1,187 @@
+//! ExecSandbox: pairs a client's stream with a relay the sandbox's
+//! supervisor opens, and pumps frames both ways.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openshell_core::{Phase, validate};
+use openshell_proto::v1 as pb;
+use pb::exec_client_message::Msg as C;
+use pb::exec_server_message::Msg as S;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::error::{ApiError, to_status};
+use crate::runtime::ComputeRuntime;
+
+pub const MAX_ARGV_BYTES: usize = 128 * 1024;
+
+fn check_start(s: &pb::ExecStart) -> Result<(), ApiError> {
+    if s.argv.is_empty() || s.argv[0].is_empty() {
+        return Err(ApiError::InvalidArgument(
+            "give a command to run (argv is empty)".into(),
+        ));
+    }
+    let bytes: usize = s.argv.iter().map(String::len).sum::<usize>()
+        + s.environment.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+    if bytes > MAX_ARGV_BYTES {
+        return Err(ApiError::ResourceExhausted(format!(
+            "the command and environment are {bytes} bytes; the limit is {MAX_ARGV_BYTES}"
+        )));
+    }
+    if s.argv.iter().any(|a| a.contains('\0')) {
+        return Err(ApiError::InvalidArgument(
+            "arguments must not contain NUL bytes".into(),
+        ));
+    }
+    let env = s.environment.clone().into_iter().collect();
+    validate::environment(&env)?;
+    if !s.workdir.is_empty() && (!s.workdir.starts_with('/') || s.workdir.contains('\0')) {
+        return Err(ApiError::InvalidArgument(format!(
+            "workdir {:?} must be an absolute path inside the sandbox",
+            s.workdir
+        )));
+    }
+    Ok(())
+}
+
+pub async fn exec(
+    runtime: Arc<ComputeRuntime>,
+    mut inbound: Streaming<pb::ExecClientMessage>,
+) -> Result<ReceiverStream<Result<pb::ExecServerMessage, Status>>, Status> {
+    let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no start message within 30 s"))??;
+    let Some(pb::ExecClientMessage {
+        msg: Some(C::Start(start)),
+    }) = first
+    else {
+        return Err(Status::invalid_argument(
+            "the first ExecSandbox message must be `start`",
+        ));
+    };
+    check_start(&start).map_err(to_status)?;
+    let sb = runtime.find(&start.sandbox).await.map_err(to_status)?;
+    if sb.status.phase != Phase::Ready {
+        return Err(to_status(ApiError::FailedPrecondition(format!(
+            "sandbox {} is {}, not Ready; wait for it (`openshell sandbox watch {} --until-settled`)",
+            sb.name,
+            sb.status.phase.as_str(),
+            sb.name
+        ))));
+    }
+    let session = runtime.sessions.get(sb.id).ok_or_else(|| {
+        Status::unavailable(format!(
+            "sandbox {}'s supervisor is not connected; retry shortly",
+            sb.name
+        ))
+    })?;
+
+    let channel_id = uuid::Uuid::new_v4().to_string();
+    let claimed = runtime
+        .relays
+        .reserve(sb.id, &channel_id)
+        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
+    let open = pb::GatewayMessage {
+        msg: Some(pb::gateway_message::Msg::RelayOpen(pb::RelayOpen {
+            channel_id: channel_id.clone(),
+            purpose: Some(pb::relay_open::Purpose::Exec(start)),
+        })),
+    };
+    if session.control.send(open).await.is_err() {
+        runtime.relays.cancel(&channel_id);
+        return Err(Status::unavailable("the supervisor session just ended; retry"));
+    }
+    let conn = match tokio::time::timeout(runtime.relays.limits.claim_timeout, claimed).await {
+        Ok(Ok(conn)) => conn,
+        _ => {
+            runtime.relays.cancel(&channel_id);
+            return Err(Status::unavailable(format!(
+                "sandbox {}'s supervisor did not open the relay in time",
+                sb.name
+            )));
+        }
+    };
+
+    let (out_tx, out_rx) = mpsc::channel(64);
+    let to_sandbox = conn.to_sandbox;
+    // Client → sandbox: stdin, EOF, resizes. Ends with the client's stream.
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = inbound.message().await {
+            let Some(msg) = m.msg else { continue };
+            if matches!(msg, C::Start(_)) {
+                continue;
+            }
+            let frame = pb::RelayFrame {
+                frame: Some(pb::relay_frame::Frame::ExecInput(pb::ExecClientMessage {
+                    msg: Some(msg),
+                })),
+            };
+            if to_sandbox.send(frame).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Sandbox → client: output in order, then the exit code.
+    let mut from_sandbox = conn.from_sandbox;
+    tokio::spawn(async move {
+        loop {
+            let frame = tokio::select! {
+                f = from_sandbox.message() => f,
+                _ = out_tx.closed() => return,
+            };
+            match frame {
+                Ok(Some(pb::RelayFrame {
+                    frame: Some(pb::relay_frame::Frame::ExecOutput(out)),
+                })) => {
+                    let exit = matches!(out.msg, Some(S::Exit(_)));
+                    if out_tx.send(Ok(out)).await.is_err() || exit {
+                        return;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    let _ = out_tx
+                        .send(Err(Status::unavailable(
+                            "the sandbox's supervisor went away before the command exited",
+                        )))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(ReceiverStream::new(out_rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(argv: &[&str]) -> pb::ExecStart {
+        pb::ExecStart {
+            sandbox: "s".into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn exec_requests_are_checked_before_anything_runs() {
+        assert!(check_start(&start(&["true"])).is_ok());
+        assert!(check_start(&start(&[])).is_err());
+        assert!(check_start(&start(&["a\0b"])).is_err());
+        let mut s = start(&["env"]);
+        s.environment.insert("BAD-KEY".into(), "v".into());
+        assert!(check_start(&s).is_err());
+        let mut s = start(&["pwd"]);
+        s.workdir = "relative".into();
+        assert!(check_start(&s).is_err());
+        let big = "x".repeat(MAX_ARGV_BYTES + 1);
+        assert!(matches!(
+            check_start(&start(&["echo", &big])),
+            Err(ApiError::ResourceExhausted(_))
+        ));
+    }
+}

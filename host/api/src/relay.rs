@@ -1,0 +1,142 @@
+//! Pending relays: a channel the gateway asked a supervisor to open, waiting
+//! for the supervisor's RelayStream to claim it.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use openshell_core::SandboxId;
+use openshell_proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Streaming;
+
+/// Limits on relays waiting to be claimed.
+#[derive(Clone, Copy, Debug)]
+pub struct RelayLimits {
+    pub per_sandbox: usize,
+    pub total: usize,
+    /// How long the supervisor has to claim a relay.
+    pub claim_timeout: Duration,
+}
+
+impl Default for RelayLimits {
+    fn default() -> Self {
+        Self {
+            per_sandbox: 32,
+            total: 256,
+            claim_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Both directions of a claimed relay, as the gateway sees them.
+pub struct RelayConn {
+    /// Frames from the supervisor.
+    pub from_sandbox: Streaming<pb::RelayFrame>,
+    /// Frames to the supervisor.
+    pub to_sandbox: mpsc::Sender<pb::RelayFrame>,
+}
+
+struct Pending {
+    sandbox: SandboxId,
+    tx: oneshot::Sender<RelayConn>,
+}
+
+#[derive(Default)]
+pub struct RelayTable {
+    pending: Mutex<HashMap<String, Pending>>,
+    pub limits: RelayLimits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("{count} relays are already waiting for this sandbox (limit {limit}); retry shortly")]
+    SandboxFull { count: usize, limit: usize },
+    #[error("{count} relays are already waiting in total (limit {limit}); retry shortly")]
+    GatewayFull { count: usize, limit: usize },
+}
+
+impl RelayTable {
+    pub fn new(limits: RelayLimits) -> Self {
+        Self {
+            pending: Mutex::default(),
+            limits,
+        }
+    }
+
+    /// Reserves a slot for `channel_id`; the receiver resolves when the
+    /// supervisor claims it. The slot is freed by claim or by [`Self::cancel`].
+    pub fn reserve(
+        &self,
+        sandbox: SandboxId,
+        channel_id: &str,
+    ) -> Result<oneshot::Receiver<RelayConn>, RelayError> {
+        let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if map.len() >= self.limits.total {
+            return Err(RelayError::GatewayFull {
+                count: map.len(),
+                limit: self.limits.total,
+            });
+        }
+        let count = map.values().filter(|p| p.sandbox == sandbox).count();
+        if count >= self.limits.per_sandbox {
+            return Err(RelayError::SandboxFull {
+                count,
+                limit: self.limits.per_sandbox,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        map.insert(channel_id.to_owned(), Pending { sandbox, tx });
+        Ok(rx)
+    }
+
+    /// Hands a relay stream to whoever reserved `channel_id`, if it belongs
+    /// to `sandbox`. Returns false for unknown or foreign channels.
+    pub fn claim(&self, sandbox: SandboxId, channel_id: &str, conn: RelayConn) -> bool {
+        let pending = {
+            let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(channel_id) {
+                Some(p) if p.sandbox == sandbox => map.remove(channel_id),
+                _ => None,
+            }
+        };
+        match pending {
+            Some(p) => p.tx.send(conn).is_ok(),
+            None => false,
+        }
+    }
+
+    pub fn cancel(&self, channel_id: &str) {
+        let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        map.remove(channel_id);
+    }
+
+    /// Relays waiting to be claimed (a gauge).
+    pub fn pending(&self) -> usize {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_apply_per_sandbox_and_in_total_and_cancel_frees_the_slot() {
+        let t = RelayTable::new(RelayLimits {
+            per_sandbox: 2,
+            total: 3,
+            claim_timeout: Duration::from_secs(1),
+        });
+        let (a, b) = (SandboxId::new(), SandboxId::new());
+        let _r1 = t.reserve(a, "1").unwrap();
+        let _r2 = t.reserve(a, "2").unwrap();
+        assert!(matches!(t.reserve(a, "3"), Err(RelayError::SandboxFull { .. })));
+        let _r4 = t.reserve(b, "4").unwrap();
+        assert!(matches!(t.reserve(b, "5"), Err(RelayError::GatewayFull { .. })));
+        t.cancel("1");
+        t.cancel("4");
+        assert_eq!(t.pending(), 1);
+        assert!(t.reserve(b, "6").is_ok());
+    }
+}

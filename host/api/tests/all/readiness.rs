@@ -1,0 +1,190 @@
+//! Gateway-owned readiness, driven by a supervisor client speaking real
+//! gRPC over the sandbox's own unix socket.
+
+use std::time::Duration;
+
+use openshell_api::runtime::secret_hash;
+use openshell_core::{Event, SandboxId};
+use openshell_proto::v1 as pb;
+use openshell_proto::v1::supervisor_client::SupervisorClient;
+use pb::gateway_message::Msg as G;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::harness::{TestGateway, condition, phase};
+
+async fn unix_channel(path: std::path::PathBuf) -> Channel {
+    Endpoint::try_from("http://sandbox.invalid")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let p = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .unwrap()
+}
+
+/// A hand-driven supervisor: says hello and reports the first answer.
+struct FakeSupervisor {
+    tx: mpsc::Sender<pb::SupervisorMessage>,
+    inbound: tonic::Streaming<pb::GatewayMessage>,
+}
+
+impl FakeSupervisor {
+    async fn connect(gw: &TestGateway, socket_of: &str, id: &str, secret: &str) -> (Self, G) {
+        let socket = gw.runtime().plugins.supervisor_socket(socket_of);
+        let mut client = SupervisorClient::new(unix_channel(socket).await);
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(pb::SupervisorMessage {
+            msg: Some(pb::supervisor_message::Msg::Hello(pb::SupervisorHello {
+                sandbox_id: id.into(),
+                instance_id: "test".into(),
+                secret: secret.into(),
+            })),
+        })
+        .await
+        .unwrap();
+        let mut inbound = client
+            .connect_supervisor(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = inbound.message().await.unwrap().unwrap().msg.unwrap();
+        (Self { tx, inbound }, first)
+    }
+
+    /// Keeps the session alive by answering heartbeats, until dropped.
+    fn keep_alive(mut self) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            while let Ok(Some(_)) = self.inbound.message().await {
+                let hb = pb::SupervisorMessage {
+                    msg: Some(pb::supervisor_message::Msg::Heartbeat(pb::Heartbeat {})),
+                };
+                if self.tx.send(hb).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+/// A sandbox from the echo fixture (no real supervisor), with a known secret.
+async fn sandbox_with_secret(gw: &mut TestGateway, name: &str, secret: &str) -> String {
+    gw.load("echo", "fixture-echo", &["log", "files"]).await.name;
+    let sb = gw.create(name, "echo").await.unwrap();
+    gw.wait_for(name, "launched", |s| condition(s, "Driver").is_some())
+        .await;
+    let id = SandboxId::parse(&sb.id).unwrap();
+    gw.runtime()
+        .store
+        .set_secret_hash(id, Some(&secret_hash(secret)))
+        .await
+        .unwrap();
+    sb.id
+}
+
+#[tokio::test]
+async fn a_supervisor_session_promotes_and_its_end_demotes() {
+    let mut gw = TestGateway::start().await;
+    let id = sandbox_with_secret(&mut gw, "r1", "s3cret").await;
+    let (sup, first) = FakeSupervisor::connect(&gw, &id, &id, "s3cret").await;
+    assert!(matches!(first, G::Accepted(_)), "{first:?}");
+    let alive = sup.keep_alive();
+    let sb = gw
+        .wait_for("r1", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
+        .await;
+    assert_eq!(condition(&sb, "Ready").unwrap().reason, "SupervisorConnected");
+
+    alive.abort();
+    let sb = gw
+        .wait_for("r1", "demoted", |s| phase(s) == pb::SandboxPhase::Provisioning)
+        .await;
+    assert_eq!(condition(&sb, "Ready").unwrap().reason, "SupervisorDisconnected");
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_silent_supervisor_is_dropped_after_two_heartbeats() {
+    let mut gw = TestGateway::start().await;
+    let id = sandbox_with_secret(&mut gw, "r2", "s").await;
+    // Connect, then never answer (like a SIGSTOPped process).
+    let (_frozen, _) = FakeSupervisor::connect(&gw, &id, &id, "s").await;
+    gw.wait_for("r2", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
+        .await;
+    let t = std::time::Instant::now();
+    gw.wait_for("r2", "demoted", |s| phase(s) == pb::SandboxPhase::Provisioning)
+        .await;
+    // Heartbeat is 300 ms in tests: noticed within about two intervals.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_wrong_secret_or_another_sandboxes_id_is_rejected_and_changes_nothing() {
+    let mut gw = TestGateway::start().await;
+    let a = sandbox_with_secret(&mut gw, "ra", "secret-a").await;
+    let b = sandbox_with_secret(&mut gw, "rb", "secret-b").await;
+    let before = gw.get("ra").await.unwrap();
+
+    let (_s, first) = FakeSupervisor::connect(&gw, &a, &a, "wrong").await;
+    assert!(matches!(&first, G::Rejected(r) if r.reason.contains("secret")), "{first:?}");
+    let (_s, first) = FakeSupervisor::connect(&gw, &a, &a, "").await;
+    assert!(matches!(first, G::Rejected(_)), "{first:?}");
+    // B's valid credentials on A's socket.
+    let (_s, first) = FakeSupervisor::connect(&gw, &a, &b, "secret-b").await;
+    assert!(matches!(&first, G::Rejected(r) if r.reason.contains("another sandbox")), "{first:?}");
+
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(gw.get("ra").await.unwrap(), before);
+    assert_eq!(phase(&gw.get("rb").await.unwrap()), pb::SandboxPhase::Provisioning);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_newer_session_supersedes_and_the_old_ones_end_does_not_demote() {
+    let mut gw = TestGateway::start().await;
+    let id = sandbox_with_secret(&mut gw, "r3", "s").await;
+    let (old, _) = FakeSupervisor::connect(&gw, &id, &id, "s").await;
+    let old = old.keep_alive();
+    let (new, _) = FakeSupervisor::connect(&gw, &id, &id, "s").await;
+    let _new = new.keep_alive();
+    gw.wait_for("r3", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
+        .await;
+    // The old stream is closed by the gateway; its end must not demote.
+    let _ = tokio::time::timeout(Duration::from_secs(2), old).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(phase(&gw.get("r3").await.unwrap()), pb::SandboxPhase::Ready);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_session_registered_before_the_driver_update_is_backfilled() {
+    let gw = TestGateway::start().await;
+    let rt = gw.runtime();
+    // The registry holds a session for a sandbox whose record is written
+    // afterwards (the register-before-store race).
+    let sb = openshell_core::Sandbox::new(
+        openshell_core::SandboxName::parse("race").unwrap(),
+        Default::default(),
+        None,
+        1,
+    );
+    let (tx, _rx) = mpsc::channel(1);
+    let _session = rt.sessions.register(sb.id, tx);
+    rt.store.insert_sandbox(&sb).await.unwrap();
+    rt.apply(
+        sb.id,
+        &[Event::DriverStarting {
+            message: "booting".into(),
+        }],
+        None,
+    )
+    .await;
+    let stored = rt.store.get_sandbox(sb.id).await.unwrap().unwrap();
+    assert_eq!(stored.status.phase, openshell_core::Phase::Ready);
+}

@@ -1,0 +1,79 @@
+//! Streaming a command's output from a sandbox, and our stdin to it.
+
+use std::collections::HashMap;
+use std::io::Write;
+
+use anyhow::anyhow;
+use openshell_proto::v1 as pb;
+use pb::exec_client_message::Msg as C;
+use pb::exec_server_message::Msg as S;
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::client::{Client, status_error};
+
+pub struct ExecArgs {
+    pub sandbox: String,
+    pub argv: Vec<String>,
+    pub workdir: String,
+    pub timeout_ms: u64,
+    pub env: HashMap<String, String>,
+}
+
+/// Runs the command and returns its exit code.
+pub async fn run(c: &mut Client, a: ExecArgs) -> anyhow::Result<i32> {
+    let (tx, rx) = mpsc::channel(16);
+    let start = pb::ExecStart {
+        sandbox: a.sandbox,
+        argv: a.argv,
+        environment: a.env,
+        workdir: a.workdir,
+        timeout_ms: a.timeout_ms,
+        tty: false,
+        window: None,
+    };
+    tx.send(pb::ExecClientMessage {
+        msg: Some(C::Start(start)),
+    })
+    .await
+    .map_err(|_| anyhow!("internal: exec channel closed"))?;
+    // Our stdin, forwarded until EOF.
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            let msg = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => C::StdinEof(true),
+                Ok(n) => C::Stdin(buf[..n].to_vec()),
+            };
+            let eof = matches!(msg, C::StdinEof(_));
+            if tx.send(pb::ExecClientMessage { msg: Some(msg) }).await.is_err() || eof {
+                // Keep the request stream open until the server finishes.
+                tx.closed().await;
+                return;
+            }
+        }
+    });
+    let mut stream = c
+        .exec_sandbox(ReceiverStream::new(rx))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    while let Some(m) = stream.message().await.map_err(status_error)? {
+        match m.msg {
+            Some(S::Stdout(b)) => {
+                out.write_all(&b)?;
+                out.flush()?;
+            }
+            Some(S::Stderr(b)) => {
+                err.write_all(&b)?;
+                err.flush()?;
+            }
+            Some(S::Exit(code)) => return Ok(code),
+            None => {}
+        }
+    }
+    Err(anyhow!("the gateway ended the exec without an exit code"))
+}

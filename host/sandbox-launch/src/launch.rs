@@ -1,0 +1,161 @@
+//! The host side of one launch, in order: check and prepare the host
+//! directories, create the cgroups, clone the sandbox's init into new
+//! namespaces, move it into the cgroups and write its id maps, let it go,
+//! forward signals to it, and turn its end into the launcher's exit status.
+//!
+//! Two pipes tie the launcher to init. *go*: init blocks on it until the
+//! launcher has finished the parts only host root can do; the launcher then
+//! keeps its end open until init exits, so init can tell whether the launcher
+//! is still alive. *report*: close-on-exec, so it reaches end-of-file exactly
+//! when the program has been exec'd; anything written on it first is why the
+//! launch failed.
+
+use std::fs::{self, DirBuilder, File};
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+
+use crate::cgroup::Cgroups;
+use crate::config::{ID_RANGE, LaunchConfig};
+use crate::error::{LaunchError, os};
+use crate::inside::{self, Exec};
+use crate::sys::{self, Fork};
+
+/// The in-sandbox uid (and gid) that owns `/sandbox`; the supervisor runs
+/// sandbox code as this user.
+pub const SANDBOX_USER: u32 = 1000;
+
+/// Launches the sandbox and returns the program's exit status.
+pub fn run(config: &LaunchConfig) -> Result<u8, LaunchError> {
+    prepare_host(config)?;
+    let exec = Exec::new(config)?;
+    let cgroups = Cgroups::create(config)?;
+    let (go_read, go_write) = sys::pipe().map_err(os("cannot create the go pipe"))?;
+    let (report_read, report_write) = sys::pipe().map_err(os("cannot create the report pipe"))?;
+
+    let init = match sys::clone_into(namespaces(config))
+        .map_err(os("cannot create the sandbox's namespaces"))?
+    {
+        Fork::Child => {
+            drop((go_write, report_read));
+            inside::init(config, &exec, go_read, report_write)
+        }
+        Fork::Parent(pid) => pid,
+    };
+    drop((go_read, report_write));
+
+    let report = supervise(config, &cgroups, init, &go_write, report_read);
+    if report.is_err() {
+        // Not reaped yet, so the pid is still init's.
+        let _ = sys::kill(init, libc::SIGKILL);
+    }
+    let _ = sys::stop_forwarding();
+    let status = sys::reap(init).map_err(os("cannot reap the sandbox's init"))?;
+    drop(go_write);
+    drop(cgroups);
+    match report? {
+        report if report.is_empty() => Ok(status),
+        report => Err(LaunchError::Inside(report)),
+    }
+}
+
+fn namespaces(config: &LaunchConfig) -> libc::c_int {
+    let always = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC;
+    if config.isolate_network {
+        always | libc::CLONE_NEWNET
+    } else {
+        always
+    }
+}
+
+/// Checks the host paths and prepares what init will need: the mount point
+/// of the new root, and a workdir the sandbox user owns.
+fn prepare_host(config: &LaunchConfig) -> Result<(), LaunchError> {
+    let state_dir = &config.state_dir;
+    let meta = fs::symlink_metadata(state_dir)
+        .map_err(os(format!("cannot inspect state_dir {state_dir:?}")))?;
+    // The new root is mounted on a path under it as host root: nobody else
+    // may be able to swap that path for a symlink.
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(LaunchError::Host(format!(
+            "state_dir {state_dir:?} must be a directory owned by root and writable only by it"
+        )));
+    }
+    let new_root = config.new_root();
+    match DirBuilder::new().mode(0o700).create(&new_root) {
+        Err(err) if err.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(os(format!("cannot create {new_root:?}"))(err));
+        }
+        _ if !fs::symlink_metadata(&new_root).is_ok_and(|m| m.is_dir()) => {
+            return Err(LaunchError::Host(format!("{new_root:?} is not a directory")));
+        }
+        _ => {}
+    }
+
+    require_dir("run_dir", &config.run_dir)?;
+    require_dir("workdir", &config.workdir)?;
+    let owner = config.uid_base + SANDBOX_USER;
+    std::os::unix::fs::chown(&config.workdir, Some(owner), Some(owner))
+        .map_err(os(format!("cannot chown workdir {:?} to {owner}", config.workdir)))?;
+    fs::set_permissions(&config.workdir, fs::Permissions::from_mode(0o755))
+        .map_err(os(format!("cannot chmod workdir {:?}", config.workdir)))?;
+
+    let program = fs::metadata(&config.program)
+        .map_err(os(format!("cannot inspect program {:?}", config.program)))?;
+    if !program.is_file() {
+        return Err(LaunchError::Host(format!(
+            "program {:?} is not a regular file",
+            config.program
+        )));
+    }
+    Ok(())
+}
+
+fn require_dir(field: &str, path: &std::path::Path) -> Result<(), LaunchError> {
+    let meta = fs::metadata(path).map_err(os(format!("cannot inspect {field} {path:?}")))?;
+    if meta.is_dir() {
+        Ok(())
+    } else {
+        Err(LaunchError::Host(format!("{field} {path:?} is not a directory")))
+    }
+}
+
+/// Releases init and follows it until it has exited (without reaping it).
+/// Returns what init reported before the program's exec: empty on success.
+fn supervise(
+    config: &LaunchConfig,
+    cgroups: &Cgroups,
+    init: i32,
+    go: &OwnedFd,
+    report: OwnedFd,
+) -> Result<String, LaunchError> {
+    cgroups.add(init)?;
+    write_id_maps(init, config.uid_base)?;
+    (&File::from(go.try_clone().map_err(os("cannot duplicate the go pipe"))?))
+        .write_all(b"g")
+        .map_err(os("cannot release the sandbox's init"))?;
+    sys::forward_signals_to(init).map_err(os("cannot install signal forwarding"))?;
+
+    let mut report_bytes = Vec::new();
+    File::from(report)
+        .read_to_end(&mut report_bytes)
+        .map_err(os("cannot read the sandbox's start-up report"))?;
+    sys::wait_exited(init).map_err(os("cannot wait for the sandbox's init"))?;
+    Ok(String::from_utf8_lossy(&report_bytes).trim().to_owned())
+}
+
+/// Maps in-sandbox ids `0..ID_RANGE` onto `uid_base..`. Only a process
+/// privileged in the parent namespace may write a range this large, which is
+/// why the launcher, not init, writes it.
+fn write_id_maps(pid: i32, uid_base: u32) -> Result<(), LaunchError> {
+    let map = format!("0 {uid_base} {ID_RANGE}\n");
+    for file in ["uid_map", "gid_map"] {
+        let path = format!("/proc/{pid}/{file}");
+        fs::write(&path, &map).map_err(os(format!("cannot write {path}")))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,115 @@
+//! `openshell-sandbox-launch`: the host-side launcher of one process sandbox.
+//!
+//! The gateway (root) runs `openshell-sandbox-launch --config <path.json>`
+//! once per sandbox. The launcher confines one program, the in-sandbox
+//! supervisor, and exits with its status: the program's exit code, 128+N if
+//! signal N killed it, or 125 if the launch itself failed, with one
+//! `openshell-sandbox-launch: <what failed and why>` line on stderr.
+//!
+//! The confinement: new user (in-sandbox ids 0..65535 are host
+//! `uid_base..`), pid, mount, UTS, IPC and optionally network namespaces;
+//! cgroup v1 memory, pids and cpu limits; a tmpfs root with read-only host
+//! system directories and nothing else of the host. The process chain is
+//! gateway → launcher (host root, outside) → init (PID 1 inside) → program
+//! (PID 2), each dying with its parent.
+//!
+//! Start at [`launch`], the host side in order. [`config`] parses and
+//! validates the JSON with no I/O; [`cgroup`] owns the limits; [`inside`] is
+//! the sandbox's init and [`rootfs`] the root it pivots into; [`sys`] holds
+//! every raw system call (and so every `unsafe`).
+
+mod cgroup;
+mod config;
+mod error;
+mod inside;
+mod launch;
+mod rootfs;
+mod sys;
+
+use std::ffi::OsString;
+use std::fs;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use error::{LAUNCH_FAILED, LaunchError, one_line, os};
+
+fn main() -> ExitCode {
+    match launch_from_args() {
+        Ok(status) => ExitCode::from(status),
+        Err(err) => {
+            eprintln!("openshell-sandbox-launch: {}", one_line(&err));
+            ExitCode::from(LAUNCH_FAILED)
+        }
+    }
+}
+
+fn launch_from_args() -> Result<u8, LaunchError> {
+    // Die with the gateway; if it already died before we asked, stop here.
+    let parent = sys::parent_pid();
+    sys::die_with_parent().map_err(os("cannot set the parent-death signal"))?;
+    if sys::parent_pid() != parent {
+        return Err(LaunchError::Host("the gateway exited before the launch".into()));
+    }
+    // A SIGTERM during set-up waits, and then goes to the sandbox, instead
+    // of killing the launcher half-way and leaking its cgroups.
+    sys::hold_forwarded_signals().map_err(os("cannot block SIGTERM and SIGINT"))?;
+    // Init is a copy of this process: no descriptor the gateway leaked may
+    // reach it.
+    sys::close_from(3).map_err(os("cannot close inherited descriptors"))?;
+
+    let path = config_path(std::env::args_os().skip(1))?;
+    let json = fs::read_to_string(&path).map_err(|source| LaunchError::ReadConfig {
+        path: path.clone(),
+        source,
+    })?;
+    let config = config::parse(&json).map_err(|source| LaunchError::Config { path, source })?;
+    launch::run(&config)
+}
+
+/// `--config <path>` or `--config=<path>`, and nothing else.
+fn config_path(mut args: impl Iterator<Item = OsString>) -> Result<PathBuf, LaunchError> {
+    let first = args.next();
+    let second = args.next();
+    if let Some(extra) = args.next() {
+        return Err(LaunchError::Usage(format!("unexpected argument {extra:?}")));
+    }
+    match (first, second) {
+        (Some(flag), Some(path)) if flag == "--config" => Ok(path.into()),
+        (Some(flag), None) => match flag.to_str().and_then(|f| f.strip_prefix("--config=")) {
+            Some(path) if !path.is_empty() => Ok(path.into()),
+            _ => Err(LaunchError::Usage(format!("unexpected argument {flag:?}"))),
+        },
+        (Some(flag), Some(_)) => Err(LaunchError::Usage(format!("unexpected argument {flag:?}"))),
+        (None, _) => Err(LaunchError::Usage("missing --config".into())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<PathBuf, String> {
+        config_path(args.iter().map(OsString::from)).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_config_path_comes_from_the_config_flag_in_either_form() {
+        assert_eq!(parse(&["--config", "/x.json"]), Ok("/x.json".into()));
+        assert_eq!(parse(&["--config=/x.json"]), Ok("/x.json".into()));
+    }
+
+    #[test]
+    fn anything_else_on_the_command_line_is_a_usage_error() {
+        for args in [
+            &[][..],
+            &["--config"],
+            &["--config="],
+            &["/x.json"],
+            &["--cfg", "/x.json"],
+            &["--config", "/x.json", "more"],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.starts_with("usage: openshell-sandbox-launch --config"), "{args:?}: {err}");
+        }
+    }
+}

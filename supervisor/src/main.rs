@@ -1,0 +1,135 @@
+//! `openshell-supervisor`: the process that makes a sandbox reachable.
+//!
+//! It reads the gateway endpoint, sandbox id and launch secret from its
+//! environment, keeps the secret out of what sandbox code inherits, and
+//! dials out ([`session`]): one `ConnectSupervisor` stream, heartbeats both
+//! ways, reconnects with backoff. When the gateway asks for a channel, it
+//! opens a relay on the same connection and runs the request ([`exec`]).
+//! Nothing ever connects into the sandbox.
+
+mod exec;
+mod session;
+
+use std::collections::BTreeMap;
+use std::process::ExitCode;
+
+/// What the supervisor learns from its environment.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub endpoint: String,
+    pub sandbox_id: String,
+    pub secret: String,
+    /// Uid sandbox code runs as (inside the sandbox's user namespace).
+    pub run_as: Option<u32>,
+    /// Environment for sandbox code: ours, minus every OPENSHELL_* secret.
+    pub child_env: BTreeMap<String, String>,
+}
+
+/// Variables that sandbox code never sees.
+const PRIVATE_VARS: [&str; 2] = ["OPENSHELL_SANDBOX_SECRET", "OPENSHELL_SANDBOX_UID"];
+
+impl Config {
+    fn from_env(vars: impl Iterator<Item = (String, String)>) -> Result<Self, String> {
+        let all: BTreeMap<String, String> = vars.collect();
+        let need = |k: &str| {
+            all.get(k)
+                .filter(|v| !v.is_empty())
+                .cloned()
+                .ok_or_else(|| format!("{k} is not set"))
+        };
+        let run_as = match all.get("OPENSHELL_SANDBOX_UID") {
+            Some(v) => Some(v.parse().map_err(|_| format!("OPENSHELL_SANDBOX_UID={v:?} is not a uid"))?),
+            None => None,
+        };
+        let mut child_env = all.clone();
+        for k in PRIVATE_VARS {
+            child_env.remove(k);
+        }
+        child_env
+            .entry("PATH".into())
+            .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        child_env.entry("HOME".into()).or_insert_with(|| "/sandbox".into());
+        Ok(Self {
+            endpoint: need("OPENSHELL_ENDPOINT")?,
+            sandbox_id: need("OPENSHELL_SANDBOX_ID")?,
+            secret: need("OPENSHELL_SANDBOX_SECRET")?,
+            run_as,
+            child_env,
+        })
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("OPENSHELL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cfg = match Config::from_env(std::env::vars()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("openshell-supervisor: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    for k in PRIVATE_VARS {
+        // SAFETY: still single-threaded: no runtime or other thread exists
+        // yet that could read the environment concurrently.
+        #[allow(unsafe_code, reason = "scrubbing the secret before any thread starts")]
+        unsafe {
+            std::env::remove_var(k)
+        };
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("openshell-supervisor: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rt.block_on(session::run_forever(cfg));
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+
+    #[test]
+    fn the_secret_never_reaches_sandbox_code() {
+        let c = Config::from_env(vars(&[
+            ("OPENSHELL_ENDPOINT", "unix:///run/openshell/gateway.sock"),
+            ("OPENSHELL_SANDBOX_ID", "id"),
+            ("OPENSHELL_SANDBOX_SECRET", "s3cret"),
+            ("OPENSHELL_SANDBOX_UID", "1000"),
+            ("USER_VAR", "kept"),
+        ]))
+        .unwrap();
+        assert_eq!(c.secret, "s3cret");
+        assert_eq!(c.run_as, Some(1000));
+        assert!(!c.child_env.contains_key("OPENSHELL_SANDBOX_SECRET"));
+        assert!(!c.child_env.values().any(|v| v == "s3cret"));
+        assert_eq!(c.child_env["USER_VAR"], "kept");
+        assert!(c.child_env.contains_key("PATH"));
+    }
+
+    #[test]
+    fn missing_settings_are_named() {
+        let e = Config::from_env(vars(&[("OPENSHELL_SANDBOX_ID", "id")])).unwrap_err();
+        assert!(e.contains("OPENSHELL_ENDPOINT"), "{e}");
+    }
+}
