@@ -39,7 +39,8 @@ lint:
     cargo clippy --manifest-path drivers/Cargo.toml --target wasm32-wasip2 --all-targets -- -D warnings
 
 # Every test: unit, integration (SQLite and a throwaway PostgreSQL), CLI and the generic gRPC client.
-test: drivers
+# The binaries (supervisor, launcher) are built first: tests run them.
+test: build
     OPENSHELL_REQUIRE_POSTGRES=1 scripts/pg-test.sh cargo test --workspace
     just grpc-generic
 

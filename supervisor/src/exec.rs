@@ -54,7 +54,11 @@ fn resize(master: &OwnedFd, w: &pb::WindowSize) {
 }
 
 /// Serves one relay: opens the stream, runs the command, pumps frames.
-pub async fn serve_relay(cfg: &Config, channel: Channel, open: pb::RelayOpen) -> Result<(), String> {
+pub async fn serve_relay(
+    cfg: &Config,
+    channel: Channel,
+    open: pb::RelayOpen,
+) -> Result<(), String> {
     let Some(pb::relay_open::Purpose::Exec(start)) = open.purpose else {
         return Err("unsupported relay purpose".into());
     };
@@ -64,7 +68,9 @@ pub async fn serve_relay(cfg: &Config, channel: Channel, open: pb::RelayOpen) ->
             channel_id: open.channel_id.clone(),
         })),
     };
-    tx.send(init).await.map_err(|_| "relay closed".to_string())?;
+    tx.send(init)
+        .await
+        .map_err(|_| "relay closed".to_string())?;
     let mut client = SupervisorClient::new(channel);
     let inbound = client
         .relay_stream(ReceiverStream::new(rx))
@@ -89,7 +95,11 @@ fn spawn(cfg: &Config, start: &pb::ExecStart) -> std::io::Result<Spawned> {
         .envs(&cfg.child_env)
         .envs(&start.environment)
         .kill_on_drop(true);
-    let workdir = if start.workdir.is_empty() { "/sandbox" } else { &start.workdir };
+    let workdir = if start.workdir.is_empty() {
+        "/sandbox"
+    } else {
+        &start.workdir
+    };
     if std::path::Path::new(workdir).is_dir() {
         cmd.current_dir(workdir);
     } else if !start.workdir.is_empty() {
@@ -103,7 +113,10 @@ fn spawn(cfg: &Config, start: &pb::ExecStart) -> std::io::Result<Spawned> {
     }
     let tty = start.tty;
     let pty = if tty {
-        Some(nix::pty::openpty(Some(&winsize(start.window.as_ref())), None)?)
+        Some(nix::pty::openpty(
+            Some(&winsize(start.window.as_ref())),
+            None,
+        )?)
     } else {
         None
     };
@@ -119,7 +132,10 @@ fn spawn(cfg: &Config, start: &pb::ExecStart) -> std::io::Result<Spawned> {
     }
     // SAFETY: the closure runs in the forked child before exec and calls
     // only async-signal-safe functions (setsid, ioctl, prctl).
-    #[allow(unsafe_code, reason = "session and privilege setup between fork and exec")]
+    #[allow(
+        unsafe_code,
+        reason = "session and privilege setup between fork and exec"
+    )]
     unsafe {
         cmd.pre_exec(move || {
             if tty {
@@ -166,10 +182,16 @@ async fn run(
     let spawned = match spawn(cfg, &start) {
         Ok(s) => s,
         Err(e) => {
+            tracing::info!(argv0 = start.argv[0], "cannot spawn: {e}");
             let msg = format!("openshell: cannot run {}: {e}\n", start.argv[0]);
             let _ = tx.send(output(S::Stderr(msg.into_bytes()))).await;
-            let code = if e.kind() == std::io::ErrorKind::NotFound { 127 } else { 126 };
+            let code = if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            };
             let _ = tx.send(output(S::Exit(code))).await;
+            linger(inbound).await;
             return;
         }
     };
@@ -191,7 +213,11 @@ async fn run(
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         let chunk = buf[..n].to_vec();
-                        let m = if is_stdout { S::Stdout(chunk) } else { S::Stderr(chunk) };
+                        let m = if is_stdout {
+                            S::Stdout(chunk)
+                        } else {
+                            S::Stderr(chunk)
+                        };
                         if tx.send(output(m)).await.is_err() {
                             return;
                         }
@@ -270,9 +296,21 @@ async fn run(
         let _ = tokio::time::timeout(Duration::from_secs(2), p).await;
     }
     let _ = tx.send(output(S::Exit(code))).await;
-    // Keep the stream open until the gateway has read the exit.
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Ok(Some(_)) = inbound.message().await {}
+    linger(inbound).await;
+}
+
+/// Keeps the relay open until the gateway closes it (it has read the exit):
+/// dropping our end first would reset the stream and could lose the last
+/// frames still in flight.
+async fn linger(mut inbound: tonic::Streaming<pb::RelayFrame>) {
+    let r = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                other => return other.map(|_| ()),
+            }
+        }
     })
     .await;
+    tracing::debug!("relay closed: {r:?}");
 }

@@ -38,17 +38,22 @@ impl Config {
                 .ok_or_else(|| format!("{k} is not set"))
         };
         let run_as = match all.get("OPENSHELL_SANDBOX_UID") {
-            Some(v) => Some(v.parse().map_err(|_| format!("OPENSHELL_SANDBOX_UID={v:?} is not a uid"))?),
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|_| format!("OPENSHELL_SANDBOX_UID={v:?} is not a uid"))?,
+            ),
             None => None,
         };
         let mut child_env = all.clone();
         for k in PRIVATE_VARS {
             child_env.remove(k);
         }
+        child_env.entry("PATH".into()).or_insert_with(|| {
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+        });
         child_env
-            .entry("PATH".into())
-            .or_insert_with(|| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
-        child_env.entry("HOME".into()).or_insert_with(|| "/sandbox".into());
+            .entry("HOME".into())
+            .or_insert_with(|| "/sandbox".into());
         Ok(Self {
             endpoint: need("OPENSHELL_ENDPOINT")?,
             sandbox_id: need("OPENSHELL_SANDBOX_ID")?,

@@ -24,7 +24,10 @@ fn check_start(s: &pb::ExecStart) -> Result<(), ApiError> {
         ));
     }
     let bytes: usize = s.argv.iter().map(String::len).sum::<usize>()
-        + s.environment.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        + s.environment
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>();
     if bytes > MAX_ARGV_BYTES {
         return Err(ApiError::ResourceExhausted(format!(
             "the command and environment are {bytes} bytes; the limit is {MAX_ARGV_BYTES}"
@@ -91,7 +94,9 @@ pub async fn exec(
     };
     if session.control.send(open).await.is_err() {
         runtime.relays.cancel(&channel_id);
-        return Err(Status::unavailable("the supervisor session just ended; retry"));
+        return Err(Status::unavailable(
+            "the supervisor session just ended; retry",
+        ));
     }
     let conn = match tokio::time::timeout(runtime.relays.limits.claim_timeout, claimed).await {
         Ok(Ok(conn)) => conn,
@@ -142,10 +147,14 @@ pub async fn exec(
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
+                    let why = match frame {
+                        Err(s) => format!(" ({})", s.message()),
+                        _ => String::new(),
+                    };
                     let _ = out_tx
-                        .send(Err(Status::unavailable(
-                            "the sandbox's supervisor went away before the command exited",
-                        )))
+                        .send(Err(Status::unavailable(format!(
+                            "the sandbox's supervisor went away before the command exited{why}"
+                        ))))
                         .await;
                     return;
                 }

@@ -9,8 +9,8 @@
 pub mod convert;
 pub mod error;
 pub mod exec;
-pub mod runtime;
 pub mod relay;
+pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod sessions;

@@ -131,9 +131,15 @@ mod tests {
         let (a, b) = (SandboxId::new(), SandboxId::new());
         let _r1 = t.reserve(a, "1").unwrap();
         let _r2 = t.reserve(a, "2").unwrap();
-        assert!(matches!(t.reserve(a, "3"), Err(RelayError::SandboxFull { .. })));
+        assert!(matches!(
+            t.reserve(a, "3"),
+            Err(RelayError::SandboxFull { .. })
+        ));
         let _r4 = t.reserve(b, "4").unwrap();
-        assert!(matches!(t.reserve(b, "5"), Err(RelayError::GatewayFull { .. })));
+        assert!(matches!(
+            t.reserve(b, "5"),
+            Err(RelayError::GatewayFull { .. })
+        ));
         t.cancel("1");
         t.cancel("4");
         assert_eq!(t.pending(), 1);

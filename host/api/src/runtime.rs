@@ -305,7 +305,10 @@ impl ComputeRuntime {
     /// before this update was stored), the sandbox is promoted on the spot.
     pub async fn apply(&self, id: SandboxId, events: &[Event], state: Option<Vec<u8>>) {
         let now = now_ms();
-        let backfill = self.sessions.has_session(id).then_some(Event::SupervisorConnected);
+        let backfill = self
+            .sessions
+            .has_session(id)
+            .then_some(Event::SupervisorConnected);
         let r = self
             .store
             .modify_sandbox(id, |sb| {
@@ -519,7 +522,10 @@ impl ComputeRuntime {
     /// `resume`, with a fresh secret.
     async fn resume(self: &Arc<Self>, sb: Sandbox) {
         let Some(plugin) = self.plugins.get(&sb.spec.driver) else {
-            let msg = format!("driver {:?} is not loaded after the restart", sb.spec.driver);
+            let msg = format!(
+                "driver {:?} is not loaded after the restart",
+                sb.spec.driver
+            );
             self.fail(sb.id, "DriverMissing", &msg).await;
             return;
         };

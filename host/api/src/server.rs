@@ -104,8 +104,14 @@ impl Gateway {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut host_cfg = PluginHostConfig::new(&cfg.state_dir);
         host_cfg.call_timeout = cfg.plugin_call_timeout;
-        host_cfg.launcher = cfg.launcher.clone().or_else(|| sibling_binary("openshell-sandbox-launch"));
-        host_cfg.supervisor = cfg.supervisor.clone().or_else(|| sibling_binary("openshell-supervisor"));
+        host_cfg.launcher = cfg
+            .launcher
+            .clone()
+            .or_else(|| sibling_binary("openshell-sandbox-launch"));
+        host_cfg.supervisor = cfg
+            .supervisor
+            .clone()
+            .or_else(|| sibling_binary("openshell-supervisor"));
         let plugins = Arc::new(PluginHost::new(host_cfg, events_tx)?);
         let runtime = ComputeRuntime::new(
             store,
@@ -137,6 +143,11 @@ impl Gateway {
             .register_encoded_file_descriptor_set(openshell_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
             .expect("the embedded descriptor set is valid");
+        // Older grpcurl and Python's grpcio-reflection speak only v1alpha.
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(openshell_proto::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .expect("the embedded descriptor set is valid");
         let api = OpenShellServer::new(service)
             .max_decoding_message_size(openshell_plugin::host_limits::MAX_COMPONENT + (1 << 20));
         let mut stop = runtime.shutdown_signal();
@@ -144,6 +155,7 @@ impl Gateway {
             tonic::transport::Server::builder()
                 .add_service(api)
                 .add_service(reflection)
+                .add_service(reflection_alpha)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     async move {

@@ -218,7 +218,8 @@ impl OpenShell for Service {
         )))
     }
 
-    type ExecSandboxStream = tokio_stream::wrappers::ReceiverStream<Result<pb::ExecServerMessage, Status>>;
+    type ExecSandboxStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::ExecServerMessage, Status>>;
 
     async fn exec_sandbox(
         &self,

@@ -172,7 +172,10 @@ mod tests {
         let id = SandboxId::new();
         let (h, _) = reg.register(id, chan());
         assert!(reg.remove_if_current(id, h.session_id));
-        assert!(!reg.remove_if_current(id, h.session_id), "second removal is a no-op");
+        assert!(
+            !reg.remove_if_current(id, h.session_id),
+            "second removal is a no-op"
+        );
         assert_eq!(c.connected.load(Ordering::SeqCst), 1);
         assert_eq!(c.disconnected.load(Ordering::SeqCst), 1);
         assert_eq!(c.reentered.load(Ordering::SeqCst), 1);
@@ -187,7 +190,11 @@ mod tests {
         assert!(*old_rx.borrow(), "the old session is told to close");
         assert!(!reg.remove_if_current(id, old.session_id));
         assert_eq!(reg.get(id).unwrap().session_id, new.session_id);
-        assert_eq!(c.disconnected.load(Ordering::SeqCst), 0, "a live sandbox is not demoted");
+        assert_eq!(
+            c.disconnected.load(Ordering::SeqCst),
+            0,
+            "a live sandbox is not demoted"
+        );
         assert!(reg.remove_if_current(id, new.session_id));
         assert_eq!(c.disconnected.load(Ordering::SeqCst), 1);
     }

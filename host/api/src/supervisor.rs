@@ -38,7 +38,11 @@ fn msg(m: Out) -> pb::GatewayMessage {
 
 /// Compares without an early exit, so timing does not leak the hash.
 fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 #[tonic::async_trait]
@@ -55,8 +59,11 @@ impl Supervisor for SupervisorService {
         let runtime = self.runtime.clone();
         let sandbox = self.sandbox;
         tokio::spawn(async move {
-            let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
-                Ok(Ok(Some(pb::SupervisorMessage { msg: Some(In::Hello(h)) }))) => h,
+            let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await
+            {
+                Ok(Ok(Some(pb::SupervisorMessage {
+                    msg: Some(In::Hello(h)),
+                }))) => h,
                 _ => {
                     let _ = tx
                         .send(Ok(msg(Out::Rejected(pb::SessionRejected {
@@ -90,14 +97,20 @@ impl Supervisor for SupervisorService {
             frame: Some(pb::relay_frame::Frame::Init(init)),
         }) = first
         else {
-            return Err(Status::invalid_argument("the first relay frame must be init"));
+            return Err(Status::invalid_argument(
+                "the first relay frame must be init",
+            ));
         };
         let (tx, rx) = mpsc::channel(64);
         let conn = RelayConn {
             from_sandbox: inbound,
             to_sandbox: tx,
         };
-        if !self.runtime.relays.claim(self.sandbox, &init.channel_id, conn) {
+        if !self
+            .runtime
+            .relays
+            .claim(self.sandbox, &init.channel_id, conn)
+        {
             return Err(Status::not_found("no such relay is waiting"));
         }
         let out = ReceiverStream::new(rx);
@@ -170,7 +183,9 @@ async fn run_session(
             }
         }
     }
-    runtime.sessions.remove_if_current(sandbox, handle.session_id);
+    runtime
+        .sessions
+        .remove_if_current(sandbox, handle.session_id);
     tracing::info!(sandbox = %sandbox, session = handle.session_id, "supervisor session ended");
 }
 

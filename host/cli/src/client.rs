@@ -6,8 +6,18 @@ use tonic::transport::Channel;
 
 pub type Client = OpenShellClient<Channel>;
 
+/// `host:port` means `http://host:port`.
+pub fn normalize(endpoint: &str) -> String {
+    if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
 pub async fn connect(endpoint: &str) -> anyhow::Result<Client> {
-    let ep = Channel::from_shared(endpoint.to_owned()).map_err(|_| {
+    let endpoint = &normalize(endpoint);
+    let ep = Channel::from_shared(endpoint.clone()).map_err(|_| {
         anyhow!(
             "{endpoint:?} is not a valid gateway endpoint; use a URL such as http://127.0.0.1:8080"
         )
@@ -17,8 +27,9 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<Client> {
         .connect()
         .await
         .map_err(|e| {
+            let cause = std::error::Error::source(&e).map_or(String::new(), |c| format!(" ({c})"));
             anyhow!(
-                "cannot reach the gateway at {endpoint}: {e}; start one with `openshell gateway start` or point --gateway-endpoint (OPENSHELL_GATEWAY_ENDPOINT) at it"
+                "cannot reach the gateway at {endpoint}: {e}{cause}; start one with `openshell gateway start` or point --gateway-endpoint (OPENSHELL_GATEWAY_ENDPOINT) at it"
             )
         })?;
     Ok(OpenShellClient::new(channel)

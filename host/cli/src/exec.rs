@@ -48,7 +48,12 @@ pub async fn run(c: &mut Client, a: ExecArgs) -> anyhow::Result<i32> {
                 Ok(n) => C::Stdin(buf[..n].to_vec()),
             };
             let eof = matches!(msg, C::StdinEof(_));
-            if tx.send(pb::ExecClientMessage { msg: Some(msg) }).await.is_err() || eof {
+            if tx
+                .send(pb::ExecClientMessage { msg: Some(msg) })
+                .await
+                .is_err()
+                || eof
+            {
                 // Keep the request stream open until the server finishes.
                 tx.closed().await;
                 return;

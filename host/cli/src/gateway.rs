@@ -8,6 +8,10 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::args::GatewayStart;
 
 pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
+    // Before anything else: a signal that arrives right after the ready
+    // line must still mean "shut down cleanly".
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let state_dir = a.state_dir.unwrap_or_else(default_state_dir);
     if a.disable_tls {
         tracing::warn!("--disable-tls: serving plaintext gRPC; use only on a trusted network");
@@ -32,10 +36,9 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
     .await?;
     println!("Server listening on {}", gw.addr);
 
-    let mut term = signal(SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {},
-        _ = tokio::signal::ctrl_c() => {},
+        _ = int.recv() => {},
     }
     tracing::info!("shutting down");
     gw.shutdown().await?;

@@ -48,11 +48,10 @@ pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result
             let mut failed = false;
             for name in names {
                 match delete_and_wait(&mut c, &name).await {
-                    Ok(()) => {
-                        if out == Output::Table {
-                            println!("Deleted sandbox: {name}");
-                        }
-                    }
+                    Ok(()) => match out {
+                        Output::Table => println!("Deleted sandbox: {name}"),
+                        Output::Json => println!("{}", serde_json::json!({"deleted": name})),
+                    },
                     Err(e) => {
                         eprintln!("error: {name}: {e:#}");
                         failed = true;
@@ -100,7 +99,7 @@ pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result
                     Some(WatchEvent::Sandbox(s)) => match out {
                         Output::Json => println!("{}", output::sandbox_json(&s)),
                         Output::Table => {
-                            let ready = s.conditions.first();
+                            let ready = s.conditions.iter().find(|c| c.r#type == "Ready");
                             println!(
                                 "{} {} rev={} reason={} {}",
                                 s.name,
@@ -113,7 +112,9 @@ pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result
                     },
                     Some(WatchEvent::Deleted(d)) => {
                         match out {
-                            Output::Json => println!("{{\"deleted\":\"{}\"}}", d.id),
+                            Output::Json => {
+                                println!("{}", serde_json::json!({"deleted": d.id, "name": d.name}))
+                            }
                             Output::Table => println!("deleted {}", d.id),
                         }
                         break;

@@ -95,9 +95,11 @@ impl Cgroups {
             if dir.exists() {
                 // Left by a launcher that was SIGKILLed; whatever is still
                 // in it belongs to a sandbox that is already gone.
-                remove(&dir).map_err(os(format!("cannot remove stale cgroup {}", dir.display())))?;
+                remove(&dir)
+                    .map_err(os(format!("cannot remove stale cgroup {}", dir.display())))?;
             }
-            fs::create_dir_all(&dir).map_err(os(format!("cannot create cgroup {}", dir.display())))?;
+            fs::create_dir_all(&dir)
+                .map_err(os(format!("cannot create cgroup {}", dir.display())))?;
             cgroups.dirs.push(dir.clone());
             for limit in writes.iter().filter(|w| w.controller == controller) {
                 let file = dir.join(limit.file);
@@ -118,8 +120,10 @@ impl Cgroups {
     pub fn add(&self, pid: i32) -> Result<(), LaunchError> {
         for dir in &self.dirs {
             let procs = dir.join("cgroup.procs");
-            fs::write(&procs, pid.to_string())
-                .map_err(os(format!("cannot move the sandbox into {}", procs.display())))?;
+            fs::write(&procs, pid.to_string()).map_err(os(format!(
+                "cannot move the sandbox into {}",
+                procs.display()
+            )))?;
         }
         Ok(())
     }
@@ -203,7 +207,10 @@ mod tests {
     fn cpu_millis_are_thousandths_of_a_100ms_period() {
         assert_eq!(
             files(&limit_writes(&config_with(0, 0, 250))),
-            [("cpu.cfs_period_us", "100000"), ("cpu.cfs_quota_us", "25000")]
+            [
+                ("cpu.cfs_period_us", "100000"),
+                ("cpu.cfs_quota_us", "25000")
+            ]
         );
         assert_eq!(
             files(&limit_writes(&config_with(0, 0, 2000)))[1],

@@ -82,7 +82,7 @@ impl LaunchConfig {
     /// Memory limit in bytes, if any.
     pub fn memory_bytes(&self) -> Option<u64> {
         // `parse` checked that this does not overflow.
-        (self.memory_mib > 0).then(|| self.memory_mib << 20)
+        (self.memory_mib > 0).then_some(self.memory_mib << 20)
     }
 }
 
@@ -253,7 +253,10 @@ mod tests {
             config.program_inside(),
             Path::new("/run/openshell-bin/openshell-supervisor")
         );
-        assert_eq!(config.new_root(), Path::new("/var/lib/openshell/sandboxes/x/root"));
+        assert_eq!(
+            config.new_root(),
+            Path::new("/var/lib/openshell/sandboxes/x/root")
+        );
         assert_eq!(config.env[1], ("EMPTY".to_owned(), String::new()));
         assert_eq!(config.memory_bytes(), Some(512 << 20));
         assert!(config.isolate_network);
@@ -269,7 +272,8 @@ mod tests {
         for field in valid().as_object().unwrap().keys() {
             let err = without(field).unwrap_err();
             assert!(
-                err.source_text().contains(&format!("missing field `{field}`")),
+                err.source_text()
+                    .contains(&format!("missing field `{field}`")),
                 "{field}: {}",
                 err.source_text()
             );

@@ -43,6 +43,7 @@ pub fn run(config: &LaunchConfig) -> Result<u8, LaunchError> {
         Fork::Parent(pid) => pid,
     };
     drop((go_read, report_write));
+    let go_write = File::from(go_write);
 
     let report = supervise(config, &cgroups, init, &go_write, report_read);
     if report.is_err() {
@@ -91,7 +92,9 @@ fn prepare_host(config: &LaunchConfig) -> Result<(), LaunchError> {
             return Err(os(format!("cannot create {new_root:?}"))(err));
         }
         _ if !fs::symlink_metadata(&new_root).is_ok_and(|m| m.is_dir()) => {
-            return Err(LaunchError::Host(format!("{new_root:?} is not a directory")));
+            return Err(LaunchError::Host(format!(
+                "{new_root:?} is not a directory"
+            )));
         }
         _ => {}
     }
@@ -99,8 +102,10 @@ fn prepare_host(config: &LaunchConfig) -> Result<(), LaunchError> {
     require_dir("run_dir", &config.run_dir)?;
     require_dir("workdir", &config.workdir)?;
     let owner = config.uid_base + SANDBOX_USER;
-    std::os::unix::fs::chown(&config.workdir, Some(owner), Some(owner))
-        .map_err(os(format!("cannot chown workdir {:?} to {owner}", config.workdir)))?;
+    std::os::unix::fs::chown(&config.workdir, Some(owner), Some(owner)).map_err(os(format!(
+        "cannot chown workdir {:?} to {owner}",
+        config.workdir
+    )))?;
     fs::set_permissions(&config.workdir, fs::Permissions::from_mode(0o755))
         .map_err(os(format!("cannot chmod workdir {:?}", config.workdir)))?;
 
@@ -120,7 +125,9 @@ fn require_dir(field: &str, path: &std::path::Path) -> Result<(), LaunchError> {
     if meta.is_dir() {
         Ok(())
     } else {
-        Err(LaunchError::Host(format!("{field} {path:?} is not a directory")))
+        Err(LaunchError::Host(format!(
+            "{field} {path:?} is not a directory"
+        )))
     }
 }
 
@@ -130,13 +137,13 @@ fn supervise(
     config: &LaunchConfig,
     cgroups: &Cgroups,
     init: i32,
-    go: &OwnedFd,
+    go: &File,
     report: OwnedFd,
 ) -> Result<String, LaunchError> {
     cgroups.add(init)?;
     write_id_maps(init, config.uid_base)?;
-    (&File::from(go.try_clone().map_err(os("cannot duplicate the go pipe"))?))
-        .write_all(b"g")
+    let mut go: &File = go;
+    go.write_all(b"g")
         .map_err(os("cannot release the sandbox's init"))?;
     sys::forward_signals_to(init).map_err(os("cannot install signal forwarding"))?;
 

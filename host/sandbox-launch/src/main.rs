@@ -48,7 +48,9 @@ fn launch_from_args() -> Result<u8, LaunchError> {
     let parent = sys::parent_pid();
     sys::die_with_parent().map_err(os("cannot set the parent-death signal"))?;
     if sys::parent_pid() != parent {
-        return Err(LaunchError::Host("the gateway exited before the launch".into()));
+        return Err(LaunchError::Host(
+            "the gateway exited before the launch".into(),
+        ));
     }
     // A SIGTERM during set-up waits, and then goes to the sandbox, instead
     // of killing the launcher half-way and leaking its cgroups.
@@ -109,7 +111,10 @@ mod tests {
             &["--config", "/x.json", "more"],
         ] {
             let err = parse(args).unwrap_err();
-            assert!(err.starts_with("usage: openshell-sandbox-launch --config"), "{args:?}: {err}");
+            assert!(
+                err.starts_with("usage: openshell-sandbox-launch --config"),
+                "{args:?}: {err}"
+            );
         }
     }
 }

@@ -32,7 +32,9 @@ use crate::sys;
 /// Host top-level directories the sandbox shares, read-only. Those that are
 /// symlinks on the host (`/bin -> usr/bin` on merged-/usr systems) are
 /// recreated as the same symlinks; missing ones are skipped.
-const SYSTEM_DIRS: [&str; 8] = ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc"];
+const SYSTEM_DIRS: [&str; 8] = [
+    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
+];
 
 /// Host devices bound into `/dev`.
 const DEVICES: [&str; 6] = ["null", "zero", "full", "random", "urandom", "tty"];
@@ -87,8 +89,14 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
 /// relative to the current directory.
 pub fn mount_new_root(new_root: &Path) -> Result<(), LaunchError> {
     let none = Path::new("none");
-    sys::mount(none, Path::new("/"), None, libc::MS_REC | libc::MS_PRIVATE, None)
-        .map_err(os("cannot make the mounts private"))?;
+    sys::mount(
+        none,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )
+    .map_err(os("cannot make the mounts private"))?;
     // uid=0 is read in the new user namespace: the sandbox's root owns `/`.
     let options = "mode=0755,uid=0,gid=0";
     mount_tmpfs(new_root, libc::MS_NOSUID | libc::MS_NODEV, options)?;
@@ -116,8 +124,14 @@ pub fn populate(config: &LaunchConfig, sources: &Sources) -> Result<(), LaunchEr
     bind(&fd_path(&sources.program), &program)?;
 
     let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    sys::mount(Path::new("proc"), &make_dir("proc")?, Some("proc"), proc_flags, None)
-        .map_err(os("cannot mount /proc"))?;
+    sys::mount(
+        Path::new("proc"),
+        &make_dir("proc")?,
+        Some("proc"),
+        proc_flags,
+        None,
+    )
+    .map_err(os("cannot mount /proc"))?;
     mount_tmpfs(&make_dir("tmp")?, WRITABLE, "mode=1777")?;
     populate_dev()
 }
@@ -220,9 +234,9 @@ fn unescape_octal(field: &str) -> PathBuf {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let escape = bytes.get(i + 1..i + 4).filter(|digits| {
-            bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d))
-        });
+        let escape = bytes
+            .get(i + 1..i + 4)
+            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
         match escape {
             Some(digits) => {
                 out.push(digits.iter().fold(0u8, |n, d| (n << 3) | (d - b'0')));
@@ -241,13 +255,21 @@ fn bind(source: &Path, target: &Path) -> Result<(), LaunchError> {
     // Recursive: a user namespace may not bind a tree without the mounts
     // nested in it (they are locked to it).
     let flags = libc::MS_BIND | libc::MS_REC;
-    sys::mount(source, target, None, flags, None)
-        .map_err(os(format!("cannot bind {source:?} at /{}", target.display())))
+    sys::mount(source, target, None, flags, None).map_err(os(format!(
+        "cannot bind {source:?} at /{}",
+        target.display()
+    )))
 }
 
 fn mount_tmpfs(target: &Path, flags: c_ulong, options: &str) -> Result<(), LaunchError> {
-    sys::mount(Path::new("tmpfs"), target, Some("tmpfs"), flags, Some(options))
-        .map_err(os(format!("cannot mount a tmpfs at /{}", target.display())))
+    sys::mount(
+        Path::new("tmpfs"),
+        target,
+        Some("tmpfs"),
+        flags,
+        Some(options),
+    )
+    .map_err(os(format!("cannot mount a tmpfs at /{}", target.display())))
 }
 
 /// Creates a directory (and its parents) relative to the new root.
@@ -283,7 +305,15 @@ mod tests {
 
     #[test]
     fn prefixes_match_whole_components_only() {
-        for path in ["/", "/usrx", "/etcetera", "/run", "/sandboxes", "/dev/null", "/proc"] {
+        for path in [
+            "/",
+            "/usrx",
+            "/etcetera",
+            "/run",
+            "/sandboxes",
+            "/dev/null",
+            "/proc",
+        ] {
             assert_eq!(hardening(Path::new(path)), None, "{path}");
         }
     }

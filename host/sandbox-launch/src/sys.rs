@@ -231,7 +231,8 @@ pub fn become_namespace_root() -> io::Result<()> {
 /// Sets `lo` up in the current network namespace.
 pub fn bring_up_loopback() -> io::Result<()> {
     // SAFETY: socket takes plain integers; the descriptor is owned right away.
-    let sock = check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    let sock =
+        check(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: socket succeeded, so `sock` is an open descriptor we own.
     let sock = unsafe { OwnedFd::from_raw_fd(sock) };
     // SAFETY: ifreq is plain old data; all zeroes is a valid value.

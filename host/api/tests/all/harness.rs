@@ -139,6 +139,23 @@ impl TestGateway {
     }
 }
 
+impl Drop for TestGateway {
+    /// On a failing test, show what every sandbox's supervisor logged.
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let Some(gw) = &self.gw else { return };
+        let dir = gw.runtime.plugins.config().sandboxes_dir.clone();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let log = e.path().join("supervisor.log");
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                eprintln!("--- {} ---\n{text}", log.display());
+            }
+        }
+    }
+}
+
 pub async fn client(url: &str) -> Client {
     let ch = Channel::from_shared(url.to_owned())
         .unwrap()

@@ -3,5 +3,6 @@
 
 mod harness;
 mod plugins;
+mod process;
 mod readiness;
 mod sandboxes;

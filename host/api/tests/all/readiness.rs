@@ -75,7 +75,9 @@ impl FakeSupervisor {
 
 /// A sandbox from the echo fixture (no real supervisor), with a known secret.
 async fn sandbox_with_secret(gw: &mut TestGateway, name: &str, secret: &str) -> String {
-    gw.load("echo", "fixture-echo", &["log", "files"]).await.name;
+    gw.load("echo", "fixture-echo", &["log", "files"])
+        .await
+        .name;
     let sb = gw.create(name, "echo").await.unwrap();
     gw.wait_for(name, "launched", |s| condition(s, "Driver").is_some())
         .await;
@@ -98,13 +100,21 @@ async fn a_supervisor_session_promotes_and_its_end_demotes() {
     let sb = gw
         .wait_for("r1", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
         .await;
-    assert_eq!(condition(&sb, "Ready").unwrap().reason, "SupervisorConnected");
+    assert_eq!(
+        condition(&sb, "Ready").unwrap().reason,
+        "SupervisorConnected"
+    );
 
     alive.abort();
     let sb = gw
-        .wait_for("r1", "demoted", |s| phase(s) == pb::SandboxPhase::Provisioning)
+        .wait_for("r1", "demoted", |s| {
+            phase(s) == pb::SandboxPhase::Provisioning
+        })
         .await;
-    assert_eq!(condition(&sb, "Ready").unwrap().reason, "SupervisorDisconnected");
+    assert_eq!(
+        condition(&sb, "Ready").unwrap().reason,
+        "SupervisorDisconnected"
+    );
     gw.stop().await;
 }
 
@@ -117,8 +127,10 @@ async fn a_silent_supervisor_is_dropped_after_two_heartbeats() {
     gw.wait_for("r2", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
         .await;
     let t = std::time::Instant::now();
-    gw.wait_for("r2", "demoted", |s| phase(s) == pb::SandboxPhase::Provisioning)
-        .await;
+    gw.wait_for("r2", "demoted", |s| {
+        phase(s) == pb::SandboxPhase::Provisioning
+    })
+    .await;
     // Heartbeat is 300 ms in tests: noticed within about two intervals.
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     gw.stop().await;
@@ -132,16 +144,25 @@ async fn a_wrong_secret_or_another_sandboxes_id_is_rejected_and_changes_nothing(
     let before = gw.get("ra").await.unwrap();
 
     let (_s, first) = FakeSupervisor::connect(&gw, &a, &a, "wrong").await;
-    assert!(matches!(&first, G::Rejected(r) if r.reason.contains("secret")), "{first:?}");
+    assert!(
+        matches!(&first, G::Rejected(r) if r.reason.contains("secret")),
+        "{first:?}"
+    );
     let (_s, first) = FakeSupervisor::connect(&gw, &a, &a, "").await;
     assert!(matches!(first, G::Rejected(_)), "{first:?}");
     // B's valid credentials on A's socket.
     let (_s, first) = FakeSupervisor::connect(&gw, &a, &b, "secret-b").await;
-    assert!(matches!(&first, G::Rejected(r) if r.reason.contains("another sandbox")), "{first:?}");
+    assert!(
+        matches!(&first, G::Rejected(r) if r.reason.contains("another sandbox")),
+        "{first:?}"
+    );
 
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gw.get("ra").await.unwrap(), before);
-    assert_eq!(phase(&gw.get("rb").await.unwrap()), pb::SandboxPhase::Provisioning);
+    assert_eq!(
+        phase(&gw.get("rb").await.unwrap()),
+        pb::SandboxPhase::Provisioning
+    );
     gw.stop().await;
 }
 

@@ -167,6 +167,11 @@ impl Gateway {
         }
     }
 
+    /// The gateway's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.0.id()
+    }
+
     /// `openshell ARGS` pointed at this gateway (through the environment,
     /// as a user would set it up).
     pub fn cli<I, S>(&self, args: I) -> Command
@@ -227,6 +232,8 @@ impl Gateway {
 pub struct Run {
     pub command: String,
     pub success: bool,
+    /// The exit code, if it exited normally.
+    pub code: Option<i32>,
     pub stdout: String,
     pub stderr: String,
 }
@@ -268,6 +275,7 @@ pub fn run(mut cmd: Command) -> Run {
     Run {
         command,
         success: status.success(),
+        code: status.code(),
         stdout: read_all(out),
         stderr: read_all(err),
     }

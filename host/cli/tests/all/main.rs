@@ -7,4 +7,5 @@
 
 mod gateway;
 mod harness;
+mod process;
 mod sandbox;

@@ -45,7 +45,22 @@ pub struct ProcessConfig {
 
 struct Proc {
     pid: i32,
+    /// Which 65536-uid range on the host this sandbox's users map to.
+    slot: u32,
     exit: watch::Receiver<Option<i32>>,
+}
+
+/// Number of uid ranges sandboxes are spread over.
+const UID_SLOTS: u32 = 16_384;
+
+/// A sandbox's preferred uid range: stable across gateway restarts, so a
+/// resumed sandbox still owns the files in its workdir.
+fn preferred_slot(sandbox_id: &str) -> u32 {
+    // FNV-1a: tiny, and stable across Rust versions (unlike DefaultHasher).
+    let h = sandbox_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    (h % u64::from(UID_SLOTS)) as u32
 }
 
 struct SpawnJob {
@@ -70,7 +85,9 @@ impl std::fmt::Debug for ProcessTable {
 /// The exit code a shell would report: the code, or 128+signal.
 fn exit_code(st: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    st.code().or_else(|| st.signal().map(|s| 128 + s)).unwrap_or(-1)
+    st.code()
+        .or_else(|| st.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
 }
 
 impl ProcessTable {
@@ -109,10 +126,33 @@ impl ProcessTable {
     /// Host processes (launchers) currently alive.
     pub fn running(&self) -> usize {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        running.values().filter(|p| p.exit.borrow().is_none()).count()
+        running
+            .values()
+            .filter(|p| p.exit.borrow().is_none())
+            .count()
     }
 
-    async fn spawn(&self, sandbox_id: &str, cmd: Command) -> Result<(), CapError> {
+    /// A uid range no other running sandbox uses, preferring the stable one.
+    fn free_slot(&self, sandbox_id: &str) -> u32 {
+        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        let taken: std::collections::HashSet<u32> = running
+            .iter()
+            .filter(|(id, p)| id.as_str() != sandbox_id && p.exit.borrow().is_none())
+            .map(|(_, p)| p.slot)
+            .collect();
+        let start = preferred_slot(sandbox_id);
+        (0..UID_SLOTS)
+            .map(|i| (start + i) % UID_SLOTS)
+            .find(|s| !taken.contains(s))
+            .unwrap_or(start)
+    }
+
+    /// The host uid a sandbox's root maps to for a slot.
+    pub fn uid_base(&self, slot: u32) -> u32 {
+        self.config.uid_base + slot * 65_536
+    }
+
+    async fn spawn(&self, sandbox_id: &str, slot: u32, cmd: Command) -> Result<(), CapError> {
         if matches!(self.status(sandbox_id), Some(ProcessStatus::Running)) {
             return Err(CapError::Invalid(
                 "this sandbox's process is already running".into(),
@@ -131,7 +171,14 @@ impl ProcessTable {
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(sandbox_id.to_owned(), Arc::new(Proc { pid, exit: exit_rx }));
+            .insert(
+                sandbox_id.to_owned(),
+                Arc::new(Proc {
+                    pid,
+                    slot,
+                    exit: exit_rx,
+                }),
+            );
         let (events, id) = (self.events.clone(), sandbox_id.to_owned());
         // Waiting blocks, so it gets its own small thread per sandbox.
         let _ = std::thread::Builder::new()
@@ -169,20 +216,31 @@ impl ProcessTable {
                 .is_err()
             {
                 let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
-                let _ = tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some)).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some))
+                        .await;
             }
         }
-        let status = *exit.borrow();
-        status
+        *exit.borrow()
     }
 
-    /// Stops a sandbox's process at once and forgets it.
+    /// Stops a sandbox's process at once and forgets it. Also removes the
+    /// sandbox's cgroups, which a launcher killed outright (for example with
+    /// a previous gateway) could not remove itself.
     pub async fn kill(&self, sandbox_id: &str) {
         self.stop(sandbox_id, Duration::ZERO).await;
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(sandbox_id);
+        for controller in ["memory", "pids", "cpu"] {
+            let dir = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join("openshell")
+                .join(sandbox_id);
+            // Only empty cgroups can be removed; a missing one is fine.
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -191,7 +249,8 @@ fn check_relative(path: &str) -> Result<(), CapError> {
     let p = Path::new(path);
     let ok = !path.is_empty()
         && !path.contains('\0')
-        && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        && p.components()
+            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if ok {
         Ok(())
     } else {
@@ -202,7 +261,7 @@ fn check_relative(path: &str) -> Result<(), CapError> {
 }
 
 impl CallState {
-    fn launch_command(&self, id: &str, spec: &SpawnSpec) -> Result<Command, CapError> {
+    fn launch_command(&self, id: &str, slot: u32, spec: &SpawnSpec) -> Result<Command, CapError> {
         let cfg = &self.services.processes.config;
         let (Some(launcher), Some(supervisor)) = (&cfg.launcher, &cfg.supervisor) else {
             return Err(CapError::Unavailable(
@@ -212,7 +271,9 @@ impl CallState {
         check_relative(&spec.workdir)?;
         for (k, _) in &spec.environment {
             if !openshell_core::validate::is_env_key(k) {
-                return Err(CapError::Invalid(format!("environment key {k:?} is invalid")));
+                return Err(CapError::Invalid(format!(
+                    "environment key {k:?} is invalid"
+                )));
             }
         }
         let dir = self.dir()?;
@@ -237,7 +298,7 @@ impl CallState {
             "program": supervisor,
             "args": [],
             "env": env,
-            "uid_base": cfg.uid_base,
+            "uid_base": self.services.processes.uid_base(slot),
             "isolate_network": c.isolate_network,
             "memory_mib": c.memory_mib,
             "max_processes": c.max_processes,
@@ -274,12 +335,13 @@ impl Host for CallState {
             Ok(id) => id.to_owned(),
             Err(e) => return Ok(Err(e)),
         };
-        let cmd = match self.launch_command(&id, &spec) {
+        let slot = self.services.processes.free_slot(&id);
+        let cmd = match self.launch_command(&id, slot, &spec) {
             Ok(c) => c,
             Err(e) => return Ok(Err(e)),
         };
         let services = self.services.clone();
-        if let Err(e) = services.processes.spawn(&id, cmd).await {
+        if let Err(e) = services.processes.spawn(&id, slot, cmd).await {
             return Ok(Err(e));
         }
         Ok(Ok(self.table.push(ProcessHandle { sandbox_id: id })?))
@@ -333,6 +395,18 @@ impl HostSandboxProcess for CallState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sandboxes_uid_range_is_stable_and_in_bounds() {
+        let id = "6f7f19ca-3a63-4af4-a9e0-0947594016c7";
+        assert_eq!(preferred_slot(id), preferred_slot(id));
+        assert_ne!(preferred_slot(id), preferred_slot("another-id"));
+        let max_base = 100_000u64 + u64::from(UID_SLOTS) * 65_536;
+        assert!(
+            max_base + 65_536 < u64::from(u32::MAX),
+            "ranges fit in a uid"
+        );
+    }
 
     #[test]
     fn workdirs_must_stay_inside_the_state_dir() {

@@ -1,0 +1,122 @@
+//! Exit statuses, signals, and what is left once the sandbox is gone.
+
+use std::fs;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::{Sandbox, processes_with_uid, within};
+
+#[test]
+fn the_programs_exit_code_passes_through() {
+    for code in [0, 3, 124, 126] {
+        let outcome = Sandbox::new(&format!("exit {code}")).run();
+        assert_eq!(outcome.code, Some(code), "{outcome:?}");
+        assert_eq!(outcome.stderr, "");
+    }
+}
+
+#[test]
+fn a_program_killed_by_signal_n_gives_128_plus_n() {
+    for (signal, code) in [("KILL", 137), ("TERM", 143), ("SEGV", 139)] {
+        let outcome = Sandbox::new(&format!("kill -{signal} $$; sleep 5")).run();
+        assert_eq!(outcome.code, Some(code), "{signal}: {outcome:?}");
+    }
+}
+
+#[test]
+fn sigterm_and_sigint_to_the_launcher_reach_the_program() {
+    for (signal, code) in [("TERM", 7), ("INT", 8)] {
+        let sandbox = Sandbox::new(
+            "trap 'echo got TERM; exit 7' TERM; trap 'echo got INT; exit 8' INT; \
+             echo ready; while :; do sleep 0.05; done",
+        );
+        let mut running = sandbox.start();
+        running.wait_for_line("ready");
+        running.signal(signal);
+        let outcome = running.wait();
+        assert_eq!(outcome.code, Some(code), "{outcome:?}");
+        assert_eq!(outcome.stdout, ["ready", &format!("got {signal}")]);
+    }
+}
+
+#[test]
+fn sigkill_to_the_launcher_kills_everything_inside_within_a_second() {
+    let sandbox = Sandbox::new("sleep 1000 & sleep 1000 & echo ready; exec sleep 1000");
+    let mut running = sandbox.start();
+    running.wait_for_line("ready");
+    let inside = processes_with_uid(sandbox.uid_base);
+    assert!(inside.len() >= 3, "init and three sleeps: {inside:?}");
+
+    running.child.kill().unwrap();
+    running.child.wait().unwrap();
+    let gone = within(Duration::from_secs(1), || {
+        processes_with_uid(sandbox.uid_base).is_empty()
+    });
+    assert!(
+        gone.is_some(),
+        "still running: {:?}",
+        processes_with_uid(sandbox.uid_base)
+    );
+}
+
+#[test]
+fn the_sandbox_runs_in_its_own_cgroups_which_are_removed_after_exit() {
+    let sandbox = Sandbox::new("cat /proc/self/cgroup");
+    let outcome = sandbox.run();
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    for controller in ["memory", "pids", "cpu"] {
+        let line = format!(":{controller}:/openshell/{}", sandbox.id);
+        assert!(
+            outcome.stdout.iter().any(|l| l.ends_with(&line)),
+            "{line} in {:?}",
+            outcome.stdout
+        );
+    }
+    for dir in sandbox.cgroup_dirs() {
+        assert!(!dir.exists(), "{dir:?} is left behind");
+    }
+}
+
+#[test]
+fn limits_are_in_the_cgroup_files_while_the_sandbox_runs() {
+    let mut sandbox = Sandbox::new("echo ready; exec sleep 1000");
+    sandbox
+        .set("memory_mib", json!(64))
+        .set("max_processes", json!(100))
+        .set("cpu_millis", json!(250));
+    let mut running = sandbox.start();
+    running.wait_for_line("ready");
+    let [memory, pids, cpu] = <[_; 3]>::try_from(sandbox.cgroup_dirs()).unwrap();
+    let read = |path: std::path::PathBuf| fs::read_to_string(path).unwrap().trim().to_owned();
+    assert_eq!(read(memory.join("memory.limit_in_bytes")), "67108864");
+    assert_eq!(read(memory.join("memory.memsw.limit_in_bytes")), "67108864");
+    assert_eq!(read(pids.join("pids.max")), "100");
+    assert_eq!(read(cpu.join("cpu.cfs_period_us")), "100000");
+    assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "25000");
+    running.signal("TERM");
+    assert_eq!(running.wait().code, Some(143));
+}
+
+#[test]
+fn relaunching_after_a_killed_launcher_reuses_then_removes_its_cgroups() {
+    let sandbox = Sandbox::new("echo ready; exec sleep 1000");
+    let mut running = sandbox.start();
+    running.wait_for_line("ready");
+    running.child.kill().unwrap();
+    running.child.wait().unwrap();
+    drop(running);
+    within(Duration::from_secs(2), || {
+        processes_with_uid(sandbox.uid_base).is_empty()
+    });
+    assert!(
+        sandbox.cgroup_dirs()[0].exists(),
+        "a SIGKILLed launcher cannot clean up"
+    );
+
+    let mut again = Sandbox::new("exit 0");
+    again.set("sandbox_id", json!(sandbox.id));
+    let outcome = again.run();
+    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    assert!(!sandbox.cgroup_dirs()[0].exists());
+}
