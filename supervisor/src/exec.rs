@@ -47,9 +47,9 @@ fn winsize(w: Option<&pb::WindowSize>) -> nix::pty::Winsize {
 
 fn resize(master: &OwnedFd, w: &pb::WindowSize) {
     let ws = winsize(Some(w));
+    #[allow(unsafe_code, reason = "TIOCSWINSZ has no safe wrapper")]
     // SAFETY: `master` is an open pty master for the life of this call and
     // `ws` is a valid Winsize the kernel only reads.
-    #[allow(unsafe_code, reason = "TIOCSWINSZ has no safe wrapper")]
     let _ = unsafe { set_winsize(master.as_raw_fd(), &ws) };
 }
 
@@ -130,12 +130,12 @@ fn spawn(cfg: &Config, start: &pb::ExecStart) -> std::io::Result<Spawned> {
             .stderr(Stdio::piped())
             .process_group(0);
     }
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (setsid, ioctl, prctl).
     #[allow(
         unsafe_code,
         reason = "session and privilege setup between fork and exec"
     )]
+    // SAFETY: the closure runs in the forked child before exec and calls
+    // only async-signal-safe functions (setsid, ioctl, prctl).
     unsafe {
         cmd.pre_exec(move || {
             if tty {

@@ -80,9 +80,9 @@ fn main() -> ExitCode {
         }
     };
     for k in PRIVATE_VARS {
+        #[allow(unsafe_code, reason = "scrubbing the secret before any thread starts")]
         // SAFETY: still single-threaded: no runtime or other thread exists
         // yet that could read the environment concurrently.
-        #[allow(unsafe_code, reason = "scrubbing the secret before any thread starts")]
         unsafe {
             std::env::remove_var(k)
         };

@@ -75,9 +75,7 @@ impl FakeSupervisor {
 
 /// A sandbox from the echo fixture (no real supervisor), with a known secret.
 async fn sandbox_with_secret(gw: &mut TestGateway, name: &str, secret: &str) -> String {
-    gw.load("echo", "fixture-echo", &["log", "files"])
-        .await
-        .name;
+    gw.load("echo", "fixture-echo", &["log", "files"]).await;
     let sb = gw.create(name, "echo").await.unwrap();
     gw.wait_for(name, "launched", |s| condition(s, "Driver").is_some())
         .await;
