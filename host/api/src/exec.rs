@@ -2,6 +2,7 @@
 //! supervisor opens, and pumps frames both ways.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use openshell_core::{Phase, validate};
@@ -82,7 +83,7 @@ pub async fn exec(
     })?;
 
     let channel_id = uuid::Uuid::new_v4().to_string();
-    let claimed = runtime
+    let (claimed, _reservation) = runtime
         .relays
         .reserve(sb.id, &channel_id)
         .map_err(|e| Status::resource_exhausted(e.to_string()))?;
@@ -93,7 +94,6 @@ pub async fn exec(
         })),
     };
     if session.control.send(open).await.is_err() {
-        runtime.relays.cancel(&channel_id);
         return Err(Status::unavailable(
             "the supervisor session just ended; retry",
         ));
@@ -101,7 +101,6 @@ pub async fn exec(
     let conn = match tokio::time::timeout(runtime.relays.limits.claim_timeout, claimed).await {
         Ok(Ok(conn)) => conn,
         _ => {
-            runtime.relays.cancel(&channel_id);
             return Err(Status::unavailable(format!(
                 "sandbox {}'s supervisor did not open the relay in time",
                 sb.name
@@ -111,9 +110,18 @@ pub async fn exec(
 
     let (out_tx, out_rx) = mpsc::channel(64);
     let to_sandbox = conn.to_sandbox;
+    // Traffic in either direction keeps the relay alive.
+    let started = tokio::time::Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let touch = {
+        let last = last.clone();
+        move || last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed)
+    };
+    let touch_in = touch.clone();
     // Client → sandbox: stdin, EOF, resizes. Ends with the client's stream.
     tokio::spawn(async move {
         while let Ok(Some(m)) = inbound.message().await {
+            touch_in();
             let Some(msg) = m.msg else { continue };
             if matches!(msg, C::Start(_)) {
                 continue;
@@ -130,12 +138,25 @@ pub async fn exec(
     });
     // Sandbox → client: output in order, then the exit code.
     let mut from_sandbox = conn.from_sandbox;
+    let idle = runtime.relays.limits.idle_timeout;
     tokio::spawn(async move {
+        let mut check = tokio::time::interval(idle / 4);
         loop {
             let frame = tokio::select! {
                 f = from_sandbox.message() => f,
                 _ = out_tx.closed() => return,
+                _ = check.tick() => {
+                    let active = Duration::from_millis(last.load(Ordering::Relaxed));
+                    if started.elapsed().saturating_sub(active) >= idle {
+                        let _ = out_tx.send(Err(Status::deadline_exceeded(format!(
+                            "the relay was idle for {} s and was closed", idle.as_secs()
+                        )))).await;
+                        return;
+                    }
+                    continue;
+                }
             };
+            touch();
             match frame {
                 Ok(Some(pb::RelayFrame {
                     frame: Some(pb::relay_frame::Frame::ExecOutput(out)),

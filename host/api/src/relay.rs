@@ -17,6 +17,8 @@ pub struct RelayLimits {
     pub total: usize,
     /// How long the supervisor has to claim a relay.
     pub claim_timeout: Duration,
+    /// A relay with no traffic either way for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for RelayLimits {
@@ -25,6 +27,7 @@ impl Default for RelayLimits {
             per_sandbox: 32,
             total: 256,
             claim_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
         }
     }
 }
@@ -40,6 +43,18 @@ pub struct RelayConn {
 struct Pending {
     sandbox: SandboxId,
     tx: oneshot::Sender<RelayConn>,
+}
+
+/// Frees a reserved relay slot when dropped (a no-op once claimed).
+pub struct Reservation<'a> {
+    table: &'a RelayTable,
+    channel_id: String,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.table.cancel(&self.channel_id);
+    }
 }
 
 #[derive(Default)]
@@ -65,12 +80,14 @@ impl RelayTable {
     }
 
     /// Reserves a slot for `channel_id`; the receiver resolves when the
-    /// supervisor claims it. The slot is freed by claim or by [`Self::cancel`].
-    pub fn reserve(
-        &self,
+    /// supervisor claims it. The slot is freed by a claim or when the
+    /// returned guard is dropped, whichever comes first, so a waiter that
+    /// gives up (or whose client hangs up) never leaks it.
+    pub fn reserve<'a>(
+        &'a self,
         sandbox: SandboxId,
         channel_id: &str,
-    ) -> Result<oneshot::Receiver<RelayConn>, RelayError> {
+    ) -> Result<(oneshot::Receiver<RelayConn>, Reservation<'a>), RelayError> {
         let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= self.limits.total {
             return Err(RelayError::GatewayFull {
@@ -87,7 +104,13 @@ impl RelayTable {
         }
         let (tx, rx) = oneshot::channel();
         map.insert(channel_id.to_owned(), Pending { sandbox, tx });
-        Ok(rx)
+        Ok((
+            rx,
+            Reservation {
+                table: self,
+                channel_id: channel_id.to_owned(),
+            },
+        ))
     }
 
     /// Hands a relay stream to whoever reserved `channel_id`, if it belongs
@@ -122,27 +145,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn limits_apply_per_sandbox_and_in_total_and_cancel_frees_the_slot() {
+    fn limits_apply_per_sandbox_and_in_total_and_dropping_frees_the_slot() {
         let t = RelayTable::new(RelayLimits {
             per_sandbox: 2,
             total: 3,
-            claim_timeout: Duration::from_secs(1),
+            ..RelayLimits::default()
         });
         let (a, b) = (SandboxId::new(), SandboxId::new());
-        let _r1 = t.reserve(a, "1").unwrap();
+        let r1 = t.reserve(a, "1").unwrap();
         let _r2 = t.reserve(a, "2").unwrap();
         assert!(matches!(
             t.reserve(a, "3"),
             Err(RelayError::SandboxFull { .. })
         ));
-        let _r4 = t.reserve(b, "4").unwrap();
+        let r4 = t.reserve(b, "4").unwrap();
         assert!(matches!(
             t.reserve(b, "5"),
             Err(RelayError::GatewayFull { .. })
         ));
-        t.cancel("1");
-        t.cancel("4");
-        assert_eq!(t.pending(), 1);
+        drop(r1);
+        drop(r4);
+        assert_eq!(t.pending(), 1, "dropping a reservation frees its slot");
         assert!(t.reserve(b, "6").is_ok());
     }
 }

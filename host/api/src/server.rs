@@ -31,6 +31,8 @@ pub struct GatewayConfig {
     pub plugin_call_timeout: Duration,
     /// Supervisor heartbeat interval.
     pub heartbeat: Duration,
+    /// Limits on relays waiting for a supervisor.
+    pub relays: crate::relay::RelayLimits,
     /// The launcher and supervisor binaries for process sandboxes; default:
     /// next to the running executable.
     pub launcher: Option<PathBuf>,
@@ -118,7 +120,7 @@ impl Gateway {
             plugins,
             RuntimeOptions {
                 heartbeat: cfg.heartbeat,
-                ..RuntimeOptions::default()
+                relays: cfg.relays,
             },
         );
         runtime.spawn_host_events(events_rx);

@@ -88,6 +88,18 @@ pub struct GatewayStart {
     /// Supervisor heartbeat interval in milliseconds; a session silent for two is dropped.
     #[arg(long, default_value_t = 15_000)]
     pub heartbeat_ms: u64,
+    /// Relays that may wait for a supervisor, in total.
+    #[arg(long, default_value_t = 256)]
+    pub max_pending_relays: usize,
+    /// Relays that may wait for one sandbox's supervisor.
+    #[arg(long, default_value_t = 32)]
+    pub max_pending_relays_per_sandbox: usize,
+    /// Milliseconds a supervisor has to open a requested relay.
+    #[arg(long, default_value_t = 10_000)]
+    pub relay_claim_timeout_ms: u64,
+    /// Seconds without traffic after which a relay is closed.
+    #[arg(long, default_value_t = 3600)]
+    pub relay_idle_timeout_secs: u64,
     /// The process-sandbox launcher; default: next to this binary.
     #[arg(long, env = "OPENSHELL_LAUNCHER")]
     pub launcher: Option<PathBuf>,
@@ -137,6 +149,13 @@ pub enum SandboxCmd {
         env: Vec<(String, String)>,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Opens an interactive login shell in a Ready sandbox.
+    Connect {
+        name: String,
+        /// Shell to run instead of the sandbox's login shell.
+        #[arg(long)]
+        shell: Option<String>,
     },
     /// Streams a sandbox's changes.
     Watch {

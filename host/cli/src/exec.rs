@@ -19,6 +19,9 @@ pub struct ExecArgs {
     pub workdir: String,
     pub timeout_ms: u64,
     pub env: HashMap<String, String>,
+    /// Run under a pseudo-terminal of this size (rows, cols), and forward
+    /// our terminal's resizes.
+    pub tty: Option<(u32, u32)>,
 }
 
 /// Runs the command and returns its exit code.
@@ -30,14 +33,37 @@ pub async fn run(c: &mut Client, a: ExecArgs) -> anyhow::Result<i32> {
         environment: a.env,
         workdir: a.workdir,
         timeout_ms: a.timeout_ms,
-        tty: false,
-        window: None,
+        tty: a.tty.is_some(),
+        window: a.tty.map(|(rows, cols)| pb::WindowSize { rows, cols }),
     };
     tx.send(pb::ExecClientMessage {
         msg: Some(C::Start(start)),
     })
     .await
     .map_err(|_| anyhow!("internal: exec channel closed"))?;
+    if a.tty.is_some() {
+        // Window changes follow the local terminal.
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut winch) = signal(SignalKind::window_change()) else {
+                return;
+            };
+            while winch.recv().await.is_some() {
+                let Some((rows, cols)) = crate::terminal::size() else {
+                    continue;
+                };
+                let m = C::Resize(pb::WindowSize { rows, cols });
+                if tx
+                    .send(pb::ExecClientMessage { msg: Some(m) })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
     // Our stdin, forwarded until EOF.
     tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();

@@ -11,6 +11,7 @@ mod gateway;
 mod output;
 mod plugin;
 mod sandbox;
+mod terminal;
 
 use std::process::ExitCode;
 
@@ -28,7 +29,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(cli)) {
+    let result = rt.block_on(run(cli));
+    // A read of our stdin may still be parked on a blocking thread (an
+    // interactive terminal never sends EOF); don't wait for it.
+    rt.shutdown_background();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -77,11 +77,13 @@ pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result
                     workdir: workdir.unwrap_or_default(),
                     timeout_ms: timeout.saturating_mul(1000),
                     env: env.into_iter().collect(),
+                    tty: None,
                 },
             )
             .await?;
             return Ok(exit_code(code));
         }
+        SandboxCmd::Connect { name, shell: sh } => return shell(&mut c, name, sh).await,
         SandboxCmd::Watch {
             name,
             until_settled,
@@ -125,6 +127,43 @@ pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An interactive shell: raw local terminal, remote pty, resizes followed,
+/// the terminal restored whatever happens, the shell's code returned.
+async fn shell(c: &mut Client, name: String, shell: Option<String>) -> anyhow::Result<ExitCode> {
+    let argv = match shell {
+        Some(s) => vec![s, "-l".to_owned()],
+        // Prefer bash, as a login shell; every image has sh.
+        None => [
+            "sh",
+            "-c",
+            "command -v bash >/dev/null && exec bash -l; exec sh -l",
+        ]
+        .map(String::from)
+        .to_vec(),
+    };
+    let mut env = std::collections::HashMap::new();
+    env.insert(
+        "TERM".to_owned(),
+        std::env::var("TERM").unwrap_or_else(|_| "xterm-256color".into()),
+    );
+    let size = crate::terminal::size().unwrap_or((24, 80));
+    let raw = crate::terminal::RawMode::enable()?;
+    let result = crate::exec::run(
+        c,
+        crate::exec::ExecArgs {
+            sandbox: name,
+            argv,
+            workdir: String::new(),
+            timeout_ms: 0,
+            env,
+            tty: Some(size),
+        },
+    )
+    .await;
+    drop(raw);
+    Ok(exit_code(result?))
 }
 
 /// A remote exit code as ours (codes outside 0..=255 become 255).
@@ -222,6 +261,7 @@ async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result
             workdir: String::new(),
             timeout_ms: 0,
             env: Default::default(),
+            tty: None,
         },
     )
     .await;

@@ -39,6 +39,12 @@ impl TestGateway {
             disable_auth: true,
             plugin_call_timeout: Duration::from_secs(2),
             heartbeat: Duration::from_millis(300),
+            relays: openshell_api::relay::RelayLimits {
+                per_sandbox: 2,
+                total: 3,
+                claim_timeout: Duration::from_millis(500),
+                ..Default::default()
+            },
             launcher: Some(bin("openshell-sandbox-launch")),
             supervisor: Some(bin("openshell-supervisor")),
         })
@@ -48,6 +54,16 @@ impl TestGateway {
         Self {
             gw: Some(gw),
             client,
+            _tmp: None,
+        }
+    }
+
+    /// Another client of the same gateway, as a separate handle.
+    pub async fn client_for(gw: &TestGateway) -> TestGateway {
+        let addr = gw.gw.as_ref().expect("running").addr;
+        TestGateway {
+            gw: None,
+            client: client(&format!("http://{addr}")).await,
             _tmp: None,
         }
     }

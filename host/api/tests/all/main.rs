@@ -5,4 +5,5 @@ mod harness;
 mod plugins;
 mod process;
 mod readiness;
+mod relays;
 mod sandboxes;

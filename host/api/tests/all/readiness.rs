@@ -30,13 +30,13 @@ async fn unix_channel(path: std::path::PathBuf) -> Channel {
 }
 
 /// A hand-driven supervisor: says hello and reports the first answer.
-struct FakeSupervisor {
+pub struct FakeSupervisor {
     tx: mpsc::Sender<pb::SupervisorMessage>,
     inbound: tonic::Streaming<pb::GatewayMessage>,
 }
 
 impl FakeSupervisor {
-    async fn connect(gw: &TestGateway, socket_of: &str, id: &str, secret: &str) -> (Self, G) {
+    pub async fn connect(gw: &TestGateway, socket_of: &str, id: &str, secret: &str) -> (Self, G) {
         let socket = gw.runtime().plugins.supervisor_socket(socket_of);
         let mut client = SupervisorClient::new(unix_channel(socket).await);
         let (tx, rx) = mpsc::channel(8);
@@ -59,7 +59,7 @@ impl FakeSupervisor {
     }
 
     /// Keeps the session alive by answering heartbeats, until dropped.
-    fn keep_alive(mut self) -> tokio::task::JoinHandle<()> {
+    pub fn keep_alive(mut self) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             while let Ok(Some(_)) = self.inbound.message().await {
                 let hb = pb::SupervisorMessage {
@@ -74,7 +74,7 @@ impl FakeSupervisor {
 }
 
 /// A sandbox from the echo fixture (no real supervisor), with a known secret.
-async fn sandbox_with_secret(gw: &mut TestGateway, name: &str, secret: &str) -> String {
+pub async fn sandbox_with_secret(gw: &mut TestGateway, name: &str, secret: &str) -> String {
     gw.load("echo", "fixture-echo", &["log", "files"]).await;
     let sb = gw.create(name, "echo").await.unwrap();
     gw.wait_for(name, "launched", |s| condition(s, "Driver").is_some())

@@ -5,7 +5,10 @@
 //! Every test starts its own gateway in its own temp dir, so they run in
 //! parallel; [`harness::Gateway`] kills its process even when a test panics.
 
+mod crash;
 mod gateway;
 mod harness;
 mod process;
+mod restart;
 mod sandbox;
+mod shell;

@@ -8,7 +8,7 @@ use tempfile::TempDir;
 
 use crate::harness::{Gateway, run, wasm};
 
-fn process_gateway(dir: &std::path::Path) -> Gateway {
+pub fn process_gateway(dir: &std::path::Path) -> Gateway {
     let drivers = wasm("openshell_driver_process");
     let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
     Gateway::start(

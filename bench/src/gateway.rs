@@ -1,0 +1,295 @@
+//! An in-process gateway on loopback, started the way the API tests start
+//! theirs, and the gRPC calls the benchmarks make against it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use openshell_api::{Gateway, GatewayConfig};
+use openshell_proto::v1 as pb;
+use openshell_proto::v1::open_shell_client::OpenShellClient;
+use pb::exec_client_message::Msg as C;
+use pb::exec_server_message::Msg as S;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+pub type Client = OpenShellClient<Channel>;
+
+/// `$CARGO_TARGET_DIR`, or `target/` next to the workspace root.
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
+/// A workspace binary from the dev profile, the one the tests use.
+pub fn bin(name: &str) -> PathBuf {
+    target_dir().join("debug").join(name)
+}
+
+/// A driver component built by `just drivers`.
+pub fn wasm(crate_name: &str) -> PathBuf {
+    let dir = std::env::var_os("OPENSHELL_WASM_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir().join("wasm32-wasip2/release"));
+    dir.join(format!("{}.wasm", crate_name.replace('-', "_")))
+}
+
+pub struct BenchGateway {
+    pub gw: Gateway,
+    pub url: String,
+    pub client: Client,
+    _state: tempfile::TempDir,
+}
+
+impl BenchGateway {
+    /// A gateway on a fresh state dir with the default on-disk SQLite
+    /// database (what `openshell gateway start` uses), on 127.0.0.1.
+    pub async fn start() -> anyhow::Result<Self> {
+        for b in ["openshell-sandbox-launch", "openshell-supervisor"] {
+            if !bin(b).is_file() {
+                bail!(
+                    "{} is missing: run `cargo build --workspace` first",
+                    bin(b).display()
+                );
+            }
+        }
+        let state = tempfile::Builder::new()
+            .prefix("openshell-bench")
+            .tempdir()?;
+        let gw = Gateway::start(GatewayConfig {
+            bind: "127.0.0.1".parse()?,
+            port: 0,
+            db_url: None,
+            state_dir: state.path().to_owned(),
+            drivers: vec![],
+            driver_dir: None,
+            disable_tls: true,
+            disable_auth: true,
+            plugin_call_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(5),
+            launcher: Some(bin("openshell-sandbox-launch")),
+            supervisor: Some(bin("openshell-supervisor")),
+            relays: Default::default(),
+        })
+        .await?;
+        let url = format!("http://{}", gw.addr);
+        let client = client(&url).await?;
+        Ok(Self {
+            gw,
+            url,
+            client,
+            _state: state,
+        })
+    }
+
+    /// Uploads a driver component over gRPC, as `openshell plugin load` does.
+    pub async fn load(&mut self, name: &str, file: &Path, grants: &[&str]) -> anyhow::Result<()> {
+        let component =
+            std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        self.client
+            .load_plugin(pb::LoadPluginRequest {
+                name: name.into(),
+                component,
+                grants: grants.iter().map(|g| g.to_string()).collect(),
+            })
+            .await?;
+        Ok(())
+    }
+
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.gw.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// A new HTTP/2 connection to the gateway.
+pub async fn client(url: &str) -> anyhow::Result<Client> {
+    let ch = Channel::from_shared(url.to_owned())?.connect().await?;
+    Ok(OpenShellClient::new(ch))
+}
+
+fn wall_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// When each stage of one create ended, measured from just before the
+/// CreateSandbox call.
+#[derive(Clone, Copy, Debug)]
+pub struct CreateTimes {
+    /// CreateSandbox returned (API + validate + store insert).
+    pub ack: Duration,
+    /// The first stored change carrying a `Driver` condition (the driver's
+    /// create call returned and its events were stored).
+    pub driver: Duration,
+    /// Phase READY (the supervisor dialled back and registered).
+    pub ready: Duration,
+    /// The Driver condition was already in the watch's first snapshot, so
+    /// its time comes from the server's millisecond timestamp.
+    pub from_snapshot: bool,
+}
+
+/// Creates a sandbox and watches it to READY, timestamping each stage as the
+/// stream delivers it.
+pub async fn create_to_ready(
+    client: &mut Client,
+    driver: &str,
+    name: &str,
+    timeout: Duration,
+) -> anyhow::Result<CreateTimes> {
+    let t0_ms = wall_ms();
+    let t0 = Instant::now();
+    client
+        .create_sandbox(pb::CreateSandboxRequest {
+            name: name.into(),
+            spec: Some(pb::SandboxSpec {
+                driver: driver.into(),
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?;
+    let ack = t0.elapsed();
+    let (driver, ready, from_snapshot) = watch_to_ready(client, name, t0, t0_ms, timeout).await?;
+    Ok(CreateTimes {
+        ack,
+        driver: driver.max(ack),
+        ready,
+        from_snapshot,
+    })
+}
+
+/// Watches `name` until READY: (time of first Driver condition, time of
+/// READY, whether the former came from the first snapshot).
+pub async fn watch_to_ready(
+    client: &mut Client,
+    name: &str,
+    t0: Instant,
+    t0_ms: i64,
+    timeout: Duration,
+) -> anyhow::Result<(Duration, Duration, bool)> {
+    let mut stream = client
+        .watch_sandbox(pb::WatchSandboxRequest {
+            name: name.into(),
+            until_settled: true,
+        })
+        .await?
+        .into_inner();
+    let deadline = t0 + timeout;
+    let (mut driver_at, mut first, mut from_snapshot) = (None, true, false);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(ev) = tokio::time::timeout(left, stream.message())
+            .await
+            .with_context(|| format!("{name} not Ready within {timeout:?}"))??
+        else {
+            bail!("the watch on {name} ended before READY");
+        };
+        let now = t0.elapsed();
+        let sb = match ev.event {
+            Some(pb::watch_sandbox_event::Event::Sandbox(sb)) => sb,
+            _ => bail!("{name} was deleted while starting"),
+        };
+        if driver_at.is_none()
+            && let Some(c) = sb.conditions.iter().find(|c| c.r#type == "Driver")
+        {
+            driver_at = Some(if first {
+                from_snapshot = true;
+                let ms = (c.last_transition_time_ms - t0_ms).max(0) as u64;
+                Duration::from_millis(ms).min(now)
+            } else {
+                now
+            });
+        }
+        if std::env::var_os("BENCH_TRACE").is_some() {
+            eprintln!(
+                "TRACE {now:?} rev {} {:?}",
+                sb.revision,
+                sb.conditions
+                    .iter()
+                    .map(|c| (&c.r#type, &c.reason, c.last_transition_time_ms - t0_ms))
+                    .collect::<Vec<_>>()
+            );
+        }
+        first = false;
+        match pb::SandboxPhase::try_from(sb.phase) {
+            Ok(pb::SandboxPhase::Ready) => {
+                return Ok((driver_at.unwrap_or(now), now, from_snapshot));
+            }
+            Ok(pb::SandboxPhase::Error) => bail!(
+                "{name} went to ERROR: {}",
+                sb.conditions
+                    .iter()
+                    .map(|c| format!("{}={} {}: {}", c.r#type, c.status, c.reason, c.message))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            _ => {}
+        }
+    }
+}
+
+/// Deletes a sandbox and waits until its record is gone.
+pub async fn delete_and_wait(client: &mut Client, name: &str) -> anyhow::Result<()> {
+    let mut stream = client
+        .watch_sandbox(pb::WatchSandboxRequest {
+            name: name.into(),
+            until_settled: false,
+        })
+        .await?
+        .into_inner();
+    client
+        .delete_sandbox(pb::DeleteSandboxRequest { name: name.into() })
+        .await?;
+    let wait = async {
+        while let Some(ev) = stream.message().await? {
+            if let Some(pb::watch_sandbox_event::Event::Deleted(_)) = ev.event {
+                return Ok(());
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(30), wait)
+        .await
+        .with_context(|| format!("{name} not deleted within 30 s"))?
+}
+
+/// What one exec produced, without keeping the bytes.
+#[derive(Debug, Default)]
+pub struct ExecResult {
+    pub stdout_bytes: u64,
+    pub exit: i32,
+}
+
+/// Runs `argv` in a READY sandbox and drains its output.
+pub async fn exec(client: &mut Client, sandbox: &str, argv: &[&str]) -> anyhow::Result<ExecResult> {
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::ExecClientMessage {
+        msg: Some(C::Start(pb::ExecStart {
+            sandbox: sandbox.into(),
+            argv: argv.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let mut stream = client
+        .exec_sandbox(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let mut out = ExecResult::default();
+    while let Some(m) = stream.message().await? {
+        match m.msg {
+            Some(S::Stdout(b)) => out.stdout_bytes += b.len() as u64,
+            Some(S::Stderr(_)) | None => {}
+            Some(S::Exit(code)) => {
+                out.exit = code;
+                drop(tx);
+                return Ok(out);
+            }
+        }
+    }
+    bail!("exec {argv:?} ended without an exit frame")
+}

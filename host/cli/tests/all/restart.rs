@@ -1,0 +1,121 @@
+//! Issue 8: a gateway killed outright comes back with every sandbox it had,
+//! and nothing of its old run survives.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+use crate::harness::{Gateway, run, wasm};
+
+/// A gateway with the process driver whose SQLite file lives in `dir/state`,
+/// so a second one on the same `dir` sees the same sandboxes.
+pub fn persistent_process_gateway(dir: &Path) -> Gateway {
+    let drivers = wasm("openshell_driver_process");
+    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
+    Gateway::start(dir, &["--drivers", "process", "--driver-dir", &driver_dir])
+}
+
+/// `sandbox get NAME -o json`.
+fn get(gw: &Gateway, name: &str) -> serde_json::Value {
+    let run = gw.ok(["sandbox", "get", name, "-o", "json"]);
+    serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run}"))
+}
+
+/// Pids of launchers whose command line or environment names `id`.
+fn pids_of(id: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        let (cmd, env) = (String::from_utf8_lossy(&cmd), String::from_utf8_lossy(&env));
+        if cmd.contains(id) || env.contains(id) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn sigkill(pid: u32) {
+    let kill = run({
+        let mut c = std::process::Command::new("kill");
+        c.args(["-KILL", &pid.to_string()]);
+        c
+    });
+    assert!(kill.success, "{kill}");
+}
+
+#[test]
+fn a_sigkilled_gateway_restarts_with_every_sandbox_ready_and_its_files() {
+    let dir = TempDir::new().unwrap();
+    let names = ["r1", "r2", "r3", "r4", "r5"];
+    let gw = persistent_process_gateway(dir.path());
+    let mut ids = Vec::new();
+    for name in names {
+        let body = format!("echo data-{name} > /sandbox/f");
+        gw.ok([
+            "sandbox", "create", "--driver", "process", "--name", name, "--", "sh", "-c", &body,
+        ]);
+        let sb = get(&gw, name);
+        assert_eq!(sb["phase"], "Ready", "{sb}");
+        ids.push(sb["id"].as_str().unwrap().to_owned());
+    }
+    let old: Vec<(String, Vec<u32>)> = ids.iter().map(|id| (id.clone(), pids_of(id))).collect();
+    for (id, pids) in &old {
+        assert!(!pids.is_empty(), "{id} has host processes before the kill");
+    }
+
+    sigkill(gw.pid());
+    drop(gw);
+    let gw = persistent_process_gateway(dir.path());
+    let started = Instant::now();
+    for (name, id) in names.iter().zip(&ids) {
+        loop {
+            let sb = get(&gw, name);
+            assert_eq!(sb["id"], id.as_str(), "same id after the restart: {sb}");
+            if sb["phase"] == "Ready" {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{name} not Ready 10 s after the restart: {sb}\ngateway log:\n{}",
+                gw.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    eprintln!("all 5 Ready {:?} after the restart", started.elapsed());
+
+    for name in names {
+        let cat = gw.ok(["sandbox", "exec", name, "--", "cat", "/sandbox/f"]);
+        assert_eq!(cat.stdout, format!("data-{name}\n"), "{cat}");
+    }
+    for (id, pids) in &old {
+        let now = pids_of(id);
+        let survivors: Vec<_> = pids.iter().filter(|p| now.contains(p)).collect();
+        assert!(
+            survivors.is_empty(),
+            "processes of the old run of {id} still run: {survivors:?}"
+        );
+    }
+    let listed = gw.ok(["sandbox", "list", "--names"]);
+    assert_eq!(listed.stdout.lines().count(), 5, "{listed}");
+
+    // Deleting leaves neither processes nor cgroups of either run behind.
+    gw.ok(["sandbox", "delete", "--all"]);
+    for id in &ids {
+        assert!(pids_of(id).is_empty(), "{id}: {:?}", pids_of(id));
+        for controller in ["memory", "pids", "cpu"] {
+            let cg = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join("openshell")
+                .join(id);
+            assert!(!cg.exists(), "{} is left behind", cg.display());
+        }
+    }
+    let (status, _) = gw.terminate(Duration::from_secs(10));
+    assert!(status.success(), "{status}");
+}
