@@ -49,5 +49,10 @@ grpc-generic:
     cargo build -q -p openshell-cli
     .venv/bin/python e2e/grpc_generic_client.py --openshell {{target}}/debug/openshell --proto-dir proto --wasm {{wasm_dir}}/fixture_echo.wasm
 
+# Measure the performance budget and write BENCHMARKS.md (a few minutes; not part of test or ci).
+# Same dev profile as the tests: the numbers are for debug builds.
+bench: build
+    cargo run -q -p openshell-bench -- --write BENCHMARKS.md
+
 # What CI runs.
 ci: lint test

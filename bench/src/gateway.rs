@@ -72,6 +72,8 @@ impl BenchGateway {
             launcher: Some(bin("openshell-sandbox-launch")),
             supervisor: Some(bin("openshell-supervisor")),
             relays: Default::default(),
+            tls_sans: vec![],
+            limits: Default::default(),
         })
         .await?;
         let url = format!("http://{}", gw.addr);
@@ -98,6 +100,31 @@ impl BenchGateway {
         Ok(())
     }
 
+    /// A client for a second listener serving this same gateway runtime
+    /// with TCP_NODELAY on accepted sockets. A diagnostic: the gateway's
+    /// own listener (host/api/src/server.rs) does not set it, and the
+    /// difference shows what Nagle's algorithm costs streaming RPCs.
+    pub async fn nodelay_client(&self) -> anyhow::Result<Client> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let runtime = self.gw.runtime.clone();
+        let service = openshell_api::service::Service {
+            shutdown: runtime.shutdown_signal(),
+            runtime,
+        };
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut stop = self.gw.runtime.shutdown_signal();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(pb::open_shell_server::OpenShellServer::new(service))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                }),
+        );
+        client(&format!("http://{addr}")).await
+    }
+
     pub async fn stop(self) -> anyhow::Result<()> {
         self.gw.shutdown().await?;
         Ok(())
@@ -117,23 +144,22 @@ fn wall_ms() -> i64 {
 }
 
 /// When each stage of one create ended, measured from just before the
-/// CreateSandbox call.
+/// CreateSandbox call. `driver` and `ready` are the server's own condition
+/// timestamps (millisecond resolution, same clock: the gateway runs in this
+/// process); `seen` is when the watch stream delivered READY to the client.
 #[derive(Clone, Copy, Debug)]
 pub struct CreateTimes {
     /// CreateSandbox returned (API + validate + store insert).
     pub ack: Duration,
-    /// The first stored change carrying a `Driver` condition (the driver's
-    /// create call returned and its events were stored).
+    /// The driver's `Driver` condition was stored (its create call returned).
     pub driver: Duration,
-    /// Phase READY (the supervisor dialled back and registered).
+    /// READY was stored (the supervisor dialled back and registered).
     pub ready: Duration,
-    /// The Driver condition was already in the watch's first snapshot, so
-    /// its time comes from the server's millisecond timestamp.
-    pub from_snapshot: bool,
+    /// The client saw READY on the watch stream.
+    pub seen: Duration,
 }
 
-/// Creates a sandbox and watches it to READY, timestamping each stage as the
-/// stream delivers it.
+/// Creates a sandbox and watches it to READY.
 pub async fn create_to_ready(
     client: &mut Client,
     driver: &str,
@@ -153,24 +179,19 @@ pub async fn create_to_ready(
         })
         .await?;
     let ack = t0.elapsed();
-    let (driver, ready, from_snapshot) = watch_to_ready(client, name, t0, t0_ms, timeout).await?;
-    Ok(CreateTimes {
-        ack,
-        driver: driver.max(ack),
-        ready,
-        from_snapshot,
-    })
+    let mut t = watch_to_ready(client, name, t0, t0_ms, timeout).await?;
+    t.ack = ack;
+    Ok(t)
 }
 
-/// Watches `name` until READY: (time of first Driver condition, time of
-/// READY, whether the former came from the first snapshot).
+/// Watches `name` until READY. `ack` is left zero for the caller.
 pub async fn watch_to_ready(
     client: &mut Client,
     name: &str,
     t0: Instant,
     t0_ms: i64,
     timeout: Duration,
-) -> anyhow::Result<(Duration, Duration, bool)> {
+) -> anyhow::Result<CreateTimes> {
     let mut stream = client
         .watch_sandbox(pb::WatchSandboxRequest {
             name: name.into(),
@@ -179,7 +200,7 @@ pub async fn watch_to_ready(
         .await?
         .into_inner();
     let deadline = t0 + timeout;
-    let (mut driver_at, mut first, mut from_snapshot) = (None, true, false);
+    let since_t0 = |ms: i64| Duration::from_millis((ms - t0_ms).max(0) as u64);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let Some(ev) = tokio::time::timeout(left, stream.message())
@@ -188,36 +209,26 @@ pub async fn watch_to_ready(
         else {
             bail!("the watch on {name} ended before READY");
         };
-        let now = t0.elapsed();
+        let seen = t0.elapsed();
         let sb = match ev.event {
             Some(pb::watch_sandbox_event::Event::Sandbox(sb)) => sb,
             _ => bail!("{name} was deleted while starting"),
         };
-        if driver_at.is_none()
-            && let Some(c) = sb.conditions.iter().find(|c| c.r#type == "Driver")
-        {
-            driver_at = Some(if first {
-                from_snapshot = true;
-                let ms = (c.last_transition_time_ms - t0_ms).max(0) as u64;
-                Duration::from_millis(ms).min(now)
-            } else {
-                now
-            });
-        }
-        if std::env::var_os("BENCH_TRACE").is_some() {
-            eprintln!(
-                "TRACE {now:?} rev {} {:?}",
-                sb.revision,
-                sb.conditions
-                    .iter()
-                    .map(|c| (&c.r#type, &c.reason, c.last_transition_time_ms - t0_ms))
-                    .collect::<Vec<_>>()
-            );
-        }
-        first = false;
+        let at = |kind: &str| {
+            sb.conditions
+                .iter()
+                .find(|c| c.r#type == kind)
+                .map(|c| since_t0(c.last_transition_time_ms))
+        };
         match pb::SandboxPhase::try_from(sb.phase) {
             Ok(pb::SandboxPhase::Ready) => {
-                return Ok((driver_at.unwrap_or(now), now, from_snapshot));
+                let ready = at("Ready").unwrap_or(seen).min(seen);
+                return Ok(CreateTimes {
+                    ack: Duration::ZERO,
+                    driver: at("Driver").unwrap_or(ready).min(ready),
+                    ready,
+                    seen,
+                });
             }
             Ok(pb::SandboxPhase::Error) => bail!(
                 "{name} went to ERROR: {}",

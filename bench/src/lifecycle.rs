@@ -1,7 +1,7 @@
-//! create → Ready per driver, with the stage breakdown the watch stream
-//! reveals: API + store (CreateSandbox returns), the driver's create call
-//! (its first `Driver` condition is stored), and the supervisor's
-//! connect-back (phase READY).
+//! create → Ready per driver, with a stage breakdown: API + store
+//! (CreateSandbox returns), the driver's create call (its `Driver`
+//! condition is stored), the supervisor's connect-back (READY is stored),
+//! and delivery (the watch stream hands READY to the client).
 
 use std::time::Duration;
 
@@ -14,10 +14,8 @@ pub struct Stages {
     pub api: Samples,
     pub driver: Samples,
     pub connect: Samples,
+    pub delivery: Samples,
     pub total: Samples,
-    /// Runs whose Driver condition was already in the first watch snapshot
-    /// (its time then has millisecond resolution).
-    pub from_snapshot: usize,
 }
 
 impl Stages {
@@ -25,8 +23,8 @@ impl Stages {
         self.api.push(t.ack);
         self.driver.push(t.driver.saturating_sub(t.ack));
         self.connect.push(t.ready.saturating_sub(t.driver));
-        self.total.push(t.ready);
-        self.from_snapshot += usize::from(t.from_snapshot);
+        self.delivery.push(t.seen.saturating_sub(t.ready));
+        self.total.push(t.seen);
     }
 }
 
@@ -83,7 +81,7 @@ pub async fn vm(gw: &mut BenchGateway, runs: usize) -> Result<Stages, String> {
     .await
     .map_err(|e| format!("the VM driver cannot boot a sandbox here: {e:#}"))?;
     let _ = gateway::delete_and_wait(&mut gw.client, "bench-vm-probe").await;
-    eprintln!("  vm first boot (warm-up): {:?}", probe.ready);
+    eprintln!("  vm first boot (warm-up): {:?}", probe.seen);
     create_to_ready(
         gw,
         "vm",

@@ -75,7 +75,7 @@ pub async fn measure(
                 watches.push(tokio::spawn(async move {
                     let t = gateway::watch_to_ready(&mut w, &name, t0, 0, Duration::from_secs(120))
                         .await?;
-                    anyhow::Ok((t.1, t0.duration_since(start) + t.1))
+                    anyhow::Ok((t.seen, t0.duration_since(start) + t.seen))
                 }));
             }
             let mut readies = Vec::new();

@@ -1,27 +1,20 @@
 //! Running one exec request over a relay.
 //!
-//! The command runs in its own process group (so a timeout or a vanished
-//! client kills the whole tree), as the sandbox's unprivileged uid with
-//! `no_new_privs`, with our environment minus the secret. Without a tty,
-//! stdout and stderr stream separately, each in order; with one, the
-//! terminal's output streams as stdout.
+//! The command starts as [`crate::spawn`] says. Without a tty, stdout and
+//! stderr stream separately, each in order; with one, the terminal's output
+//! streams as stdout. A timeout or a vanished client kills its whole tree.
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use openshell_proto::v1 as pb;
-use openshell_proto::v1::supervisor_client::SupervisorClient;
 use pb::exec_client_message::Msg as C;
 use pb::exec_server_message::Msg as S;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 use crate::Config;
+use crate::relay::linger;
+use crate::spawn::{self, Stream};
 
 const CHUNK: usize = 32 * 1024;
 
@@ -33,178 +26,52 @@ fn output(m: S) -> pb::RelayFrame {
     }
 }
 
-nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, nix::pty::Winsize);
-
-fn winsize(w: Option<&pb::WindowSize>) -> nix::pty::Winsize {
+fn window(w: Option<&pb::WindowSize>) -> nix::pty::Winsize {
     let w = w.cloned().unwrap_or(pb::WindowSize { rows: 24, cols: 80 });
-    nix::pty::Winsize {
-        ws_row: w.rows.clamp(1, 1000) as u16,
-        ws_col: w.cols.clamp(1, 1000) as u16,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
+    spawn::winsize(w.rows, w.cols)
+}
+
+fn command(start: &pb::ExecStart) -> spawn::Command {
+    spawn::Command {
+        argv: start.argv.iter().map(Into::into).collect(),
+        env: start.environment.clone().into_iter().collect(),
+        workdir: (!start.workdir.is_empty()).then(|| start.workdir.clone()),
+        tty: start.tty.then(|| window(start.window.as_ref())),
     }
 }
 
-fn resize(master: &OwnedFd, w: &pb::WindowSize) {
-    let ws = winsize(Some(w));
-    #[allow(unsafe_code, reason = "TIOCSWINSZ has no safe wrapper")]
-    // SAFETY: `master` is an open pty master for the life of this call and
-    // `ws` is a valid Winsize the kernel only reads.
-    let _ = unsafe { set_winsize(master.as_raw_fd(), &ws) };
-}
-
-/// Serves one relay: opens the stream, runs the command, pumps frames.
-pub async fn serve_relay(
-    cfg: &Config,
-    channel: Channel,
-    open: pb::RelayOpen,
-) -> Result<(), String> {
-    let Some(pb::relay_open::Purpose::Exec(start)) = open.purpose else {
-        return Err("unsupported relay purpose".into());
-    };
-    let (tx, rx) = mpsc::channel::<pb::RelayFrame>(64);
-    let init = pb::RelayFrame {
-        frame: Some(pb::relay_frame::Frame::Init(pb::RelayInit {
-            channel_id: open.channel_id.clone(),
-        })),
-    };
-    tx.send(init)
-        .await
-        .map_err(|_| "relay closed".to_string())?;
-    let mut client = SupervisorClient::new(channel);
-    let inbound = client
-        .relay_stream(ReceiverStream::new(rx))
-        .await
-        .map_err(|s| format!("cannot open the relay: {}", s.message()))?
-        .into_inner();
-    run(cfg, start, inbound, tx).await;
-    Ok(())
-}
-
-struct Spawned {
-    child: tokio::process::Child,
-    stdin: Option<Box<dyn AsyncWrite + Send + Unpin>>,
-    readers: Vec<(bool, Box<dyn AsyncRead + Send + Unpin>)>,
-    master: Option<OwnedFd>,
-}
-
-fn spawn(cfg: &Config, start: &pb::ExecStart) -> std::io::Result<Spawned> {
-    let mut cmd = tokio::process::Command::new(&start.argv[0]);
-    cmd.args(&start.argv[1..])
-        .env_clear()
-        .envs(&cfg.child_env)
-        .envs(&start.environment)
-        .kill_on_drop(true);
-    let workdir = if start.workdir.is_empty() {
-        "/sandbox"
-    } else {
-        &start.workdir
-    };
-    if std::path::Path::new(workdir).is_dir() {
-        cmd.current_dir(workdir);
-    } else if !start.workdir.is_empty() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("workdir {workdir} does not exist"),
-        ));
-    }
-    if let Some(uid) = cfg.run_as {
-        cmd.uid(uid).gid(uid);
-    }
-    let tty = start.tty;
-    let pty = if tty {
-        Some(nix::pty::openpty(
-            Some(&winsize(start.window.as_ref())),
-            None,
-        )?)
-    } else {
-        None
-    };
-    if let Some(p) = &pty {
-        cmd.stdin(p.slave.try_clone()?)
-            .stdout(p.slave.try_clone()?)
-            .stderr(p.slave.try_clone()?);
-    } else {
-        cmd.stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
-    }
-    #[allow(
-        unsafe_code,
-        reason = "session and privilege setup between fork and exec"
-    )]
-    // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (setsid, ioctl, prctl).
-    unsafe {
-        cmd.pre_exec(move || {
-            if tty {
-                nix::unistd::setsid()?;
-                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            nix::sys::prctl::set_no_new_privs()?;
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn()?;
-    match pty {
-        Some(p) => {
-            drop(p.slave);
-            let read = std::fs::File::from(p.master.try_clone()?);
-            let write = std::fs::File::from(p.master.try_clone()?);
-            Ok(Spawned {
-                child,
-                stdin: Some(Box::new(tokio::fs::File::from_std(write))),
-                readers: vec![(true, Box::new(tokio::fs::File::from_std(read)))],
-                master: Some(p.master),
-            })
-        }
-        None => Ok(Spawned {
-            stdin: child.stdin.take().map(|s| Box::new(s) as _),
-            readers: vec![
-                (true, Box::new(child.stdout.take().expect("piped")) as _),
-                (false, Box::new(child.stderr.take().expect("piped")) as _),
-            ],
-            child,
-            master: None,
-        }),
-    }
-}
-
-async fn run(
+/// Runs one command over an opened relay, until it exits and the gateway
+/// has read the exit.
+pub async fn run(
     cfg: &Config,
     start: pb::ExecStart,
     mut inbound: tonic::Streaming<pb::RelayFrame>,
     tx: mpsc::Sender<pb::RelayFrame>,
 ) {
-    let spawned = match spawn(cfg, &start) {
+    let argv0 = start.argv.first().cloned().unwrap_or_default();
+    let spawned = match spawn::spawn(cfg, &command(&start)) {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(argv0 = start.argv[0], "cannot spawn: {e}");
-            let msg = format!("openshell: cannot run {}: {e}\n", start.argv[0]);
+            tracing::info!(argv0, "cannot spawn: {e}");
+            let msg = format!("openshell: cannot run {argv0}: {e}\n");
             let _ = tx.send(output(S::Stderr(msg.into_bytes()))).await;
-            let code = if e.kind() == std::io::ErrorKind::NotFound {
-                127
-            } else {
-                126
-            };
-            let _ = tx.send(output(S::Exit(code))).await;
+            let _ = tx
+                .send(output(S::Exit(spawn::spawn_failure_code(&e))))
+                .await;
             linger(inbound).await;
             return;
         }
     };
-    let Spawned {
+    let spawn::Spawned {
         mut child,
         mut stdin,
         readers,
         master,
+        group,
     } = spawned;
-    let pgid = child.id().map(|p| Pid::from_raw(p as i32));
 
     let mut pumps = Vec::new();
-    for (is_stdout, mut r) in readers {
+    for (stream, mut r) in readers {
         let tx = tx.clone();
         pumps.push(tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
@@ -213,10 +80,9 @@ async fn run(
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         let chunk = buf[..n].to_vec();
-                        let m = if is_stdout {
-                            S::Stdout(chunk)
-                        } else {
-                            S::Stderr(chunk)
+                        let m = match stream {
+                            Stream::Stdout => S::Stdout(chunk),
+                            Stream::Stderr => S::Stderr(chunk),
                         };
                         if tx.send(output(m)).await.is_err() {
                             return;
@@ -233,20 +99,10 @@ async fn run(
     };
     let deadline = tokio::time::sleep(timeout.min(Duration::from_secs(100 * 365 * 86400)));
     tokio::pin!(deadline);
-    let kill_tree = || {
-        if let Some(pg) = pgid {
-            let _ = killpg(pg, Signal::SIGKILL);
-        }
-    };
+    let kill_tree = || spawn::kill_group(group);
     let code = loop {
         tokio::select! {
-            st = child.wait() => {
-                use std::os::unix::process::ExitStatusExt;
-                break match st {
-                    Ok(st) => st.code().or_else(|| st.signal().map(|s| 128 + s)).unwrap_or(1),
-                    Err(_) => 1,
-                };
-            }
+            st = child.wait() => break spawn::exit_code(st),
             _ = &mut deadline => {
                 kill_tree();
                 let _ = child.wait().await;
@@ -273,7 +129,7 @@ async fn run(
                     }
                     Some(C::Resize(w)) => {
                         if let Some(m) = &master {
-                            resize(m, &w);
+                            spawn::resize(m, window(Some(&w)));
                         }
                     }
                     Some(C::Start(_)) | None => {}
@@ -297,20 +153,4 @@ async fn run(
     }
     let _ = tx.send(output(S::Exit(code))).await;
     linger(inbound).await;
-}
-
-/// Keeps the relay open until the gateway closes it (it has read the exit):
-/// dropping our end first would reset the stream and could lose the last
-/// frames still in flight.
-async fn linger(mut inbound: tonic::Streaming<pb::RelayFrame>) {
-    let r = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match inbound.message().await {
-                Ok(Some(_)) => continue,
-                other => return other.map(|_| ()),
-            }
-        }
-    })
-    .await;
-    tracing::debug!("relay closed: {r:?}");
 }

@@ -4,11 +4,15 @@
 //! environment, keeps the secret out of what sandbox code inherits, and
 //! dials out ([`session`]): one `ConnectSupervisor` stream, heartbeats both
 //! ways, reconnects with backoff. When the gateway asks for a channel, it
-//! opens a relay on the same connection and runs the request ([`exec`]).
-//! Nothing ever connects into the sandbox.
+//! opens a relay on the same connection ([`relay`]) and runs the request:
+//! a command ([`exec`]) or an SSH connection ([`ssh`]), both started the
+//! same way ([`spawn`]). Nothing ever connects into the sandbox.
 
 mod exec;
+mod relay;
 mod session;
+mod spawn;
+mod ssh;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -87,6 +91,13 @@ fn main() -> ExitCode {
             std::env::remove_var(k)
         };
     }
+    let ssh = match ssh::SshServer::generate() {
+        Ok(s) => std::sync::Arc::new(s),
+        Err(e) => {
+            eprintln!("openshell-supervisor: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -98,7 +109,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    rt.block_on(session::run_forever(cfg));
+    rt.block_on(session::run_forever(cfg, ssh));
     ExitCode::SUCCESS
 }
 
@@ -136,5 +147,38 @@ mod tests {
     fn missing_settings_are_named() {
         let e = Config::from_env(vars(&[("OPENSHELL_SANDBOX_ID", "id")])).unwrap_err();
         assert!(e.contains("OPENSHELL_ENDPOINT"), "{e}");
+    }
+
+    proptest::proptest! {
+        /// Fuzzing (issue 8): any environment either names what is missing
+        /// or yields a config whose child environment holds no private
+        /// variable.
+        #[test]
+        fn any_environment_parses_safely(
+            pairs in proptest::collection::vec(
+                (
+                    proptest::prop_oneof![
+                        proptest::strategy::Just("OPENSHELL_ENDPOINT".to_owned()),
+                        proptest::strategy::Just("OPENSHELL_SANDBOX_ID".to_owned()),
+                        proptest::strategy::Just("OPENSHELL_SANDBOX_SECRET".to_owned()),
+                        proptest::strategy::Just("OPENSHELL_SANDBOX_UID".to_owned()),
+                        "[A-Z_]{1,8}",
+                    ],
+                    "\\PC{0,12}|[0-9]{1,10}",
+                ),
+                0..10,
+            )
+        ) {
+            match Config::from_env(pairs.into_iter()) {
+                Ok(c) => {
+                    for k in PRIVATE_VARS {
+                        proptest::prop_assert!(!c.child_env.contains_key(k));
+                    }
+                    proptest::prop_assert!(!c.secret.is_empty() && !c.endpoint.is_empty());
+                    proptest::prop_assert!(c.child_env.contains_key("PATH"));
+                }
+                Err(e) => proptest::prop_assert!(e.starts_with("OPENSHELL_"), "{}", e),
+            }
+        }
     }
 }

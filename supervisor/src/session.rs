@@ -1,5 +1,6 @@
 //! The control stream: hello, heartbeats, relay requests, reconnects.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_proto::v1 as pb;
@@ -12,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::Config;
+use crate::ssh::SshServer;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,10 +29,10 @@ enum SessionEnd {
 }
 
 /// Connects, serves, reconnects; never returns.
-pub async fn run_forever(cfg: Config) {
+pub async fn run_forever(cfg: Config, ssh: Arc<SshServer>) {
     let mut backoff = MIN_BACKOFF;
     loop {
-        match session_once(&cfg).await {
+        match session_once(&cfg, &ssh).await {
             SessionEnd::Ended(why) => {
                 tracing::warn!("session ended: {why}; reconnecting");
                 backoff = MIN_BACKOFF;
@@ -77,7 +79,7 @@ fn out(m: Out) -> pb::SupervisorMessage {
     pb::SupervisorMessage { msg: Some(m) }
 }
 
-async fn session_once(cfg: &Config) -> SessionEnd {
+async fn session_once(cfg: &Config, ssh: &Arc<SshServer>) -> SessionEnd {
     let channel = match connect(&cfg.endpoint).await {
         Ok(c) => c,
         Err(e) => return SessionEnd::Failed(e),
@@ -88,6 +90,7 @@ async fn session_once(cfg: &Config) -> SessionEnd {
         sandbox_id: cfg.sandbox_id.clone(),
         instance_id: uuid::Uuid::new_v4().to_string(),
         secret: cfg.secret.clone(),
+        ssh_host_key: ssh.public_key().to_owned(),
     });
     let _ = tx.send(out(hello)).await;
     let call = client.connect_supervisor(ReceiverStream::new(rx));
@@ -119,10 +122,10 @@ async fn session_once(cfg: &Config) -> SessionEnd {
                 Ok(Err(s)) => return SessionEnd::Ended(s.message().to_owned()),
                 Ok(Ok(None)) => return SessionEnd::Ended("the gateway closed the session".into()),
                 Ok(Ok(Some(pb::GatewayMessage { msg: Some(In::RelayOpen(open)) }))) => {
-                    let (cfg, channel, tx) = (cfg.clone(), channel.clone(), tx.clone());
+                    let (cfg, ssh, channel, tx) = (cfg.clone(), ssh.clone(), channel.clone(), tx.clone());
                     tokio::spawn(async move {
                         let id = open.channel_id.clone();
-                        if let Err(e) = crate::exec::serve_relay(&cfg, channel, open).await {
+                        if let Err(e) = crate::relay::serve(&cfg, &ssh, channel, open).await {
                             tracing::warn!(channel = id, "relay failed: {e}");
                             let _ = tx.send(out(Out::RelayFailed(pb::RelayOpenFailed {
                                 channel_id: id,

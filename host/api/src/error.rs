@@ -20,6 +20,12 @@ pub enum ApiError {
     ResourceExhausted(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Over a capacity limit; the client should retry after `retry_after`.
+    #[error("{message}")]
+    Busy {
+        message: String,
+        retry_after: std::time::Duration,
+    },
     #[error(transparent)]
     Name(#[from] NameError),
     #[error(transparent)]
@@ -48,6 +54,17 @@ pub fn to_status(e: ApiError) -> Status {
         ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
         ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
         ApiError::Unavailable(_) => Code::Unavailable,
+        ApiError::Busy {
+            message,
+            retry_after,
+        } => {
+            let mut status = Status::resource_exhausted(message.clone());
+            // A machine-readable hint next to the human one in the message.
+            if let Ok(v) = retry_after.as_millis().to_string().parse() {
+                status.metadata_mut().insert("retry-after-ms", v);
+            }
+            return status;
+        }
         ApiError::Store(s) => match s {
             StoreError::NameTaken { .. } | StoreError::RequestIdTaken { .. } => Code::AlreadyExists,
             StoreError::NotFound { .. } => Code::NotFound,

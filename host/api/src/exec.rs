@@ -2,10 +2,9 @@
 //! supervisor opens, and pumps frames both ways.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use openshell_core::{Phase, validate};
+use openshell_core::validate;
 use openshell_proto::v1 as pb;
 use pb::exec_client_message::Msg as C;
 use pb::exec_server_message::Msg as S;
@@ -14,6 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::error::{ApiError, to_status};
+use crate::relay::{self, Activity};
 use crate::runtime::ComputeRuntime;
 
 pub const MAX_ARGV_BYTES: usize = 128 * 1024;
@@ -66,62 +66,20 @@ pub async fn exec(
         ));
     };
     check_start(&start).map_err(to_status)?;
-    let sb = runtime.find(&start.sandbox).await.map_err(to_status)?;
-    if sb.status.phase != Phase::Ready {
-        return Err(to_status(ApiError::FailedPrecondition(format!(
-            "sandbox {} is {}, not Ready; wait for it (`openshell sandbox watch {} --until-settled`)",
-            sb.name,
-            sb.status.phase.as_str(),
-            sb.name
-        ))));
-    }
-    let session = runtime.sessions.get(sb.id).ok_or_else(|| {
-        Status::unavailable(format!(
-            "sandbox {}'s supervisor is not connected; retry shortly",
-            sb.name
-        ))
-    })?;
-
-    let channel_id = uuid::Uuid::new_v4().to_string();
-    let (claimed, _reservation) = runtime
-        .relays
-        .reserve(sb.id, &channel_id)
-        .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-    let open = pb::GatewayMessage {
-        msg: Some(pb::gateway_message::Msg::RelayOpen(pb::RelayOpen {
-            channel_id: channel_id.clone(),
-            purpose: Some(pb::relay_open::Purpose::Exec(start)),
-        })),
-    };
-    if session.control.send(open).await.is_err() {
-        return Err(Status::unavailable(
-            "the supervisor session just ended; retry",
-        ));
-    }
-    let conn = match tokio::time::timeout(runtime.relays.limits.claim_timeout, claimed).await {
-        Ok(Ok(conn)) => conn,
-        _ => {
-            return Err(Status::unavailable(format!(
-                "sandbox {}'s supervisor did not open the relay in time",
-                sb.name
-            )));
-        }
-    };
+    let sandbox = start.sandbox.clone();
+    let conn = relay::open(&runtime, &sandbox, pb::relay_open::Purpose::Exec(start))
+        .await
+        .map_err(to_status)?;
 
     let (out_tx, out_rx) = mpsc::channel(64);
     let to_sandbox = conn.to_sandbox;
     // Traffic in either direction keeps the relay alive.
-    let started = tokio::time::Instant::now();
-    let last = Arc::new(AtomicU64::new(0));
-    let touch = {
-        let last = last.clone();
-        move || last.store(started.elapsed().as_millis() as u64, Ordering::Relaxed)
-    };
-    let touch_in = touch.clone();
+    let activity = Activity::new();
+    let activity_in = activity.clone();
     // Client → sandbox: stdin, EOF, resizes. Ends with the client's stream.
     tokio::spawn(async move {
         while let Ok(Some(m)) = inbound.message().await {
-            touch_in();
+            activity_in.touch();
             let Some(msg) = m.msg else { continue };
             if matches!(msg, C::Start(_)) {
                 continue;
@@ -146,8 +104,7 @@ pub async fn exec(
                 f = from_sandbox.message() => f,
                 _ = out_tx.closed() => return,
                 _ = check.tick() => {
-                    let active = Duration::from_millis(last.load(Ordering::Relaxed));
-                    if started.elapsed().saturating_sub(active) >= idle {
+                    if activity.idle() >= idle {
                         let _ = out_tx.send(Err(Status::deadline_exceeded(format!(
                             "the relay was idle for {} s and was closed", idle.as_secs()
                         )))).await;
@@ -156,7 +113,7 @@ pub async fn exec(
                     continue;
                 }
             };
-            touch();
+            activity.touch();
             match frame {
                 Ok(Some(pb::RelayFrame {
                     frame: Some(pb::relay_frame::Frame::ExecOutput(out)),

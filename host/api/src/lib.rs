@@ -14,7 +14,9 @@ pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod sessions;
+pub mod ssh;
 pub mod supervisor;
+pub mod tls;
 pub mod watch;
 
-pub use server::{Gateway, GatewayConfig};
+pub use server::{ClientInfo, Gateway, GatewayConfig};

@@ -1,14 +1,20 @@
-//! Pending relays: a channel the gateway asked a supervisor to open, waiting
-//! for the supervisor's RelayStream to claim it.
+//! Relays: a channel the gateway asks a sandbox's supervisor to open on
+//! the connection it dialled. [`open`] is how a request gets one (exec and
+//! SSH both); [`RelayTable`] holds those waiting for the supervisor's
+//! RelayStream to claim them.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openshell_core::SandboxId;
+use openshell_core::{Phase, SandboxId};
 use openshell_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Streaming;
+
+use crate::error::ApiError;
+use crate::runtime::ComputeRuntime;
 
 /// Limits on relays waiting to be claimed.
 #[derive(Clone, Copy, Debug)]
@@ -137,6 +143,87 @@ impl RelayTable {
     /// Relays waiting to be claimed (a gauge).
     pub fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Asks the supervisor of a Ready sandbox to open a relay for `purpose` and
+/// waits (at most the claim timeout) until it does.
+pub async fn open(
+    runtime: &ComputeRuntime,
+    sandbox: &str,
+    purpose: pb::relay_open::Purpose,
+) -> Result<RelayConn, ApiError> {
+    let sb = runtime.find(sandbox).await?;
+    if sb.status.phase != Phase::Ready {
+        return Err(ApiError::FailedPrecondition(format!(
+            "sandbox {} is {}, not Ready; wait for it (`openshell sandbox watch {} --until-settled`)",
+            sb.name,
+            sb.status.phase.as_str(),
+            sb.name
+        )));
+    }
+    let session = runtime.sessions.get(sb.id).ok_or_else(|| {
+        ApiError::Unavailable(format!(
+            "sandbox {}'s supervisor is not connected; retry shortly",
+            sb.name
+        ))
+    })?;
+
+    let channel_id = uuid::Uuid::new_v4().to_string();
+    let (claimed, _reservation) = runtime
+        .relays
+        .reserve(sb.id, &channel_id)
+        .map_err(|e| ApiError::ResourceExhausted(e.to_string()))?;
+    let open = pb::GatewayMessage {
+        msg: Some(pb::gateway_message::Msg::RelayOpen(pb::RelayOpen {
+            channel_id,
+            purpose: Some(purpose),
+        })),
+    };
+    if session.control.send(open).await.is_err() {
+        return Err(ApiError::Unavailable(
+            "the supervisor session just ended; retry".into(),
+        ));
+    }
+    match tokio::time::timeout(runtime.relays.limits.claim_timeout, claimed).await {
+        Ok(Ok(conn)) => Ok(conn),
+        _ => Err(ApiError::Unavailable(format!(
+            "sandbox {}'s supervisor did not open the relay in time",
+            sb.name
+        ))),
+    }
+}
+
+/// When a relay last carried traffic, in either direction; clones share it.
+#[derive(Clone, Debug)]
+pub struct Activity {
+    started: tokio::time::Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Activity {
+    pub fn new() -> Self {
+        Self {
+            started: tokio::time::Instant::now(),
+            last_ms: Arc::default(),
+        }
+    }
+
+    pub fn touch(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    /// How long since the last traffic.
+    pub fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -6,6 +6,7 @@
 //! (driver create and delete) runs in owned tasks after the durable write,
 //! so a client hanging up never strands a sandbox.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -14,7 +15,7 @@ use openshell_plugin::{CallError, Capability, DriverSpec, HostEvent, Plugin, Plu
 use openshell_store::{PluginRecord, Store, StoreError};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::error::ApiError;
 use crate::relay::{RelayLimits, RelayTable};
@@ -45,6 +46,7 @@ pub struct RuntimeOptions {
     /// Supervisor heartbeat; a session silent for two is dropped.
     pub heartbeat: Duration,
     pub relays: RelayLimits,
+    pub limits: SandboxLimits,
 }
 
 impl Default for RuntimeOptions {
@@ -52,6 +54,48 @@ impl Default for RuntimeOptions {
         Self {
             heartbeat: Duration::from_secs(15),
             relays: RelayLimits::default(),
+            limits: SandboxLimits::default(),
+        }
+    }
+}
+
+/// Backpressure: past these the gateway refuses creates with
+/// ResourceExhausted and a retry hint, or queues driver launches, rather
+/// than run out of processes, memory or file descriptors.
+#[derive(Clone, Copy, Debug)]
+pub struct SandboxLimits {
+    /// Stored sandboxes (any phase, including Deleting) at most.
+    pub max_sandboxes: usize,
+    /// Driver create/resume calls running at once; more wait their turn.
+    pub max_concurrent_launches: usize,
+}
+
+impl Default for SandboxLimits {
+    fn default() -> Self {
+        Self {
+            max_sandboxes: 256,
+            max_concurrent_launches: 32,
+        }
+    }
+}
+
+/// How long a client refused for capacity is told to wait.
+const RETRY_AFTER: Duration = Duration::from_millis(500);
+
+/// One admitted sandbox record: released on drop unless the record was
+/// stored.
+struct Admission<'a>(Option<&'a AtomicUsize>);
+
+impl Admission<'_> {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -65,6 +109,11 @@ pub struct ComputeRuntime {
     pub listeners: SupervisorListeners,
     pub heartbeat: Duration,
     shutdown: watch::Sender<bool>,
+    limits: SandboxLimits,
+    /// Stored sandbox records, counted at recovery, up on insert, down on
+    /// removal: admission is decided here, without a racy count query.
+    admitted: AtomicUsize,
+    launches: Semaphore,
 }
 
 /// Turns registry transitions into stored phase changes, in order, off the
@@ -95,6 +144,9 @@ impl ComputeRuntime {
             listeners: SupervisorListeners::default(),
             heartbeat: opts.heartbeat,
             shutdown: watch::channel(false).0,
+            limits: opts.limits,
+            admitted: AtomicUsize::new(0),
+            launches: Semaphore::new(opts.limits.max_concurrent_launches.max(1)),
         });
         let weak: Weak<Self> = Arc::downgrade(&runtime);
         tokio::spawn(async move {
@@ -206,7 +258,12 @@ impl ComputeRuntime {
                 source,
             })?;
 
-        let stored = self.insert(name, spec, request_id).await?;
+        let admission = self.admit()?;
+        let (stored, fresh) = self.insert(name, spec, request_id).await?;
+        if !fresh {
+            return Ok(stored);
+        }
+        admission.keep();
         self.watch.notify(stored.id);
         let me = self.clone();
         let launched = stored.clone();
@@ -214,18 +271,39 @@ impl ComputeRuntime {
         Ok(stored)
     }
 
+    /// Reserves room for one more sandbox record, or refuses with a hint.
+    fn admit(&self) -> Result<Admission<'_>, ApiError> {
+        let max = self.limits.max_sandboxes;
+        self.admitted
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|n| ApiError::Busy {
+                message: format!("{n} sandboxes exist (limit {max}); delete some or retry later"),
+                retry_after: RETRY_AFTER,
+            })?;
+        Ok(Admission(Some(&self.admitted)))
+    }
+
+    /// Sandbox records the gateway counts against `max_sandboxes`.
+    pub fn admitted(&self) -> usize {
+        self.admitted.load(Ordering::SeqCst)
+    }
+
+    /// Stores a new record; `false` with the existing one when a concurrent
+    /// create with the same request_id stored it first.
     async fn insert(
         &self,
         name: Option<SandboxName>,
         spec: SandboxSpec,
         request_id: Option<String>,
-    ) -> Result<Sandbox, ApiError> {
+    ) -> Result<(Sandbox, bool), ApiError> {
         let generated = name.is_none();
         let mut name = name.unwrap_or_else(|| SandboxName::generate(&mut rand::rng()));
         for _ in 0..8 {
             let sb = Sandbox::new(name.clone(), spec.clone(), request_id.clone(), now_ms());
             match self.store.insert_sandbox(&sb).await {
-                Ok(stored) => return Ok(stored),
+                Ok(stored) => return Ok((stored, true)),
                 Err(StoreError::NameTaken { .. }) if generated => {
                     name = SandboxName::generate(&mut rand::rng());
                 }
@@ -239,7 +317,7 @@ impl ComputeRuntime {
                     if let Some(existing) =
                         self.store.get_sandbox_by_request_id(&request_id).await?
                     {
-                        return Ok(existing);
+                        return Ok((existing, false));
                     }
                     return Err(ApiError::Unavailable(
                         "a concurrent create with this request_id is in flight; retry".into(),
@@ -256,6 +334,10 @@ impl ComputeRuntime {
     /// Calls the driver's create (or resume) with a fresh secret and applies
     /// what it says. Runs in its own task.
     async fn launch(self: Arc<Self>, plugin: Arc<Plugin>, sb: Sandbox, resume: bool) {
+        // Queued, not refused: the sandbox is already stored and admitted.
+        let Ok(_permit) = self.launches.acquire().await else {
+            return;
+        };
         let secret = new_secret();
         let hash = secret_hash(&secret);
         if let Err(e) = self.store.set_secret_hash(sb.id, Some(&hash)).await {
@@ -372,6 +454,7 @@ impl ComputeRuntime {
         }
         // Whatever the driver did, nothing the host launched may outlive the record.
         self.plugins.processes().kill(&sb.id.to_string()).await;
+        self.plugins.vms().kill(&sb.id.to_string()).await;
         self.listeners.stop(sb.id);
         let dir = self.plugins.sandbox_dir(&sb.id.to_string());
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
@@ -380,7 +463,12 @@ impl ComputeRuntime {
             tracing::warn!(sandbox = %sb.id, "cannot remove {}: {e}", dir.display());
         }
         match self.store.delete_sandbox(sb.id).await {
-            Ok(_) => self.watch.notify(sb.id),
+            Ok(removed) => {
+                if removed {
+                    self.admitted.fetch_sub(1, Ordering::SeqCst);
+                }
+                self.watch.notify(sb.id)
+            }
             Err(e) => tracing::error!(sandbox = %sb.id, "cannot delete the record: {e}"),
         }
     }
@@ -492,6 +580,8 @@ impl ComputeRuntime {
                 Err(e) => tracing::error!(plugin = rec.name, "cannot reload plugin: {e}"),
             }
         }
+        let stored = usize::try_from(self.store.count_sandboxes().await?).unwrap_or(usize::MAX);
+        self.admitted.store(stored, Ordering::SeqCst);
         let mut offset = 0;
         loop {
             let page = self.store.list_sandboxes(500, offset).await?;

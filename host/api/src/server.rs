@@ -11,7 +11,7 @@ use openshell_store::Store;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::runtime::{ComputeRuntime, RuntimeOptions, bundled_grants};
+use crate::runtime::{ComputeRuntime, RuntimeOptions, SandboxLimits, bundled_grants};
 use crate::service::Service;
 
 #[derive(Clone, Debug)]
@@ -33,18 +33,24 @@ pub struct GatewayConfig {
     pub heartbeat: Duration,
     /// Limits on relays waiting for a supervisor.
     pub relays: crate::relay::RelayLimits,
+    /// Extra names and addresses for the server certificate.
+    pub tls_sans: Vec<String>,
     /// The launcher and supervisor binaries for process sandboxes; default:
     /// next to the running executable.
     pub launcher: Option<PathBuf>,
     pub supervisor: Option<PathBuf>,
+    /// Backpressure: how many sandboxes may exist, how many launch at once.
+    pub limits: SandboxLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     #[error(
-        "refusing to serve on {bind} without TLS and authentication, which this build does not have yet; bind 127.0.0.1, or pass --disable-tls --disable-gateway-auth to accept plaintext without auth"
+        "refusing to serve on {bind} without TLS and authentication: drop --disable-tls and --disable-gateway-auth, or bind 127.0.0.1"
     )]
     InsecureBind { bind: IpAddr },
+    #[error("cannot set up TLS or the token: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot use state dir {path}: {source}")]
     StateDir {
         path: PathBuf,
@@ -77,21 +83,78 @@ pub enum GatewayError {
     },
     #[error("startup recovery failed: {0}")]
     Recover(#[source] crate::error::ApiError),
+    #[error("OPENSHELL_VM_BACKEND: {0}")]
+    VmBackend(String),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+}
+
+/// How a client reaches this gateway.
+#[derive(Clone)]
+pub struct ClientInfo {
+    /// `https://ADDR` or `http://ADDR`.
+    pub endpoint: String,
+    /// The CA that signed the server certificate (TLS only).
+    pub ca_pem: Option<String>,
+    /// The token every user RPC must carry (auth only).
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ClientInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientInfo")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Checks the gateway token on every user RPC (a no-op with auth off).
+#[derive(Clone)]
+struct TokenCheck(Option<Arc<str>>);
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(token) = &self.0 else {
+            return Ok(req);
+        };
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match given {
+            Some(g) if crate::tls::same(g.as_bytes(), token.as_bytes()) => Ok(req),
+            Some(_) => {
+                // Never log what was sent: it may be a near-miss of the token.
+                tracing::warn!(peer = ?req.remote_addr(), "rejected a request with a wrong token");
+                Err(tonic::Status::unauthenticated(
+                    "the gateway token is wrong: use the one `openshell gateway start` wrote to the client config, or OPENSHELL_TOKEN",
+                ))
+            }
+            None => {
+                tracing::warn!(peer = ?req.remote_addr(), "rejected a request without a token");
+                Err(tonic::Status::unauthenticated(
+                    "this gateway requires a token: the CLI reads it from its config (OPENSHELL_CONFIG) or OPENSHELL_TOKEN",
+                ))
+            }
+        }
+    }
 }
 
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
+    pub client: ClientInfo,
     pub runtime: Arc<ComputeRuntime>,
     task: JoinHandle<Result<(), GatewayError>>,
 }
 
 impl Gateway {
     pub async fn start(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
-        let plaintext_ok = cfg.disable_tls && cfg.disable_auth;
-        if !(cfg.bind.is_loopback() || plaintext_ok) {
+        // Either protection off is fine on loopback (development); a
+        // reachable address needs both.
+        let secure = !cfg.disable_tls && !cfg.disable_auth;
+        if !(cfg.bind.is_loopback() || secure) {
             return Err(GatewayError::InsecureBind { bind: cfg.bind });
         }
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| GatewayError::StateDir {
@@ -114,6 +177,7 @@ impl Gateway {
             .supervisor
             .clone()
             .or_else(|| sibling_binary("openshell-supervisor"));
+        host_cfg.vm = vm_config_from_env()?;
         let plugins = Arc::new(PluginHost::new(host_cfg, events_tx)?);
         let runtime = ComputeRuntime::new(
             store,
@@ -121,6 +185,7 @@ impl Gateway {
             RuntimeOptions {
                 heartbeat: cfg.heartbeat,
                 relays: cfg.relays,
+                limits: cfg.limits,
             },
         );
         runtime.spawn_host_events(events_rx);
@@ -137,6 +202,26 @@ impl Gateway {
             .local_addr()
             .map_err(|source| GatewayError::Bind { addr, source })?;
 
+        let pki = if cfg.disable_tls {
+            None
+        } else {
+            Some(crate::tls::ensure_pki(
+                &cfg.state_dir,
+                &cfg.tls_sans,
+                cfg.bind,
+            )?)
+        };
+        let token = if cfg.disable_auth {
+            None
+        } else {
+            Some(crate::tls::ensure_token(&cfg.state_dir)?)
+        };
+        let check = TokenCheck(token.as_deref().map(Arc::from));
+        let client = ClientInfo {
+            endpoint: format!("{}://{addr}", if pki.is_some() { "https" } else { "http" }),
+            ca_pem: pki.as_ref().map(|p| p.ca_pem.clone()),
+            token,
+        };
         let service = Service {
             runtime: runtime.clone(),
             shutdown: runtime.shutdown_signal(),
@@ -152,9 +237,20 @@ impl Gateway {
             .expect("the embedded descriptor set is valid");
         let api = OpenShellServer::new(service)
             .max_decoding_message_size(openshell_plugin::host_limits::MAX_COMPONENT + (1 << 20));
+        let api = tonic::service::interceptor::InterceptedService::new(api, check.clone());
+        let reflection =
+            tonic::service::interceptor::InterceptedService::new(reflection, check.clone());
+        let reflection_alpha =
+            tonic::service::interceptor::InterceptedService::new(reflection_alpha, check);
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(p) = &pki {
+            let identity = tonic::transport::Identity::from_pem(&p.cert_pem, &p.key_pem);
+            builder =
+                builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+        }
         let mut stop = runtime.shutdown_signal();
         let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            builder
                 .add_service(api)
                 .add_service(reflection)
                 .add_service(reflection_alpha)
@@ -170,6 +266,7 @@ impl Gateway {
         tracing::info!(%addr, "gateway serving");
         Ok(Gateway {
             addr,
+            client,
             runtime,
             task,
         })
@@ -186,6 +283,20 @@ impl Gateway {
             }
         }
     }
+}
+
+/// The VM runtime, from the environment: `OPENSHELL_VM_RUNTIME` (the dir
+/// `just vm-setup` stages) and `OPENSHELL_VM_BACKEND` (krun, qemu or auto).
+/// FIXME: these belong in `GatewayConfig` and as `gateway start` flags; they
+/// are read here to avoid changing every `GatewayConfig` literal at once.
+fn vm_config_from_env() -> Result<openshell_plugin::VmConfig, GatewayError> {
+    let backend = std::env::var("OPENSHELL_VM_BACKEND").unwrap_or_default();
+    let backend = openshell_plugin::VmBackendChoice::parse(&backend)
+        .map_err(|e| GatewayError::VmBackend(e.to_string()))?;
+    Ok(openshell_plugin::VmConfig {
+        runtime_dir: std::env::var_os("OPENSHELL_VM_RUNTIME").map(PathBuf::from),
+        backend,
+    })
 }
 
 /// A binary installed next to the running executable, if there is one.

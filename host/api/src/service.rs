@@ -229,6 +229,27 @@ impl OpenShell for Service {
         Ok(Response::new(out))
     }
 
+    type SshTunnelStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::SshTunnelFrame, Status>>;
+
+    async fn ssh_tunnel(
+        &self,
+        req: Request<tonic::Streaming<pb::SshTunnelFrame>>,
+    ) -> Result<Response<Self::SshTunnelStream>, Status> {
+        let out = crate::ssh::tunnel(self.runtime.clone(), req.into_inner()).await?;
+        Ok(Response::new(out))
+    }
+
+    async fn get_ssh_host_key(
+        &self,
+        req: Request<pb::GetSshHostKeyRequest>,
+    ) -> Result<Response<pb::GetSshHostKeyResponse>, Status> {
+        let host_key = crate::ssh::host_key(&self.runtime, &req.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetSshHostKeyResponse { host_key }))
+    }
+
     async fn load_plugin(
         &self,
         req: Request<pb::LoadPluginRequest>,

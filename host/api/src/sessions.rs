@@ -27,6 +27,10 @@ pub struct SessionHandle {
     pub control: mpsc::Sender<pb::GatewayMessage>,
     /// Set to true when a newer session replaces this one.
     pub superseded: watch::Sender<bool>,
+    /// The SSH host key the supervisor reported in its hello (an OpenSSH
+    /// public-key line; empty if it has none). Kept only here, in memory:
+    /// each supervisor start generates a new one.
+    pub ssh_host_key: String,
 }
 
 #[derive(Default)]
@@ -54,6 +58,7 @@ impl SessionRegistry {
         &self,
         sandbox: SandboxId,
         control: mpsc::Sender<pb::GatewayMessage>,
+        ssh_host_key: String,
     ) -> (SessionHandle, watch::Receiver<bool>) {
         let session_id = {
             let mut n = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
@@ -65,6 +70,7 @@ impl SessionRegistry {
             session_id,
             control,
             superseded,
+            ssh_host_key,
         };
         let old = {
             let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -170,7 +176,7 @@ mod tests {
     fn the_observer_fires_once_per_transition_outside_the_lock() {
         let (reg, c) = setup();
         let id = SandboxId::new();
-        let (h, _) = reg.register(id, chan());
+        let (h, _) = reg.register(id, chan(), String::new());
         assert!(reg.remove_if_current(id, h.session_id));
         assert!(
             !reg.remove_if_current(id, h.session_id),
@@ -185,8 +191,8 @@ mod tests {
     fn a_new_session_supersedes_the_old_and_the_old_cannot_remove_it() {
         let (reg, c) = setup();
         let id = SandboxId::new();
-        let (old, old_rx) = reg.register(id, chan());
-        let (new, _) = reg.register(id, chan());
+        let (old, old_rx) = reg.register(id, chan(), String::new());
+        let (new, _) = reg.register(id, chan(), String::new());
         assert!(*old_rx.borrow(), "the old session is told to close");
         assert!(!reg.remove_if_current(id, old.session_id));
         assert_eq!(reg.get(id).unwrap().session_id, new.session_id);
@@ -207,7 +213,7 @@ mod tests {
             .map(|_| {
                 let reg = reg.clone();
                 std::thread::spawn(move || {
-                    let (h, _) = reg.register(id, chan());
+                    let (h, _) = reg.register(id, chan(), String::new());
                     reg.remove_if_current(id, h.session_id)
                 })
             })
@@ -228,7 +234,7 @@ mod tests {
     fn forgetting_a_sandbox_closes_its_session_without_a_disconnect() {
         let (reg, c) = setup();
         let id = SandboxId::new();
-        let (_, rx) = reg.register(id, chan());
+        let (_, rx) = reg.register(id, chan(), String::new());
         reg.forget(id);
         assert!(*rx.borrow());
         assert!(!reg.has_session(id));

@@ -80,7 +80,7 @@ impl Supervisor for SupervisorService {
                     .await;
                 return;
             }
-            run_session(runtime, sandbox, hello.instance_id, inbound, tx).await;
+            run_session(runtime, sandbox, hello, inbound, tx).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -140,13 +140,17 @@ async fn authenticate(
 async fn run_session(
     runtime: Arc<ComputeRuntime>,
     sandbox: SandboxId,
-    instance_id: String,
+    hello: pb::SupervisorHello,
     mut inbound: Streaming<pb::SupervisorMessage>,
     tx: mpsc::Sender<Result<pb::GatewayMessage, Status>>,
 ) {
     let interval = runtime.heartbeat;
     let (control_tx, mut control_rx) = mpsc::channel(32);
-    let (handle, mut superseded) = runtime.sessions.register(sandbox, control_tx);
+    let (handle, mut superseded) =
+        runtime
+            .sessions
+            .register(sandbox, control_tx, ssh_host_key(&hello.ssh_host_key));
+    let instance_id = hello.instance_id;
     tracing::info!(sandbox = %sandbox, instance_id, session = handle.session_id, "supervisor connected");
     let accepted = Out::Accepted(pb::SessionAccepted {
         session_id: handle.session_id.to_string(),
@@ -188,6 +192,29 @@ async fn run_session(
         .remove_if_current(sandbox, handle.session_id);
     tracing::info!(sandbox = %sandbox, session = handle.session_id, "supervisor session ended");
 }
+
+/// The host key a hello reported, if it looks like one OpenSSH public-key
+/// line; anything else is dropped, so a compromised sandbox cannot inject
+/// extra lines into the known_hosts files clients write from it.
+fn ssh_host_key(reported: &str) -> String {
+    let mut parts = reported.split(' ');
+    let well_formed = matches!(
+        (parts.next(), parts.next(), parts.next()),
+        (Some(alg), Some(blob), None)
+            if (alg.starts_with("ssh-") || alg.starts_with("ecdsa-")) && !blob.is_empty()
+    ) && reported.len() <= MAX_HOST_KEY
+        && reported
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-+/=@. ".contains(&b));
+    if well_formed {
+        reported.to_owned()
+    } else {
+        String::new()
+    }
+}
+
+/// Longer than any OpenSSH public key of a sane size (RSA-16384 is ~2.8 KB).
+const MAX_HOST_KEY: usize = 4096;
 
 /// One unix-socket server per sandbox.
 #[derive(Default)]
@@ -289,5 +316,27 @@ impl SupervisorListeners {
         for (_, tx) in all {
             let _ = tx.send(true);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_single_public_key_line_is_kept_as_a_host_key() {
+        let key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHJ0b29zdGVyL2tleQ==";
+        assert_eq!(ssh_host_key(key), key);
+        for bad in [
+            "",
+            "ssh-ed25519",
+            "ssh-ed25519 AAAA comment",
+            "ssh-ed25519 AAAA\nevil-host ssh-ed25519 AAAA",
+            "ssh-ed25519 AAAA\tx",
+            "rm -rf",
+        ] {
+            assert_eq!(ssh_host_key(bad), "", "{bad:?}");
+        }
+        assert_eq!(ssh_host_key(&format!("ssh-rsa {}", "A".repeat(5000))), "");
     }
 }

@@ -12,14 +12,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "Isolated sandboxes for AI agents"
 )]
 pub struct Cli {
-    /// Gateway address, e.g. http://127.0.0.1:8080.
-    #[arg(
-        long,
-        global = true,
-        env = "OPENSHELL_GATEWAY_ENDPOINT",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub gateway_endpoint: String,
+    /// Gateway address, e.g. https://127.0.0.1:8080; default: the client
+    /// config written by `openshell gateway start`, else http://127.0.0.1:8080.
+    #[arg(long, global = true, env = "OPENSHELL_GATEWAY_ENDPOINT")]
+    pub gateway_endpoint: Option<String>,
+    /// The gateway's CA certificate (its state dir's tls/ca.crt), for a
+    /// gateway whose client config this machine does not have.
+    #[arg(long, global = true, env = "OPENSHELL_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     pub output: Output,
@@ -49,6 +49,10 @@ pub enum Command {
     /// Manages driver plugins (WebAssembly components).
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Carries one SSH connection to a sandbox over stdin and stdout: the
+    /// ProxyCommand that `openshell sandbox ssh-config` writes.
+    #[command(hide = true)]
+    SshProxy { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,6 +86,9 @@ pub struct GatewayStart {
     /// Accept requests without a token (development only).
     #[arg(long)]
     pub disable_gateway_auth: bool,
+    /// Extra DNS name or IP address for the server certificate (repeatable).
+    #[arg(long = "tls-san")]
+    pub tls_sans: Vec<String>,
     /// Seconds one driver plugin call may run before it is abandoned.
     #[arg(long, default_value_t = 10)]
     pub plugin_call_timeout_secs: u64,
@@ -100,6 +107,12 @@ pub struct GatewayStart {
     /// Seconds without traffic after which a relay is closed.
     #[arg(long, default_value_t = 3600)]
     pub relay_idle_timeout_secs: u64,
+    /// Sandboxes that may exist at once; past it creates get RESOURCE_EXHAUSTED with a retry hint.
+    #[arg(long, env = "OPENSHELL_MAX_SANDBOXES", default_value_t = 256)]
+    pub max_sandboxes: usize,
+    /// Driver launches that may run at once; more wait their turn.
+    #[arg(long, default_value_t = 32)]
+    pub max_concurrent_launches: usize,
     /// The process-sandbox launcher; default: next to this binary.
     #[arg(long, env = "OPENSHELL_LAUNCHER")]
     pub launcher: Option<PathBuf>,
@@ -157,6 +170,9 @@ pub enum SandboxCmd {
         #[arg(long)]
         shell: Option<String>,
     },
+    /// Prints an OpenSSH `Host` block for a Ready sandbox (for `ssh -F`
+    /// or ~/.ssh/config) and pins its host key in a known_hosts file.
+    SshConfig { name: String },
     /// Streams a sandbox's changes.
     Watch {
         name: String,

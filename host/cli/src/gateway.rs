@@ -28,6 +28,7 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         driver_dir: a.driver_dir,
         disable_tls: a.disable_tls,
         disable_auth: a.disable_gateway_auth,
+        tls_sans: a.tls_sans,
         plugin_call_timeout: std::time::Duration::from_secs(a.plugin_call_timeout_secs),
         heartbeat: std::time::Duration::from_millis(a.heartbeat_ms.max(100)),
         relays: openshell_api::relay::RelayLimits {
@@ -38,8 +39,28 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         },
         launcher: a.launcher,
         supervisor: a.supervisor,
+        limits: openshell_api::runtime::SandboxLimits {
+            max_sandboxes: a.max_sandboxes,
+            max_concurrent_launches: a.max_concurrent_launches.max(1),
+        },
     })
     .await?;
+    if gw.client.ca_pem.is_some() || gw.client.token.is_some() {
+        // The local CLI finds this gateway (and trusts it) with no flags.
+        let endpoint = gw.client.endpoint.replace("0.0.0.0", "127.0.0.1");
+        let cfg = crate::config::ClientConfig {
+            endpoint,
+            ca_pem: gw.client.ca_pem.clone(),
+            token: gw.client.token.clone(),
+        };
+        match crate::config::path() {
+            Some(p) => {
+                crate::config::save(&cfg, &p)?;
+                tracing::info!(path = %p.display(), "client config written");
+            }
+            None => tracing::warn!("no HOME or OPENSHELL_CONFIG: client config not written"),
+        }
+    }
     println!("Server listening on {}", gw.addr);
 
     tokio::select! {

@@ -6,11 +6,13 @@
 
 mod args;
 mod client;
+mod config;
 mod exec;
 mod gateway;
 mod output;
 mod plugin;
 mod sandbox;
+mod ssh;
 mod terminal;
 
 use std::process::ExitCode;
@@ -43,20 +45,29 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let target = client::Target {
+        endpoint: cli.gateway_endpoint.clone(),
+        ca_file: cli.ca_file.clone(),
+    };
     match cli.command {
         Command::Gateway(args::GatewayCmd::Start(a)) => gateway::start(a).await,
         Command::Status => {
-            let mut c = client::connect(&cli.gateway_endpoint).await?;
+            let mut c = client::connect(&target).await?;
             let h = c
                 .health(openshell_proto::v1::HealthRequest {})
                 .await
                 .map_err(client::status_error)?
                 .into_inner();
-            output::status(cli.output, &cli.gateway_endpoint, &h);
+            let shown = cli
+                .gateway_endpoint
+                .clone()
+                .unwrap_or_else(|| "the configured gateway".into());
+            output::status(cli.output, &shown, &h);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Sandbox(cmd) => sandbox::run(&cli.gateway_endpoint, cli.output, cmd).await,
-        Command::Plugin(cmd) => plugin::run(&cli.gateway_endpoint, cli.output, cmd).await,
+        Command::Sandbox(cmd) => sandbox::run(&target, cli.output, cmd).await,
+        Command::Plugin(cmd) => plugin::run(&target, cli.output, cmd).await,
+        Command::SshProxy { name } => ssh::proxy(&mut client::connect(&target).await?, name).await,
     }
 }
 

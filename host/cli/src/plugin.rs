@@ -9,7 +9,11 @@ use crate::args::{Output, PluginCmd};
 use crate::client::{connect, status_error};
 use crate::output;
 
-pub async fn run(endpoint: &str, out: Output, cmd: PluginCmd) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    endpoint: &crate::client::Target,
+    out: Output,
+    cmd: PluginCmd,
+) -> anyhow::Result<ExitCode> {
     let mut c = connect(endpoint).await?;
     match cmd {
         PluginCmd::Load { path, name, grants } => {

@@ -12,7 +12,11 @@ use crate::args::{Output, SandboxCmd, SandboxCreate};
 use crate::client::{Client, connect, status_error};
 use crate::output;
 
-pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    endpoint: &crate::client::Target,
+    out: Output,
+    cmd: SandboxCmd,
+) -> anyhow::Result<ExitCode> {
     let mut c = connect(endpoint).await?;
     match cmd {
         SandboxCmd::Create(a) => return create(&mut c, out, a).await,
@@ -84,6 +88,7 @@ pub async fn run(endpoint: &str, out: Output, cmd: SandboxCmd) -> anyhow::Result
             return Ok(exit_code(code));
         }
         SandboxCmd::Connect { name, shell: sh } => return shell(&mut c, name, sh).await,
+        SandboxCmd::SshConfig { name } => return crate::ssh::config(&mut c, endpoint, &name).await,
         SandboxCmd::Watch {
             name,
             until_settled,

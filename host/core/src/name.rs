@@ -102,4 +102,26 @@ mod tests {
             assert_eq!(SandboxName::parse(n.as_str()).as_ref(), Ok(&n));
         }
     }
+
+    proptest::proptest! {
+        /// Fuzzing (issue 8): any input is either refused or a DNS label.
+        #[test]
+        fn parse_never_panics_and_accepts_only_dns_labels(raw in "\\PC{0,80}|[a-z0-9-]{0,70}") {
+            if let Ok(n) = SandboxName::parse(&raw) {
+                let s = n.as_str();
+                proptest::prop_assert!((1..=MAX_NAME_LEN).contains(&s.len()));
+                proptest::prop_assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'));
+                proptest::prop_assert!(!s.starts_with('-') && !s.ends_with('-'));
+                proptest::prop_assert_eq!(s, raw.as_str());
+            }
+        }
+
+        /// Error messages quote at most 80 characters of what was sent.
+        #[test]
+        fn name_errors_are_bounded(raw in "\\PC{0,400}") {
+            if let Err(e) = SandboxName::parse(&raw) {
+                proptest::prop_assert!(e.to_string().chars().count() < 300);
+            }
+        }
+    }
 }

@@ -154,4 +154,57 @@ mod tests {
         assert!(request_id("a b").is_err());
         assert!(request_id(&"a".repeat(129)).is_err());
     }
+
+    use proptest::prelude::*;
+
+    fn arb_env() -> impl Strategy<Value = BTreeMap<String, String>> {
+        prop::collection::btree_map(
+            "\\PC{0,12}|[A-Za-z_][A-Za-z0-9_]{0,10}",
+            "\\PC{0,20}|.*\0.*",
+            0..8,
+        )
+    }
+
+    proptest! {
+        /// Fuzzing (issue 8): accepted environments follow the grammar.
+        #[test]
+        fn accepted_environments_follow_the_grammar(env in arb_env()) {
+            match environment(&env) {
+                Ok(()) => {
+                    prop_assert!(env.len() <= MAX_ENV_VARS);
+                    for (k, v) in &env {
+                        prop_assert!(!k.is_empty());
+                        prop_assert!(k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+                        prop_assert!(!k.as_bytes()[0].is_ascii_digit());
+                        prop_assert!(v.len() <= MAX_ENV_VALUE_LEN && !v.contains('\0'));
+                    }
+                }
+                Err(e) => prop_assert!(e.to_string().len() < 400, "{e}"),
+            }
+        }
+
+        #[test]
+        fn accepted_resources_are_in_range(vcpus: u32, memory_mib: u64, max_processes: u32) {
+            let r = Resources { vcpus, memory_mib, max_processes };
+            if resources(&r).is_ok() {
+                prop_assert!(vcpus <= MAX_VCPUS && max_processes <= MAX_PROCESSES);
+                prop_assert!(memory_mib == 0 || (16..=MAX_MEMORY_MIB).contains(&memory_mib));
+            }
+        }
+
+        #[test]
+        fn accepted_request_ids_are_short_tokens(id in "\\PC{0,140}|[A-Za-z0-9._:-]{0,140}") {
+            if request_id(&id).is_ok() {
+                prop_assert!((1..=MAX_REQUEST_ID_LEN).contains(&id.len()));
+                prop_assert!(id.bytes().all(|b| b.is_ascii_alphanumeric() || b".:_-".contains(&b)));
+            }
+        }
+
+        #[test]
+        fn driver_name_errors_are_bounded(name in "\\PC{0,300}") {
+            if let Err(e) = driver_name(&name) {
+                prop_assert!(e.to_string().chars().count() < 250);
+            }
+        }
+    }
 }

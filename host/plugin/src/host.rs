@@ -16,7 +16,9 @@ use openshell_core::{Event, Resources};
 
 use crate::bindings::types::{self as wit, DriverError, DriverEvent, Isolation};
 use crate::bindings::{ComputeDriver, ComputeDriverPre};
-use crate::caps::{CallState, HostEvent, ProcessConfig, ProcessTable, SandboxScope, Services};
+use crate::caps::{
+    CallState, HostEvent, ProcessConfig, ProcessTable, SandboxScope, Services, VmConfig, VmTable,
+};
 use crate::grants::{self, Capability, GrantError};
 
 /// Largest state blob a driver may ask the host to keep.
@@ -42,6 +44,8 @@ pub struct PluginHostConfig {
     pub supervisor: Option<PathBuf>,
     /// Host uid that a process sandbox's root maps to.
     pub uid_base: u32,
+    /// The VM runtime and backend choice, for VM sandboxes.
+    pub vm: VmConfig,
 }
 
 impl PluginHostConfig {
@@ -55,6 +59,7 @@ impl PluginHostConfig {
             launcher: None,
             supervisor: None,
             uid_base: 100_000,
+            vm: VmConfig::default(),
         }
     }
 }
@@ -253,6 +258,7 @@ impl PluginHost {
             uid_base: config.uid_base,
         };
         let services = Arc::new(Services {
+            vms: VmTable::new(events.clone(), config.vm.clone()),
             processes: ProcessTable::new(events, process_cfg),
             io_timeout: config.io_timeout,
         });
@@ -271,6 +277,10 @@ impl PluginHost {
 
     pub fn processes(&self) -> &ProcessTable {
         &self.shared.services.processes
+    }
+
+    pub fn vms(&self) -> &VmTable {
+        &self.shared.services.vms
     }
 
     /// Validates, grant-checks and compiles `bytes`, stores them under the
@@ -681,5 +691,79 @@ fn from_driver_error(e: DriverError) -> CallError {
             reason: driver_reason(&f.reason),
             message: driver_message(&f.message),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Fuzzing (issue 8): whatever a plugin returns, the domain sees only
+    //! safe values and never readiness.
+    use super::*;
+    use openshell_core::phase::MAX_MESSAGE_LEN;
+    use openshell_core::{Phase, Status};
+    use proptest::prelude::*;
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof!["\\PC{0,40}", "(?s).{0,1500}", "[A-Z][A-Za-z0-9]{0,70}"]
+    }
+
+    fn arb_driver_event() -> impl Strategy<Value = DriverEvent> {
+        prop_oneof![
+            text().prop_map(DriverEvent::Starting),
+            text().prop_map(DriverEvent::Progress),
+            (text(), text())
+                .prop_map(|(reason, message)| DriverEvent::Failed(wit::Failure { reason, message })),
+            any::<i32>().prop_map(DriverEvent::Exited),
+        ]
+    }
+
+    fn arb_driver_error() -> impl Strategy<Value = DriverError> {
+        prop_oneof![
+            text().prop_map(DriverError::Invalid),
+            text().prop_map(DriverError::Unsupported),
+            (text(), text())
+                .prop_map(|(reason, message)| DriverError::Failed(wit::Failure { reason, message })),
+        ]
+    }
+
+    fn safe(s: &str) -> bool {
+        s.len() <= MAX_MESSAGE_LEN && !s.chars().any(char::is_control)
+    }
+
+    proptest! {
+        #[test]
+        fn plugin_events_never_make_a_sandbox_ready_and_are_stored_sanitised(
+            e in arb_driver_event(),
+            connected: bool,
+        ) {
+            let mut before = Status::provisioning(0);
+            if connected {
+                before = openshell_core::apply(&before, &Event::SupervisorConnected, 1).unwrap();
+            }
+            let event = to_event(e);
+            prop_assert!(!matches!(event, Event::SupervisorConnected));
+            if let Ok(after) = openshell_core::apply(&before, &event, 2) {
+                if before.phase != Phase::Ready {
+                    prop_assert_ne!(after.phase, Phase::Ready);
+                }
+                if let Some(d) = &after.driver {
+                    prop_assert!(safe(&d.message), "{:?}", d.message);
+                    prop_assert!(safe(&d.reason) && d.reason.len() <= 64, "{:?}", d.reason);
+                }
+            }
+        }
+
+        #[test]
+        fn plugin_errors_are_sanitised(e in arb_driver_error()) {
+            match from_driver_error(e) {
+                CallError::Invalid(m) | CallError::Unsupported(m) => prop_assert!(safe(&m)),
+                CallError::Failed { reason, message } => {
+                    prop_assert!(safe(&message));
+                    prop_assert!((1..=64).contains(&reason.len()));
+                    prop_assert!(reason.chars().all(|c| c.is_ascii_alphanumeric()));
+                }
+                other => prop_assert!(false, "unexpected {other:?}"),
+            }
+        }
     }
 }

@@ -18,8 +18,9 @@ pub mod host_limits {
     pub use crate::host::{MAX_COMPONENT, MAX_STATE};
 }
 
-pub use caps::{HostEvent, ProcessConfig, ProcessTable};
+pub use caps::{HostEvent, ProcessConfig, ProcessTable, VmConfig, VmTable};
 pub use grants::{Capability, GrantError};
 pub use host::{
     CallError, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost, PluginHostConfig,
 };
+pub use openshell_vm::runtime::{Backend as VmBackend, BackendChoice as VmBackendChoice};

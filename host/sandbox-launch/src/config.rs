@@ -452,4 +452,96 @@ mod tests {
             crate::error::one_line(self)
         }
     }
+
+    mod fuzz {
+        //! Fuzzing (issue 8): the parser never panics, and whatever it
+        //! accepts is safe to turn into paths, cgroup names and uid maps.
+        use super::*;
+        use proptest::prelude::*;
+
+        fn arb_path() -> impl Strategy<Value = String> {
+            // Mostly plausible paths, so that many configs are accepted.
+            prop_oneof![
+                40 => "/[a-z]{1,8}(/[a-z.]{1,8}){0,3}",
+                1 => "/[a-z./]{0,20}",
+                1 => "\\PC{0,20}",
+                1 => Just("/".to_owned()),
+                1 => Just("/a/../b".to_owned()),
+                1 => Just("/a\0b".to_owned()),
+            ]
+        }
+
+        fn arb_config() -> impl Strategy<Value = Value> {
+            (
+                (
+                    prop_oneof![8 => "[a-z0-9_-]{1,64}", 1 => "\\PC{0,70}"],
+                    prop_oneof![8 => "[a-z0-9.-]{1,64}", 1 => "\\PC{0,70}"],
+                ),
+                (arb_path(), arb_path(), arb_path(), arb_path()),
+                prop::collection::vec("\\PC{0,8}", 0..3),
+                prop::collection::vec(("\\PC{0,8}", "\\PC{0,8}"), 0..3),
+                (
+                    any::<u32>(),
+                    any::<bool>(),
+                    any::<u64>(),
+                    any::<u64>(),
+                    any::<u64>(),
+                ),
+            )
+                .prop_map(
+                    |((id, host), (state, work, run, program), args, env, nums)| {
+                        json!({
+                            "sandbox_id": id, "hostname": host, "state_dir": state,
+                            "workdir": work, "run_dir": run, "program": program,
+                            "args": args, "env": env, "uid_base": nums.0,
+                            "isolate_network": nums.1, // Ranges a little past each limit, so both sides are hit.
+                            "memory_mib": nums.2 % (9 << 40),
+                            "max_processes": nums.3 % (9 << 19), "cpu_millis": nums.4 % 1_100_000,
+                        })
+                    },
+                )
+        }
+
+        #[test]
+        fn the_generator_reaches_accepted_configs() {
+            use proptest::strategy::ValueTree;
+            let mut runner = proptest::test_runner::TestRunner::deterministic();
+            let accepted = (0..200)
+                .filter(|_| {
+                    let v = arb_config().new_tree(&mut runner).unwrap().current();
+                    parse(&v.to_string()).is_ok()
+                })
+                .count();
+            assert!(
+                accepted >= 20,
+                "only {accepted}/200 generated configs parse"
+            );
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_text_never_panics(raw in "\\PC{0,200}") {
+                let _ = parse(&raw);
+            }
+
+            #[test]
+            fn accepted_configs_are_safe(config in arb_config()) {
+                let Ok(c) = parse(&config.to_string()) else { return Ok(()) };
+                for p in [&c.state_dir, &c.workdir, &c.run_dir, &c.program] {
+                    prop_assert!(p.is_absolute() && p.as_os_str() != "/");
+                    prop_assert!(!p.components().any(|x| x == Component::ParentDir));
+                    prop_assert!(!p.as_os_str().as_encoded_bytes().contains(&0));
+                }
+                prop_assert!((1..=64).contains(&c.sandbox_id.len()));
+                prop_assert!(c.sandbox_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'));
+                prop_assert!(c.hostname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+                prop_assert!(c.uid_base >= ID_RANGE && c.uid_base.checked_add(ID_RANGE).is_some());
+                prop_assert!(!c.program_name().is_empty());
+                prop_assert!(c.memory_bytes().is_none_or(|b| b <= i64::MAX as u64));
+                for (k, v) in &c.env {
+                    prop_assert!(!k.is_empty() && !k.contains(['=', '\0']) && !v.contains('\0'));
+                }
+            }
+        }
+    }
 }

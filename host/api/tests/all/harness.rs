@@ -28,7 +28,24 @@ impl TestGateway {
 
     /// A gateway on `state`, with the database given or the default SQLite file.
     pub async fn start_on(state: &Path, db_url: Option<&str>) -> Self {
-        let gw = Gateway::start(GatewayConfig {
+        Self::start_with(Self::config(state, db_url)).await
+    }
+
+    /// A gateway with a configuration made by [`Self::config`] and then changed.
+    pub async fn start_with(cfg: GatewayConfig) -> Self {
+        let gw = Gateway::start(cfg).await.expect("gateway starts");
+        let client = client(&format!("http://{}", gw.addr)).await;
+        Self {
+            gw: Some(gw),
+            client,
+            _tmp: None,
+        }
+    }
+
+    /// What every test gateway runs with: tight relay limits and a short
+    /// heartbeat so tests see their effects quickly.
+    pub fn config(state: &Path, db_url: Option<&str>) -> GatewayConfig {
+        GatewayConfig {
             bind: "127.0.0.1".parse().unwrap(),
             port: 0,
             db_url: db_url.map(str::to_owned),
@@ -39,6 +56,7 @@ impl TestGateway {
             disable_auth: true,
             plugin_call_timeout: Duration::from_secs(2),
             heartbeat: Duration::from_millis(300),
+            tls_sans: vec![],
             relays: openshell_api::relay::RelayLimits {
                 per_sandbox: 2,
                 total: 3,
@@ -47,14 +65,7 @@ impl TestGateway {
             },
             launcher: Some(bin("openshell-sandbox-launch")),
             supervisor: Some(bin("openshell-supervisor")),
-        })
-        .await
-        .expect("gateway starts");
-        let client = client(&format!("http://{}", gw.addr)).await;
-        Self {
-            gw: Some(gw),
-            client,
-            _tmp: None,
+            limits: Default::default(),
         }
     }
 

@@ -2,6 +2,7 @@
 //! SQLite, real driver components built from `drivers/`.
 
 mod harness;
+mod load;
 mod plugins;
 mod process;
 mod readiness;

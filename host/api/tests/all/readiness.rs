@@ -45,6 +45,7 @@ impl FakeSupervisor {
                 sandbox_id: id.into(),
                 instance_id: "test".into(),
                 secret: secret.into(),
+                ssh_host_key: String::new(),
             })),
         })
         .await
@@ -165,6 +166,23 @@ async fn a_wrong_secret_or_another_sandboxes_id_is_rejected_and_changes_nothing(
 }
 
 #[tokio::test]
+async fn a_sandboxes_socket_serves_no_user_api() {
+    let mut gw = TestGateway::start().await;
+    let id = sandbox_with_secret(&mut gw, "nu", "s").await;
+    let socket = gw.runtime().plugins.supervisor_socket(&id);
+    let mut user =
+        openshell_proto::v1::open_shell_client::OpenShellClient::new(unix_channel(socket).await);
+    let err = user.health(pb::HealthRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+    let err = user
+        .list_sandboxes(pb::ListSandboxesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+    gw.stop().await;
+}
+
+#[tokio::test]
 async fn a_newer_session_supersedes_and_the_old_ones_end_does_not_demote() {
     let mut gw = TestGateway::start().await;
     let id = sandbox_with_secret(&mut gw, "r3", "s").await;
@@ -194,7 +212,7 @@ async fn a_session_registered_before_the_driver_update_is_backfilled() {
         1,
     );
     let (tx, _rx) = mpsc::channel(1);
-    let _session = rt.sessions.register(sb.id, tx);
+    let _session = rt.sessions.register(sb.id, tx, String::new());
     rt.store.insert_sandbox(&sb).await.unwrap();
     rt.apply(
         sb.id,

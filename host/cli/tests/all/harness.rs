@@ -31,6 +31,11 @@ where
             cmd.env_remove(var);
         }
     }
+    // Never read (or write) the developer's own client config.
+    cmd.env(
+        "OPENSHELL_CONFIG",
+        "/nonexistent/openshell-test/config.json",
+    );
     cmd.args(args).stdin(Stdio::null());
     cmd
 }
@@ -111,6 +116,8 @@ pub struct Gateway {
     /// The line it printed when ready.
     pub ready_line: String,
     log: PathBuf,
+    /// The client config a secure gateway wrote (TLS and auth on).
+    pub config: Option<PathBuf>,
 }
 
 impl Gateway {
@@ -129,14 +136,29 @@ impl Gateway {
     /// --disable-tls --disable-gateway-auth EXTRA...` and waits until it says
     /// where it listens. Its log goes to `DIR/gateway-N.log`.
     pub fn start(dir: &Path, extra: &[&str]) -> Gateway {
+        let mut args = vec!["--disable-tls", "--disable-gateway-auth"];
+        args.extend_from_slice(extra);
+        Gateway::launch(dir, &args, None)
+    }
+
+    /// A gateway with the secure defaults (TLS and a token), whose client
+    /// config goes to `DIR/config.json`.
+    pub fn secure(dir: &Path, extra: &[&str]) -> Gateway {
+        Gateway::launch(dir, extra, Some(dir.join("config.json")))
+    }
+
+    fn launch(dir: &Path, extra: &[&str], config: Option<PathBuf>) -> Gateway {
         let log = (0..)
             .map(|n| dir.join(format!("gateway-{n}.log")))
             .find(|p| !p.exists())
             .expect("a free log file name");
         let state = dir.join("state");
-        let mut child = openshell(["gateway", "start", "--port", "0", "--state-dir"])
+        let mut cmd = openshell(["gateway", "start", "--port", "0", "--state-dir"]);
+        if let Some(c) = &config {
+            cmd.env("OPENSHELL_CONFIG", c);
+        }
+        let mut child = cmd
             .arg(&state)
-            .args(["--disable-tls", "--disable-gateway-auth"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(File::create(&log).expect("create the gateway log"))
@@ -158,12 +180,14 @@ impl Gateway {
             addr.starts_with("127.0.0.1:"),
             "the gateway should listen on loopback by default: {ready_line:?}"
         );
+        let scheme = if config.is_some() { "https" } else { "http" };
         Gateway {
             process,
             stdout,
-            endpoint: format!("http://{addr}"),
+            endpoint: format!("{scheme}://{addr}"),
             ready_line,
             log,
+            config,
         }
     }
 
@@ -180,7 +204,11 @@ impl Gateway {
         S: AsRef<std::ffi::OsStr>,
     {
         let mut cmd = openshell(args);
-        cmd.env("OPENSHELL_GATEWAY_ENDPOINT", &self.endpoint);
+        match &self.config {
+            // As a user on the gateway's machine: no flags, the saved config.
+            Some(c) => cmd.env("OPENSHELL_CONFIG", c),
+            None => cmd.env("OPENSHELL_GATEWAY_ENDPOINT", &self.endpoint),
+        };
         cmd
     }
 

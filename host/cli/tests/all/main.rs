@@ -11,4 +11,5 @@ mod harness;
 mod process;
 mod restart;
 mod sandbox;
+mod security;
 mod shell;

@@ -163,4 +163,24 @@ proptest! {
             }
         }
     }
+
+}
+
+proptest! {
+    /// Fuzzing (issue 8): whatever a driver says, what is stored and shown
+    /// is a short CamelCase reason and a bounded, control-free message.
+    #[test]
+    fn driver_reasons_and_messages_are_always_safe(raw in "\\PC{0,100}|[A-Z][A-Za-z0-9]{0,70}|(?s).{0,2000}") {
+        let reason = driver_reason(&raw);
+        prop_assert!((1..=64).contains(&reason.len()));
+        prop_assert!(reason.starts_with(|c: char| c.is_ascii_uppercase()));
+        prop_assert!(reason.chars().all(|c| c.is_ascii_alphanumeric()));
+        prop_assert!(reason == raw || reason == "DriverFailed");
+        let message = driver_message(&raw);
+        prop_assert!(message.len() <= MAX_MESSAGE_LEN);
+        prop_assert!(!message.chars().any(char::is_control));
+        if raw.len() <= MAX_MESSAGE_LEN && !raw.chars().any(char::is_control) {
+            prop_assert_eq!(&message, &raw);
+        }
+    }
 }

@@ -8,7 +8,7 @@
 mod files;
 mod log;
 pub mod process;
-mod vm;
+pub mod vm;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,7 +18,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 pub use process::{HostEvent, ProcessConfig, ProcessHandle, ProcessTable};
-pub use vm::{NetworkHandle, RootfsHandle, VmHandle};
+pub use vm::{NetworkHandle, RootfsHandle, VmConfig, VmHandle, VmTable};
 
 use crate::bindings::types::CapError;
 
@@ -37,6 +37,7 @@ pub struct SandboxScope {
 /// Host-side services shared by every call.
 pub struct Services {
     pub processes: ProcessTable,
+    pub vms: VmTable,
     /// Deadline for one capability call that does I/O.
     pub io_timeout: Duration,
 }

@@ -244,6 +244,18 @@ impl ProcessTable {
     }
 }
 
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let _ = std::fs::remove_file(path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(bytes)
+}
+
 /// A workdir must be a plain relative path: no `..`, no root, no prefix.
 fn check_relative(path: &str) -> Result<(), CapError> {
     let p = Path::new(path);
@@ -304,8 +316,9 @@ impl CallState {
             "max_processes": c.max_processes,
             "cpu_millis": c.cpu_millis,
         });
+        // It carries the sandbox's secret: readable by the gateway's user only.
         let config_path = state.join("launch.json");
-        std::fs::write(&config_path, config.to_string())
+        write_private(&config_path, config.to_string().as_bytes())
             .map_err(|e| CapError::Failed(format!("cannot write the launch config: {e}")))?;
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -1,0 +1,128 @@
+//! The VM driver: runs a sandbox's supervisor inside a microVM with its own
+//! kernel.
+//!
+//! Policy only. The host's `network` capability starts a confined gvproxy
+//! whose one reachable peer is this sandbox's supervisor socket; `rootfs`
+//! stages the guest's initramfs; `vm` boots it on whichever backend the
+//! host's probe chose (libkrun, QEMU/KVM or QEMU/TCG). The guest's
+//! supervisor dials the gateway through gvproxy, and the gateway alone
+//! decides when the sandbox is Ready. The pure rules are in [`policy`].
+
+mod policy;
+
+mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "compute-driver",
+        additional_derives: [PartialEq],
+    });
+}
+
+use bindings::exports::openshell::compute::driver::{
+    DriverError, DriverInfo, Guest, HostEvent, LaunchContext, Outcome, SandboxSpec,
+};
+use bindings::openshell::compute::log::{self, Level};
+use bindings::openshell::compute::types::{CapError, DriverEvent, Failure, Isolation};
+use bindings::openshell::compute::vm::{self, VmStatus};
+use bindings::openshell::compute::{network, rootfs};
+
+/// How long the VM gets to exit after SIGTERM before SIGKILL.
+const STOP_GRACE_MS: u32 = 5_000;
+
+struct VmDriver;
+
+impl Guest for VmDriver {
+    fn describe() -> DriverInfo {
+        DriverInfo {
+            name: "vm".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            description: "Runs the sandbox supervisor in a microVM with its own kernel \
+                          (libkrun or QEMU), networked only to the gateway through gvproxy."
+                .into(),
+            isolation: Isolation::Vm,
+        }
+    }
+
+    fn validate(spec: SandboxSpec) -> Result<(), DriverError> {
+        policy::validate(&spec)
+    }
+
+    fn create(
+        spec: SandboxSpec,
+        ctx: LaunchContext,
+        state: Vec<u8>,
+    ) -> Result<Outcome, DriverError> {
+        launch(&spec, &ctx, state)
+    }
+
+    fn resume(
+        spec: SandboxSpec,
+        ctx: LaunchContext,
+        state: Vec<u8>,
+    ) -> Result<Outcome, DriverError> {
+        if vm::current().is_some_and(|v| v.status() == VmStatus::Running) {
+            return Ok(Outcome {
+                events: vec![DriverEvent::Progress("VM already running".into())],
+                state,
+            });
+        }
+        launch(&spec, &ctx, state)
+    }
+
+    fn delete(_spec: SandboxSpec, _state: Vec<u8>) -> Result<(), DriverError> {
+        // Stopping the VM also stops its gvproxy; the state directory is
+        // the host's to remove.
+        if let Some(machine) = vm::current() {
+            machine
+                .stop(STOP_GRACE_MS)
+                .map_err(|e| failed("StopFailed", "stopping the VM", &e))?;
+        }
+        Ok(())
+    }
+
+    fn on_event(
+        _spec: SandboxSpec,
+        state: Vec<u8>,
+        event: HostEvent,
+    ) -> Result<Outcome, DriverError> {
+        Ok(Outcome {
+            events: vec![policy::driver_event(event)],
+            state,
+        })
+    }
+}
+
+/// Network first (its endpoint goes into the guest's environment), then
+/// the rootfs, then the VM.
+fn launch(spec: &SandboxSpec, ctx: &LaunchContext, state: Vec<u8>) -> Result<Outcome, DriverError> {
+    policy::validate(spec)?;
+    let net = network::start().map_err(|e| failed("NetworkFailed", "starting the VM network", &e))?;
+    let root = rootfs::stage().map_err(|e| failed("RootfsFailed", "staging the root filesystem", &e))?;
+    let plan = policy::vm_spec(spec, ctx, &net.guest_endpoint());
+    let machine = vm::launch(&plan, &root, &net)
+        .map_err(|e| failed("LaunchFailed", "launching the VM", &e))?;
+    let backend = machine.backend();
+    log::log(
+        Level::Info,
+        &format!(
+            "booting VM for sandbox {} on {} ({} vcpus, {} MiB)",
+            spec.name,
+            policy::backend_name(backend),
+            plan.vcpus,
+            plan.memory_mib
+        ),
+    );
+    Ok(Outcome {
+        events: vec![DriverEvent::Starting(policy::booting_message(backend))],
+        state,
+    })
+}
+
+fn failed(reason: &str, doing: &str, error: &CapError) -> DriverError {
+    DriverError::Failed(Failure {
+        reason: reason.into(),
+        message: format!("{doing}: {}", policy::describe_cap_error(error)),
+    })
+}
+
+bindings::export!(VmDriver with_types_in bindings);

@@ -1,0 +1,143 @@
+//! SshTunnel and GetSshHostKey: an SSH connection to a sandbox is a relay
+//! like exec's, whose frames are raw SSH bytes. The SSH server is the
+//! sandbox's supervisor; it has no port, and the caller of this RPC is who
+//! was authenticated (the in-sandbox server accepts any SSH login).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use openshell_proto::v1 as pb;
+use pb::ssh_tunnel_frame::Frame as T;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Status, Streaming};
+
+use crate::error::{ApiError, to_status};
+use crate::relay::{self, Activity};
+use crate::runtime::ComputeRuntime;
+
+/// How long a client has to name the sandbox.
+const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn data(bytes: Vec<u8>) -> pb::RelayFrame {
+    pb::RelayFrame {
+        frame: Some(pb::relay_frame::Frame::Data(bytes)),
+    }
+}
+
+pub async fn tunnel(
+    runtime: Arc<ComputeRuntime>,
+    mut inbound: Streaming<pb::SshTunnelFrame>,
+) -> Result<ReceiverStream<Result<pb::SshTunnelFrame, Status>>, Status> {
+    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, inbound.message())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no `sandbox` frame within 30 s"))??;
+    let Some(pb::SshTunnelFrame {
+        frame: Some(T::Sandbox(sandbox)),
+    }) = first
+    else {
+        return Err(Status::invalid_argument(
+            "the first SshTunnel frame must be `sandbox`",
+        ));
+    };
+    let conn = relay::open(
+        &runtime,
+        &sandbox,
+        pb::relay_open::Purpose::Ssh(pb::SshTunnel {}),
+    )
+    .await
+    .map_err(to_status)?;
+
+    let (out_tx, out_rx) = mpsc::channel(64);
+    let to_sandbox = conn.to_sandbox;
+    let activity = Activity::new();
+    let activity_in = activity.clone();
+    // Ends the client → sandbox pump when the sandbox side is done.
+    let (done_tx, mut done_rx) = oneshot::channel::<()>();
+    // Client → sandbox. When the client closes its stream (or the sandbox
+    // side ends), dropping `to_sandbox` closes the relay towards the
+    // supervisor, which ends the SSH session.
+    tokio::spawn(async move {
+        loop {
+            let m = tokio::select! {
+                m = inbound.message() => m,
+                _ = &mut done_rx => return,
+            };
+            match m {
+                Ok(Some(pb::SshTunnelFrame {
+                    frame: Some(T::Data(bytes)),
+                })) => {
+                    activity_in.touch();
+                    if to_sandbox.send(data(bytes)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return,
+            }
+        }
+    });
+    // Sandbox → client, until the supervisor closes its half (the SSH
+    // session is over): then the client's stream ends OK.
+    let mut from_sandbox = conn.from_sandbox;
+    let idle = runtime.relays.limits.idle_timeout;
+    tokio::spawn(async move {
+        let _done = done_tx;
+        let mut check = tokio::time::interval(idle / 4);
+        loop {
+            let frame = tokio::select! {
+                f = from_sandbox.message() => f,
+                _ = out_tx.closed() => return,
+                _ = check.tick() => {
+                    if activity.idle() >= idle {
+                        let _ = out_tx.send(Err(Status::deadline_exceeded(format!(
+                            "the SSH connection was idle for {} s and was closed", idle.as_secs()
+                        )))).await;
+                        return;
+                    }
+                    continue;
+                }
+            };
+            activity.touch();
+            match frame {
+                Ok(Some(pb::RelayFrame {
+                    frame: Some(pb::relay_frame::Frame::Data(bytes)),
+                })) => {
+                    let out = pb::SshTunnelFrame {
+                        frame: Some(T::Data(bytes)),
+                    };
+                    if out_tx.send(Ok(out)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(s) => {
+                    let _ = out_tx
+                        .send(Err(Status::unavailable(format!(
+                            "the sandbox's supervisor went away mid-connection ({})",
+                            s.message()
+                        ))))
+                        .await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(ReceiverStream::new(out_rx))
+}
+
+/// The host key the sandbox's live supervisor reported.
+pub async fn host_key(runtime: &ComputeRuntime, sandbox: &str) -> Result<String, ApiError> {
+    let sb = runtime.find(sandbox).await?;
+    let name = &sb.name;
+    match runtime.sessions.get(sb.id) {
+        Some(s) if !s.ssh_host_key.is_empty() => Ok(s.ssh_host_key),
+        Some(_) => Err(ApiError::FailedPrecondition(format!(
+            "sandbox {name}'s supervisor has no SSH server (it reported no host key); recreate the sandbox with a current supervisor"
+        ))),
+        None => Err(ApiError::FailedPrecondition(format!(
+            "sandbox {name}'s supervisor is not connected, so its SSH host key is unknown; wait until it is Ready (`openshell sandbox watch {name} --until-settled`)"
+        ))),
+    }
+}
