@@ -54,5 +54,26 @@ grpc-generic:
 bench: build
     cargo run -q -p openshell-bench -- --write BENCHMARKS.md
 
-# What CI runs.
-ci: lint test
+# Stage the VM runtime and build the guest initramfs (both idempotent).
+vm-stage: vm-setup vm-rootfs
+
+# What CI runs: lint, stage the VM runtime, every test (the VM one must
+# run), then the VM end-to-end smoke in both modes.
+ci: lint vm-stage
+    OPENSHELL_REQUIRE_VM=1 just test
+    just e2e-vm
+    just e2e-vm --secure
+
+# Stage the VM runtime into ./runtime (QEMU, gvproxy, guest kernel, libkrunfw, busybox) and probe the backend.
+vm-setup *args:
+    scripts/vm-setup.sh {{args}}
+
+# Build the VM sandboxes' base initramfs (busybox, guest /init, static musl supervisor).
+vm-rootfs:
+    cargo build -p openshell-supervisor --target x86_64-unknown-linux-musl
+    scripts/vm-rootfs.sh {{target}}/x86_64-unknown-linux-musl/debug/openshell-supervisor
+
+# VM sandboxes end to end on this machine's VM backend (QEMU/TCG here);
+# `just e2e-vm --secure` runs it with TLS and auth on.
+e2e-vm *args:
+    e2e/e2e-vm.sh {{args}}

@@ -6,6 +6,12 @@
 # the gateway log and every console log are printed.
 set -euo pipefail
 
+# --secure: the gateway's defaults (TLS and a token); the CLI finds it
+# through the client config the gateway writes. Default: the plaintext,
+# no-auth development mode the incumbent's e2e uses.
+SECURE=0
+[[ "${1:-}" == "--secure" ]] && SECURE=1
+
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -50,7 +56,10 @@ on_exit() {
 trap on_exit EXIT
 
 t0=$(date +%s.%N)
-OPENSHELL_VM_RUNTIME=$RT "$BIN/openshell" gateway start --drivers vm --disable-tls --disable-gateway-auth \
+INSECURE=(--disable-tls --disable-gateway-auth)
+export OPENSHELL_CONFIG=$STATE/config.json
+((SECURE)) && INSECURE=()
+OPENSHELL_VM_RUNTIME=$RT "$BIN/openshell" gateway start --drivers vm "${INSECURE[@]}" \
     --db-url sqlite::memory: --port 0 --state-dir "$STATE" --driver-dir "$DRIVERS" >"$LOG" 2>&1 &
 GW_PID=$!
 for _ in $(seq 1 300); do
@@ -60,7 +69,12 @@ for _ in $(seq 1 300); do
 done
 ADDR=$(sed -n 's/.*Server listening on \([0-9.:]*\).*/\1/p' "$LOG" | head -1)
 [[ -n "$ADDR" ]] || { say "the gateway never said Server listening"; exit 1; }
-export OPENSHELL_GATEWAY_ENDPOINT=http://$ADDR
+if ((SECURE)); then
+    grep -q '"token"' "$OPENSHELL_CONFIG" || { say "no client config with a token"; exit 1; }
+    say "TLS and auth on; the CLI uses $OPENSHELL_CONFIG"
+else
+    export OPENSHELL_GATEWAY_ENDPOINT=http://$ADDR
+fi
 os() { "$BIN/openshell" "$@"; }
 say "gateway on $ADDR"
 

@@ -278,6 +278,28 @@ def check_rpcs(checks, stub, pb2, wasm):
             return f"FAILED_PRECONDITION: {e.details()}"
         raise AssertionError(f"exec in a sandbox that is not READY answered {got}")
 
+    def ssh_tunnel_not_ready():
+        # Like exec, an SSH tunnel rides a relay the supervisor opens: the
+        # sandbox must be READY first.
+        first = pb2.SshTunnelFrame(sandbox="g1")
+        call = stub.SshTunnel(iter([first]), timeout=TIMEOUT)
+        try:
+            got = list(call)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, describe(e)
+            return f"FAILED_PRECONDITION: {e.details()}"
+        raise AssertionError(f"an SSH tunnel to a sandbox that is not READY answered {got}")
+
+    def get_ssh_host_key_without_supervisor():
+        # The host key is whatever the live supervisor reported; there is none.
+        try:
+            r = stub.GetSshHostKey(pb2.GetSshHostKeyRequest(name="g1"), timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, describe(e)
+            assert "not connected" in e.details(), e.details()
+            return f"FAILED_PRECONDITION: {e.details()}"
+        raise AssertionError(f"a host key without a supervisor: {r}")
+
     def delete_sandbox():
         r = stub.DeleteSandbox(pb2.DeleteSandboxRequest(name="g1"), timeout=TIMEOUT)
         assert r.sandbox.id == state["id"], r
@@ -302,6 +324,8 @@ def check_rpcs(checks, stub, pb2, wasm):
     checks.run("ListSandboxes", list_sandboxes)
     checks.run("WatchSandbox", watch_sandbox)
     checks.run("ExecSandbox in a sandbox that is not READY", exec_sandbox_not_ready)
+    checks.run("SshTunnel to a sandbox that is not READY", ssh_tunnel_not_ready)
+    checks.run("GetSshHostKey without a supervisor", get_ssh_host_key_without_supervisor)
     checks.run("DeleteSandbox", delete_sandbox)
     checks.run("UnloadPlugin", unload_plugin)
 

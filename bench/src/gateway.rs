@@ -234,9 +234,8 @@ pub async fn watch_to_ready(
                 "{name} went to ERROR: {}",
                 sb.conditions
                     .iter()
-                    .map(|c| format!("{}={} {}: {}", c.r#type, c.status, c.reason, c.message))
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                    .find(|c| c.r#type == "Ready")
+                    .map_or(String::new(), |c| format!("{}: {}", c.reason, c.message))
             ),
             _ => {}
         }

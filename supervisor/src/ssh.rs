@@ -208,6 +208,16 @@ impl Drop for Running {
     }
 }
 
+/// A terminal size from the client; 0 (which `ssh -tt` without a local
+/// terminal sends) means unknown, and gets the classic 80x24.
+fn window(rows: u32, cols: u32) -> nix::pty::Winsize {
+    if rows == 0 || cols == 0 {
+        spawn::winsize(24, 80)
+    } else {
+        spawn::winsize(rows, cols)
+    }
+}
+
 /// `bash -l` if the sandbox has bash, else `sh -l`.
 fn login_shell(path: &str) -> Vec<OsString> {
     let bash = path
@@ -404,7 +414,7 @@ impl russh::server::Handler for Connection {
                 } else {
                     term
                 };
-                ch.pty = Some((term.to_owned(), spawn::winsize(row_height, col_width)));
+                ch.pty = Some((term.to_owned(), window(row_height, col_width)));
                 session.channel_success(channel)
             }
             _ => session.channel_failure(channel),
@@ -420,7 +430,7 @@ impl russh::server::Handler for Connection {
         _pix_height: u32,
         session: &mut Session,
     ) -> Result<(), Self::Error> {
-        let ws = spawn::winsize(row_height, col_width);
+        let ws = window(row_height, col_width);
         let Some(ch) = self.channels.get_mut(&channel) else {
             return session.channel_failure(channel);
         };
@@ -500,6 +510,14 @@ mod tests {
         assert_eq!(line.split(' ').count(), 2, "no comment: {line}");
         assert_ne!(line, b.public_key(), "every start makes a new key");
         russh::keys::PublicKey::from_openssh(line).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_terminal_size_is_80x24() {
+        let ws = window(0, 0);
+        assert_eq!((ws.ws_row, ws.ws_col), (24, 80));
+        let ws = window(50, 200);
+        assert_eq!((ws.ws_row, ws.ws_col), (50, 200));
     }
 
     #[test]

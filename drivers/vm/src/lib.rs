@@ -96,8 +96,10 @@ impl Guest for VmDriver {
 /// the rootfs, then the VM.
 fn launch(spec: &SandboxSpec, ctx: &LaunchContext, state: Vec<u8>) -> Result<Outcome, DriverError> {
     policy::validate(spec)?;
-    let net = network::start().map_err(|e| failed("NetworkFailed", "starting the VM network", &e))?;
-    let root = rootfs::stage().map_err(|e| failed("RootfsFailed", "staging the root filesystem", &e))?;
+    let net =
+        network::start().map_err(|e| failed("NetworkFailed", "starting the VM network", &e))?;
+    let root =
+        rootfs::stage().map_err(|e| failed("RootfsFailed", "staging the root filesystem", &e))?;
     let plan = policy::vm_spec(spec, ctx, &net.guest_endpoint());
     let machine = vm::launch(&plan, &root, &net)
         .map_err(|e| failed("LaunchFailed", "launching the VM", &e))?;

@@ -36,7 +36,10 @@ pub fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
                  {RESERVED_PREFIX} are set by the gateway; rename or remove it"
             )));
         }
-        let name_ok = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        let name_ok = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
         if !name_ok || value.contains(['\n', '\r', '\0']) {
             return Err(DriverError::Invalid(format!(
@@ -80,7 +83,11 @@ pub fn vm_spec(spec: &SandboxSpec, ctx: &LaunchContext, guest_endpoint: &str) ->
     let r = &spec.resources;
     VmSpec {
         vcpus: if r.vcpus == 0 { DEFAULT_VCPUS } else { r.vcpus },
-        memory_mib: if r.memory_mib == 0 { DEFAULT_MEMORY_MIB } else { r.memory_mib },
+        memory_mib: if r.memory_mib == 0 {
+            DEFAULT_MEMORY_MIB
+        } else {
+            r.memory_mib
+        },
         environment,
     }
 }
@@ -96,7 +103,9 @@ pub fn backend_name(b: Backend) -> &'static str {
 /// The Starting message; on TCG it says plainly what the user gets.
 pub fn booting_message(b: Backend) -> String {
     match b {
-        Backend::QemuTcg => "booting VM (vm-tcg: the guest has its own kernel but no hardware isolation)".into(),
+        Backend::QemuTcg => {
+            "booting VM (vm-tcg: the guest has its own kernel but no hardware isolation)".into()
+        }
         Backend::Krun | Backend::QemuKvm => format!("booting VM (vm-kvm, {})", backend_name(b)),
     }
 }
@@ -132,13 +141,20 @@ mod tests {
             id: "sb-1".into(),
             name: "alpha".into(),
             environment: env.iter().map(|&(k, v)| (k.into(), v.into())).collect(),
-            resources: Resources { vcpus, memory_mib, max_processes: 0 },
+            resources: Resources {
+                vcpus,
+                memory_mib,
+                max_processes: 0,
+            },
         }
     }
 
     #[test]
     fn an_ordinary_request_is_valid() {
-        assert_eq!(validate(&spec(&[("PATH", "/bin"), ("A", "x y")], 2, 1024)), Ok(()));
+        assert_eq!(
+            validate(&spec(&[("PATH", "/bin"), ("A", "x y")], 2, 1024)),
+            Ok(())
+        );
         assert_eq!(validate(&spec(&[], 0, 0)), Ok(()));
         assert_eq!(validate(&spec(&[], 8, 128)), Ok(()));
         assert_eq!(validate(&spec(&[], 1, 8192)), Ok(()));
@@ -172,17 +188,38 @@ mod tests {
 
     #[test]
     fn reserved_and_unpassable_environment_is_invalid() {
-        for (k, v) in [("OPENSHELL_ENDPOINT", "x"), ("A B", "x"), ("1A", "x"), ("A", "x\ny")] {
-            assert!(matches!(validate(&spec(&[(k, v)], 0, 0)), Err(DriverError::Invalid(_))), "{k:?}");
+        for (k, v) in [
+            ("OPENSHELL_ENDPOINT", "x"),
+            ("A B", "x"),
+            ("1A", "x"),
+            ("A", "x\ny"),
+        ] {
+            assert!(
+                matches!(
+                    validate(&spec(&[(k, v)], 0, 0)),
+                    Err(DriverError::Invalid(_))
+                ),
+                "{k:?}"
+            );
         }
     }
 
     #[test]
     fn the_guest_gets_user_and_gateway_environment_and_defaults() {
-        let ctx = LaunchContext { secret: "s3cret".into() };
-        let v = vm_spec(&spec(&[("A", "1")], 0, 0), &ctx, "http://192.168.127.254:4100");
+        let ctx = LaunchContext {
+            secret: "s3cret".into(),
+        };
+        let v = vm_spec(
+            &spec(&[("A", "1")], 0, 0),
+            &ctx,
+            "http://192.168.127.254:4100",
+        );
         assert_eq!((v.vcpus, v.memory_mib), (1, 512));
-        let env: Vec<(&str, &str)> = v.environment.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let env: Vec<(&str, &str)> = v
+            .environment
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         assert_eq!(
             env,
             [
@@ -203,10 +240,16 @@ mod tests {
 
     #[test]
     fn host_events_map_to_exited_or_poll_failed() {
-        assert_eq!(driver_event(HostEvent::ProcessExited(137)), DriverEvent::Exited(137));
+        assert_eq!(
+            driver_event(HostEvent::ProcessExited(137)),
+            DriverEvent::Exited(137)
+        );
         assert_eq!(
             driver_event(HostEvent::PollFailed("gone".into())),
-            DriverEvent::Failed(Failure { reason: "ProcessPollFailed".into(), message: "gone".into() })
+            DriverEvent::Failed(Failure {
+                reason: "ProcessPollFailed".into(),
+                message: "gone".into()
+            })
         );
     }
 }

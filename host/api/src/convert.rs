@@ -21,8 +21,9 @@ fn status_str(s: ConditionStatus) -> &'static str {
     }
 }
 
-pub fn sandbox(s: &Sandbox) -> pb::Sandbox {
+pub fn sandbox(s: &Sandbox, isolation: &str) -> pb::Sandbox {
     pb::Sandbox {
+        isolation: isolation.to_owned(),
         id: s.id.to_string(),
         name: s.name.to_string(),
         spec: Some(pb::SandboxSpec {

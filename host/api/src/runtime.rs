@@ -163,6 +163,19 @@ impl ComputeRuntime {
         runtime
     }
 
+    /// How strongly a sandbox is isolated, as far as the host knows.
+    pub fn isolation(&self, sb: &Sandbox) -> &'static str {
+        match self.plugins.get(&sb.spec.driver).map(|p| p.info.isolation) {
+            Some("process") => "process",
+            Some(_) => self
+                .plugins
+                .vms()
+                .backend(&sb.id.to_string())
+                .map_or("unknown", |b| b.isolation()),
+            None => "unknown",
+        }
+    }
+
     /// Flips to true when the gateway shuts down.
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()

@@ -255,7 +255,9 @@ impl Gateway {
                 .add_service(reflection)
                 .add_service(reflection_alpha)
                 .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    // Without TCP_NODELAY every small streaming frame (exec
+                    // output, watch events) waits ~40 ms for a delayed ACK.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
                     async move {
                         let _ = stop.wait_for(|s| *s).await;
                     },

@@ -79,7 +79,7 @@ impl OpenShell for Service {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::CreateSandboxResponse {
-            sandbox: Some(convert::sandbox(&sb)),
+            sandbox: Some(convert::sandbox(&sb, self.runtime.isolation(&sb))),
         }))
     }
 
@@ -93,7 +93,7 @@ impl OpenShell for Service {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::GetSandboxResponse {
-            sandbox: Some(convert::sandbox(&sb)),
+            sandbox: Some(convert::sandbox(&sb, self.runtime.isolation(&sb))),
         }))
     }
 
@@ -121,7 +121,10 @@ impl OpenShell for Service {
             .await
             .map_err(|e| to_status(e.into()))?;
         Ok(Response::new(pb::ListSandboxesResponse {
-            sandboxes: page.iter().map(convert::sandbox).collect(),
+            sandboxes: page
+                .iter()
+                .map(|sb| convert::sandbox(sb, self.runtime.isolation(sb)))
+                .collect(),
             total,
         }))
     }
@@ -136,7 +139,7 @@ impl OpenShell for Service {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::DeleteSandboxResponse {
-            sandbox: Some(convert::sandbox(&sb)),
+            sandbox: Some(convert::sandbox(&sb, self.runtime.isolation(&sb))),
         }))
     }
 
@@ -177,7 +180,7 @@ impl OpenShell for Service {
                             sent_rev = sb.revision;
                             let ev = pb::WatchSandboxEvent {
                                 event: Some(pb::watch_sandbox_event::Event::Sandbox(
-                                    convert::sandbox(&sb),
+                                    convert::sandbox(&sb, runtime.isolation(&sb)),
                                 )),
                             };
                             if tx.send(Ok(ev)).await.is_err() {

@@ -33,6 +33,7 @@ pub fn sandbox_json(s: &pb::Sandbox) -> Value {
         "created_at_ms": s.created_at_ms,
         "updated_at_ms": s.updated_at_ms,
         "revision": s.revision,
+        "isolation": s.isolation,
     })
 }
 
@@ -69,6 +70,7 @@ pub fn sandbox(out: Output, s: &pb::Sandbox) {
     println!("Id:       {}", s.id);
     println!("Phase:    {}", phase_name(s.phase));
     println!("Driver:   {}", spec.driver);
+    println!("Isolation: {}", s.isolation);
     println!("Revision: {}", s.revision);
     if !spec.environment.is_empty() {
         let mut keys: Vec<_> = spec.environment.keys().collect();

@@ -254,6 +254,12 @@ async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result
         return Ok(ExitCode::SUCCESS);
     }
     let ready = wait_ready(c, &sb.name, Duration::from_secs(a.timeout)).await?;
+    if ready.isolation == "vm-tcg" {
+        eprintln!(
+            "notice: {} runs under software emulation (TCG): its own kernel, but no hardware isolation",
+            ready.name
+        );
+    }
     if a.command.is_empty() {
         output::sandbox(out, &ready);
         return Ok(ExitCode::SUCCESS);

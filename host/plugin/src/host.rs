@@ -711,8 +711,10 @@ mod tests {
         prop_oneof![
             text().prop_map(DriverEvent::Starting),
             text().prop_map(DriverEvent::Progress),
-            (text(), text())
-                .prop_map(|(reason, message)| DriverEvent::Failed(wit::Failure { reason, message })),
+            (text(), text()).prop_map(|(reason, message)| DriverEvent::Failed(wit::Failure {
+                reason,
+                message
+            })),
             any::<i32>().prop_map(DriverEvent::Exited),
         ]
     }
@@ -721,8 +723,10 @@ mod tests {
         prop_oneof![
             text().prop_map(DriverError::Invalid),
             text().prop_map(DriverError::Unsupported),
-            (text(), text())
-                .prop_map(|(reason, message)| DriverError::Failed(wit::Failure { reason, message })),
+            (text(), text()).prop_map(|(reason, message)| DriverError::Failed(wit::Failure {
+                reason,
+                message
+            })),
         ]
     }
 

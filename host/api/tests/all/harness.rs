@@ -1,6 +1,7 @@
 //! Starting gateways and finding driver components for tests.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_api::{Gateway, GatewayConfig};
@@ -14,6 +15,19 @@ pub struct TestGateway {
     pub gw: Option<Gateway>,
     pub client: Client,
     _tmp: Option<tempfile::TempDir>,
+    /// Shared by every gateway, held alone by [`TestGateway::start_alone`].
+    _turn: Option<Turn>,
+}
+
+/// Tests run in parallel, but a load test saturates this machine's CPUs
+/// and would make latency assertions elsewhere fail: it runs alone.
+static TURNS: std::sync::LazyLock<Arc<tokio::sync::RwLock<()>>> =
+    std::sync::LazyLock::new(Default::default);
+
+#[allow(dead_code, reason = "held, never read")]
+enum Turn {
+    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
+    Alone(tokio::sync::OwnedRwLockWriteGuard<()>),
 }
 
 impl TestGateway {
@@ -33,12 +47,25 @@ impl TestGateway {
 
     /// A gateway with a configuration made by [`Self::config`] and then changed.
     pub async fn start_with(cfg: GatewayConfig) -> Self {
+        let turn = Turn::Shared(TURNS.clone().read_owned().await);
+        Self::start_in_turn(cfg, turn).await
+    }
+
+    /// Like [`Self::start_with`], once no other test gateway runs, and
+    /// keeping others from starting until this one is dropped.
+    pub async fn start_alone(cfg: GatewayConfig) -> Self {
+        let turn = Turn::Alone(TURNS.clone().write_owned().await);
+        Self::start_in_turn(cfg, turn).await
+    }
+
+    async fn start_in_turn(cfg: GatewayConfig, turn: Turn) -> Self {
         let gw = Gateway::start(cfg).await.expect("gateway starts");
         let client = client(&format!("http://{}", gw.addr)).await;
         Self {
             gw: Some(gw),
             client,
             _tmp: None,
+            _turn: Some(turn),
         }
     }
 
@@ -76,6 +103,7 @@ impl TestGateway {
             gw: None,
             client: client(&format!("http://{addr}")).await,
             _tmp: None,
+            _turn: None,
         }
     }
 

@@ -173,7 +173,7 @@ async fn two_hundred_clients_create_exec_and_delete_with_backpressure_and_nothin
         max_sandboxes: MAX_SANDBOXES,
         max_concurrent_launches: MAX_LAUNCHES,
     };
-    let mut gw = TestGateway::start_with(cfg).await;
+    let mut gw = TestGateway::start_alone(cfg).await;
     let wasm = std::fs::read(crate::harness::wasm("openshell-driver-process")).unwrap();
     gw.client
         .load_plugin(pb::LoadPluginRequest {

@@ -8,3 +8,4 @@ mod process;
 mod readiness;
 mod relays;
 mod sandboxes;
+mod ssh;

@@ -138,16 +138,29 @@ impl Gateway {
     pub fn start(dir: &Path, extra: &[&str]) -> Gateway {
         let mut args = vec!["--disable-tls", "--disable-gateway-auth"];
         args.extend_from_slice(extra);
-        Gateway::launch(dir, &args, None)
+        Gateway::launch(dir, &args, None, &[])
+    }
+
+    /// [`Gateway::start`] with extra environment for the gateway process
+    /// (for example `OPENSHELL_VM_RUNTIME`).
+    pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let mut args = vec!["--disable-tls", "--disable-gateway-auth"];
+        args.extend_from_slice(extra);
+        Gateway::launch(dir, &args, None, env)
     }
 
     /// A gateway with the secure defaults (TLS and a token), whose client
     /// config goes to `DIR/config.json`.
     pub fn secure(dir: &Path, extra: &[&str]) -> Gateway {
-        Gateway::launch(dir, extra, Some(dir.join("config.json")))
+        Gateway::launch(dir, extra, Some(dir.join("config.json")), &[])
     }
 
-    fn launch(dir: &Path, extra: &[&str], config: Option<PathBuf>) -> Gateway {
+    fn launch(
+        dir: &Path,
+        extra: &[&str],
+        config: Option<PathBuf>,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let log = (0..)
             .map(|n| dir.join(format!("gateway-{n}.log")))
             .find(|p| !p.exists())
@@ -157,6 +170,7 @@ impl Gateway {
         if let Some(c) = &config {
             cmd.env("OPENSHELL_CONFIG", c);
         }
+        cmd.envs(env.iter().copied());
         let mut child = cmd
             .arg(&state)
             .args(extra)

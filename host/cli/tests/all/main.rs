@@ -13,3 +13,5 @@ mod restart;
 mod sandbox;
 mod security;
 mod shell;
+mod ssh;
+mod vm;

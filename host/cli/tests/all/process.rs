@@ -61,6 +61,10 @@ fn create_runs_a_command_and_exec_returns_codes_and_forwards_stdin() {
     assert_eq!(create.stdout, "hi\n", "{create}");
     assert!(create.stderr.contains("Created sandbox: c1"), "{create}");
 
+    let get = gw.ok(["sandbox", "get", "c1", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&get.stdout).unwrap();
+    assert_eq!(v["isolation"], "process", "{get}");
+
     let three = gw.fails(["sandbox", "exec", "c1", "--", "sh", "-c", "exit 3"]);
     assert_eq!(three.code, Some(3), "{three}");
 

@@ -1,0 +1,196 @@
+//! VM sandboxes through the CLI (issue 6): a real microVM boots on the
+//! backend the cached probe chose (QEMU/TCG on these machines), runs the
+//! guest kernel, and its network reaches the gateway and nothing else.
+//!
+//! Skips, loudly and with the reason, only when no VM backend booted the
+//! probe guest (`just vm-setup` writes `runtime/backend`).
+
+use std::collections::HashSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::harness::{Gateway, wasm};
+
+fn runtime_dir() -> PathBuf {
+    std::env::var_os("OPENSHELL_VM_RUNTIME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../runtime"))
+}
+
+/// The runtime dir, or why no VM can boot here.
+fn bootable() -> Result<PathBuf, String> {
+    let rt = runtime_dir();
+    let probe = std::fs::read_to_string(rt.join("backend")).map_err(|e| {
+        format!(
+            "{}/backend unreadable ({e}): run `just vm-setup`",
+            rt.display()
+        )
+    })?;
+    if probe.lines().any(|l| l == "backend=none") {
+        return Err(format!("no VM backend booted the probe guest:\n{probe}"));
+    }
+    if !rt.join("rootfs/base.cpio").is_file() {
+        return Err("runtime/rootfs/base.cpio is missing: run `just vm-rootfs`".into());
+    }
+    Ok(rt)
+}
+
+/// Inodes of TCP sockets in LISTEN state in `pid`'s network namespace.
+fn listening_inodes(pid: u32) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for table in ["tcp", "tcp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" {
+                out.insert(f[9].to_owned());
+            }
+        }
+    }
+    out
+}
+
+/// Socket inodes `pid` holds open.
+fn socket_inodes(pid: u32) -> HashSet<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|l| {
+            l.to_string_lossy()
+                .strip_prefix("socket:[")
+                .and_then(|s| s.strip_suffix(']'))
+                .map(str::to_owned)
+        })
+        .collect()
+}
+
+/// The gvproxy serving `sandbox_dir`, found by its socket path argument.
+fn gvproxy_of(sandbox_dir: &Path) -> Option<u32> {
+    let needle = sandbox_dir.join("net.sock").to_string_lossy().into_owned();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd);
+        (cmd.contains("gvproxy") && cmd.contains(&needle)).then_some(pid)
+    })
+}
+
+#[test]
+fn issue_6_a_vm_sandbox_runs_the_guest_kernel_and_reaches_only_the_gateway() {
+    let rt = match bootable() {
+        Ok(rt) => rt,
+        Err(why) => {
+            // CI stages the runtime first; there a missing VM is a failure.
+            assert!(
+                std::env::var_os("OPENSHELL_REQUIRE_VM").is_none(),
+                "OPENSHELL_REQUIRE_VM is set but no VM can boot: {why}"
+            );
+            eprintln!("SKIPPED issue_6 VM test: {why}");
+            return;
+        }
+    };
+    // Short paths: unix socket paths are limited to 108 bytes.
+    let tmp = tempfile::Builder::new()
+        .prefix("osvm")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let driver = wasm("openshell_driver_vm");
+    let driver_dir = driver.parent().unwrap().to_str().unwrap().to_owned();
+    let gw = Gateway::start_with_env(
+        tmp.path(),
+        &[
+            "--db-url",
+            "sqlite::memory:",
+            "--drivers",
+            "vm",
+            "--driver-dir",
+            &driver_dir,
+        ],
+        &[("OPENSHELL_VM_RUNTIME", rt.to_str().unwrap())],
+    );
+
+    // A second service on host loopback that the guest must not reach.
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = other.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    {
+        let hits = hits.clone();
+        std::thread::spawn(move || {
+            for c in other.incoming() {
+                if c.is_ok() {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        });
+    }
+
+    let created = gw.ok(["sandbox", "create", "--name", "vm1", "--", "uname", "-r"]);
+    let guest_kernel = std::fs::read_to_string(rt.join("kernel/release")).unwrap();
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    assert_eq!(created.stdout.trim(), guest_kernel.trim(), "{created}");
+    assert_ne!(
+        created.stdout.trim(),
+        host_kernel.trim(),
+        "the guest ran the host's kernel"
+    );
+    let backend = std::fs::read_to_string(rt.join("backend")).unwrap();
+    if backend.contains("backend=qemu-tcg") {
+        assert!(
+            created.stderr.contains("no hardware isolation"),
+            "{created}"
+        );
+        let get = gw.ok(["sandbox", "get", "vm1", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&get.stdout).unwrap();
+        assert_eq!(v["isolation"], "vm-tcg", "{get}");
+    }
+
+    // gvproxy holds no TCP listener (its namespace's one listener is the
+    // gateway's forwarder, not gvproxy's).
+    let ids = gw.ok(["sandbox", "list", "--ids"]);
+    let id = ids.stdout.trim().to_owned();
+    let sandbox_dir = tmp.path().join("state/sandboxes").join(&id);
+    let gvproxy = gvproxy_of(&sandbox_dir).expect("a gvproxy for the sandbox");
+    let listening = listening_inodes(gvproxy);
+    let held = socket_inodes(gvproxy);
+    assert!(
+        listening.is_disjoint(&held),
+        "gvproxy {gvproxy} holds a TCP listener"
+    );
+
+    // The guest cannot reach another host loopback port through gvproxy's
+    // 192.168.127.254 NAT.
+    let probe = crate::harness::run(gw.cli([
+        "sandbox",
+        "exec",
+        "vm1",
+        "--",
+        "nc",
+        "-w",
+        "2",
+        "192.168.127.254",
+        &other_port.to_string(),
+    ]));
+    assert!(
+        !probe.success,
+        "the guest connected to host 127.0.0.1:{other_port}: {probe}"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        0,
+        "the second loopback listener was reached"
+    );
+
+    gw.ok(["sandbox", "delete", "vm1"]);
+    assert!(
+        gvproxy_of(&sandbox_dir).is_none(),
+        "gvproxy outlived its sandbox"
+    );
+    let (status, _) = gw.terminate(Duration::from_secs(15));
+    assert!(status.success());
+}
