@@ -73,6 +73,10 @@ impl BenchGateway {
             supervisor: Some(bin("openshell-supervisor")),
             relays: Default::default(),
             tls_sans: vec![],
+            vm: openshell_plugin::VmConfig {
+                runtime_dir: std::env::var_os("OPENSHELL_VM_RUNTIME").map(Into::into),
+                ..Default::default()
+            },
             limits: Default::default(),
         })
         .await?;

@@ -35,6 +35,8 @@ pub struct GatewayConfig {
     pub relays: crate::relay::RelayLimits,
     /// Extra names and addresses for the server certificate.
     pub tls_sans: Vec<String>,
+    /// Where the VM runtime is staged and which backend to use.
+    pub vm: openshell_plugin::VmConfig,
     /// The launcher and supervisor binaries for process sandboxes; default:
     /// next to the running executable.
     pub launcher: Option<PathBuf>,
@@ -83,8 +85,6 @@ pub enum GatewayError {
     },
     #[error("startup recovery failed: {0}")]
     Recover(#[source] crate::error::ApiError),
-    #[error("OPENSHELL_VM_BACKEND: {0}")]
-    VmBackend(String),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -177,7 +177,7 @@ impl Gateway {
             .supervisor
             .clone()
             .or_else(|| sibling_binary("openshell-supervisor"));
-        host_cfg.vm = vm_config_from_env()?;
+        host_cfg.vm = cfg.vm.clone();
         let plugins = Arc::new(PluginHost::new(host_cfg, events_tx)?);
         let runtime = ComputeRuntime::new(
             store,
@@ -285,20 +285,6 @@ impl Gateway {
             }
         }
     }
-}
-
-/// The VM runtime, from the environment: `OPENSHELL_VM_RUNTIME` (the dir
-/// `just vm-setup` stages) and `OPENSHELL_VM_BACKEND` (krun, qemu or auto).
-/// FIXME: these belong in `GatewayConfig` and as `gateway start` flags; they
-/// are read here to avoid changing every `GatewayConfig` literal at once.
-fn vm_config_from_env() -> Result<openshell_plugin::VmConfig, GatewayError> {
-    let backend = std::env::var("OPENSHELL_VM_BACKEND").unwrap_or_default();
-    let backend = openshell_plugin::VmBackendChoice::parse(&backend)
-        .map_err(|e| GatewayError::VmBackend(e.to_string()))?;
-    Ok(openshell_plugin::VmConfig {
-        runtime_dir: std::env::var_os("OPENSHELL_VM_RUNTIME").map(PathBuf::from),
-        backend,
-    })
 }
 
 /// A binary installed next to the running executable, if there is one.

@@ -86,6 +86,12 @@ pub struct GatewayStart {
     /// Accept requests without a token (development only).
     #[arg(long)]
     pub disable_gateway_auth: bool,
+    /// VM backend: auto (the cached probe's verdict), krun or qemu.
+    #[arg(long, env = "OPENSHELL_VM_BACKEND", default_value = "auto")]
+    pub vm_backend: String,
+    /// The VM runtime staged by `just vm-setup` and `just vm-rootfs`.
+    #[arg(long, env = "OPENSHELL_VM_RUNTIME")]
+    pub vm_runtime: Option<PathBuf>,
     /// Extra DNS name or IP address for the server certificate (repeatable).
     #[arg(long = "tls-san")]
     pub tls_sans: Vec<String>,

@@ -29,6 +29,11 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         disable_tls: a.disable_tls,
         disable_auth: a.disable_gateway_auth,
         tls_sans: a.tls_sans,
+        vm: openshell_plugin::VmConfig {
+            runtime_dir: a.vm_runtime,
+            backend: openshell_plugin::VmBackendChoice::parse(&a.vm_backend)
+                .map_err(|e| anyhow::anyhow!("--vm-backend: {e}"))?,
+        },
         plugin_call_timeout: std::time::Duration::from_secs(a.plugin_call_timeout_secs),
         heartbeat: std::time::Duration::from_millis(a.heartbeat_ms.max(100)),
         relays: openshell_api::relay::RelayLimits {

@@ -1,7 +1,6 @@
 //! Starting gateways and finding driver components for tests.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_api::{Gateway, GatewayConfig};
@@ -21,13 +20,45 @@ pub struct TestGateway {
 
 /// Tests run in parallel, but a load test saturates this machine's CPUs
 /// and would make latency assertions elsewhere fail: it runs alone.
-static TURNS: std::sync::LazyLock<Arc<tokio::sync::RwLock<()>>> =
-    std::sync::LazyLock::new(Default::default);
+/// (gateways running, one running alone). Not a fair lock on purpose: a
+/// test may start a second gateway while holding its first.
+static TURNS: std::sync::Mutex<(usize, bool)> = std::sync::Mutex::new((0, false));
 
-#[allow(dead_code, reason = "held, never read")]
 enum Turn {
-    Shared(tokio::sync::OwnedRwLockReadGuard<()>),
-    Alone(tokio::sync::OwnedRwLockWriteGuard<()>),
+    Shared,
+    Alone,
+}
+
+impl Turn {
+    async fn take(alone: bool) -> Turn {
+        loop {
+            {
+                let mut t = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+                match (alone, *t) {
+                    (false, (n, false)) => {
+                        *t = (n + 1, false);
+                        return Turn::Shared;
+                    }
+                    (true, (0, false)) => {
+                        *t = (0, true);
+                        return Turn::Alone;
+                    }
+                    _ => {}
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut t = TURNS.lock().unwrap_or_else(|p| p.into_inner());
+        match self {
+            Turn::Shared => t.0 -= 1,
+            Turn::Alone => t.1 = false,
+        }
+    }
 }
 
 impl TestGateway {
@@ -47,14 +78,14 @@ impl TestGateway {
 
     /// A gateway with a configuration made by [`Self::config`] and then changed.
     pub async fn start_with(cfg: GatewayConfig) -> Self {
-        let turn = Turn::Shared(TURNS.clone().read_owned().await);
+        let turn = Turn::take(false).await;
         Self::start_in_turn(cfg, turn).await
     }
 
     /// Like [`Self::start_with`], once no other test gateway runs, and
     /// keeping others from starting until this one is dropped.
     pub async fn start_alone(cfg: GatewayConfig) -> Self {
-        let turn = Turn::Alone(TURNS.clone().write_owned().await);
+        let turn = Turn::take(true).await;
         Self::start_in_turn(cfg, turn).await
     }
 
@@ -84,6 +115,7 @@ impl TestGateway {
             plugin_call_timeout: Duration::from_secs(2),
             heartbeat: Duration::from_millis(300),
             tls_sans: vec![],
+            vm: Default::default(),
             relays: openshell_api::relay::RelayLimits {
                 per_sandbox: 2,
                 total: 3,
