@@ -595,6 +595,7 @@ impl ComputeRuntime {
         }
         let stored = usize::try_from(self.store.count_sandboxes().await?).unwrap_or(usize::MAX);
         self.admitted.store(stored, Ordering::SeqCst);
+        let mut known = std::collections::HashSet::new();
         let mut offset = 0;
         loop {
             let page = self.store.list_sandboxes(500, offset).await?;
@@ -602,6 +603,7 @@ impl ComputeRuntime {
                 break;
             }
             offset += page.len() as u32;
+            known.extend(page.iter().map(|sb| sb.id.to_string()));
             for sb in page {
                 match sb.status.phase {
                     Phase::Deleting => {
@@ -615,6 +617,10 @@ impl ComputeRuntime {
                     }
                 }
             }
+        }
+        let swept = self.plugins.processes().sweep_stale_cgroups(&known);
+        if swept > 0 {
+            tracing::info!(swept, "removed cgroups of sandboxes that no longer exist");
         }
         Ok(())
     }

@@ -182,7 +182,7 @@ fn find_on_path(name: &str) -> Option<PathBuf> {
 pub fn tsc_khz(cpuinfo: &str) -> Option<u32> {
     let line = cpuinfo.lines().find(|l| l.starts_with("cpu MHz"))?;
     let mhz: f64 = line.split_once(':')?.1.trim().parse().ok()?;
-    (mhz > 0.0).then(|| (mhz * 1000.0) as u32)
+    (mhz > 0.0).then_some((mhz * 1000.0) as u32)
 }
 
 #[cfg(test)]

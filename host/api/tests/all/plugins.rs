@@ -158,17 +158,23 @@ async fn fails_only_its_call(fixture: &str, reason: &str, needle: &str) {
     gw.stop().await;
 }
 
-#[tokio::test]
+// Multi-threaded like the real gateway: a spinning guest must not starve
+// the API on a one-thread test runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_plugin_fails_only_its_call() {
     fails_only_its_call("fixture-trap", "DriverFailed", "trapped").await;
 }
 
-#[tokio::test]
+// Multi-threaded like the real gateway: a spinning guest must not starve
+// the API on a one-thread test runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_plugin_is_cut_off_at_its_deadline() {
     fails_only_its_call("fixture-loop", "DriverTimedOut", "did not answer").await;
 }
 
-#[tokio::test]
+// Multi-threaded like the real gateway: a spinning guest must not starve
+// the API on a one-thread test runtime.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_hog_plugin_hits_its_cap() {
     fails_only_its_call("fixture-hog", "DriverFailed", "trapped").await;
 }

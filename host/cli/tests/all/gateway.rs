@@ -66,13 +66,17 @@ fn status_without_a_gateway_fails_and_says_how_to_start_one() {
 }
 
 #[test]
-fn a_gateway_refuses_to_serve_every_interface_without_tls_and_auth() {
+fn a_gateway_serves_every_interface_only_with_tls_and_auth() {
     let dir = TempDir::new().unwrap();
     let state = dir.path().join("state");
     let state = state.to_str().unwrap();
-    // Only both development flags together allow a public bind; one of
-    // them is not enough.
-    for flags in [&[][..], &["--disable-tls"], &["--disable-gateway-auth"]] {
+    // Turning off either protection (development mode) is loopback only.
+    let flags: [&[&str]; 3] = [
+        &["--disable-tls"],
+        &["--disable-gateway-auth"],
+        &["--disable-tls", "--disable-gateway-auth"],
+    ];
+    for flags in flags {
         let mut cmd = openshell([
             "gateway",
             "start",
@@ -95,16 +99,16 @@ fn a_gateway_refuses_to_serve_every_interface_without_tls_and_auth() {
             "{start}"
         );
         assert!(
-            start
-                .stderr
-                .contains("--disable-tls --disable-gateway-auth"),
-            "the refusal names the way out: {start}"
-        );
-        assert!(
             !start.stdout.contains("Server listening"),
             "a refused gateway never claims to listen: {start}"
         );
     }
+    // With the defaults (TLS and a token) every interface is fine.
+    let gw = Gateway::secure(
+        dir.path(),
+        &["--bind", "0.0.0.0", "--db-url", "sqlite::memory:"],
+    );
+    assert!(gw.ready_line.contains("0.0.0.0:"), "{}", gw.ready_line);
 }
 
 #[test]

@@ -191,7 +191,7 @@ impl Gateway {
             .strip_prefix("Server listening on ")
             .unwrap_or_else(|| panic!("unexpected first line from the gateway: {ready_line:?}"));
         assert!(
-            addr.starts_with("127.0.0.1:"),
+            addr.starts_with("127.0.0.1:") || extra.contains(&"--bind"),
             "the gateway should listen on loopback by default: {ready_line:?}"
         );
         let scheme = if config.is_some() { "https" } else { "http" };

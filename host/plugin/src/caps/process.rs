@@ -224,6 +224,29 @@ impl ProcessTable {
         *exit.borrow()
     }
 
+    /// Removes the empty cgroups of sandboxes not in `keep` (left by
+    /// launchers that died with an earlier gateway). Non-empty ones stay.
+    pub fn sweep_stale_cgroups(&self, keep: &std::collections::HashSet<String>) -> usize {
+        let mut removed = 0;
+        for controller in ["memory", "pids", "cpu"] {
+            let root = Path::new("/sys/fs/cgroup")
+                .join(controller)
+                .join("openshell");
+            for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // A launcher (of another gateway on this host, say) creates
+                // its cgroup a moment before moving into it: leave young ones.
+                let young = e.metadata().and_then(|m| m.modified()).map_or(true, |t| {
+                    t.elapsed().unwrap_or_default() < Duration::from_secs(60)
+                });
+                if !young && !keep.contains(&name) && std::fs::remove_dir(e.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        removed
+    }
+
     /// Stops a sandbox's process at once and forgets it. Also removes the
     /// sandbox's cgroups, which a launcher killed outright (for example with
     /// a previous gateway) could not remove itself.
