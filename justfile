@@ -51,8 +51,8 @@ grpc-generic:
 
 # Measure the performance budget and write BENCHMARKS.md (a few minutes; not part of test or ci).
 # Same dev profile as the tests: the numbers are for debug builds.
-bench: build
-    cargo run -q -p openshell-bench -- --write BENCHMARKS.md
+bench: build vm-stage drivers
+    OPENSHELL_VM_RUNTIME={{justfile_directory()}}/runtime cargo run -q -p openshell-bench -- --write BENCHMARKS.md
 
 # Stage the VM runtime and build the guest initramfs (both idempotent).
 vm-stage: vm-setup vm-rootfs

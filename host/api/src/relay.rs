@@ -227,6 +227,52 @@ impl Default for Activity {
     }
 }
 
+/// What reading the sandbox's half of a relay produced.
+pub enum Next {
+    Frame(Result<Option<pb::RelayFrame>, tonic::Status>),
+    /// Nothing went either way for the idle timeout.
+    Idle,
+    /// The client stopped reading.
+    ClientGone,
+}
+
+/// The sandbox's half of a relay, read under the idle deadline.
+pub struct SandboxFrames {
+    from: Streaming<pb::RelayFrame>,
+    activity: Activity,
+    idle: Duration,
+    check: tokio::time::Interval,
+}
+
+impl SandboxFrames {
+    pub fn new(from: Streaming<pb::RelayFrame>, activity: Activity, idle: Duration) -> Self {
+        Self {
+            from,
+            activity,
+            idle,
+            check: tokio::time::interval(idle / 4),
+        }
+    }
+
+    /// The next frame, or why there will be none.
+    pub async fn next<T>(&mut self, client: &mpsc::Sender<T>) -> Next {
+        loop {
+            tokio::select! {
+                f = self.from.message() => {
+                    self.activity.touch();
+                    return Next::Frame(f);
+                }
+                _ = client.closed() => return Next::ClientGone,
+                _ = self.check.tick() => {
+                    if self.activity.idle() >= self.idle {
+                        return Next::Idle;
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::error::{ApiError, to_status};
-use crate::relay::{self, Activity};
+use crate::relay::{self, Activity, Next, SandboxFrames};
 use crate::runtime::ComputeRuntime;
 
 /// How long a client has to name the sandbox.
@@ -79,26 +79,23 @@ pub async fn tunnel(
     });
     // Sandbox → client, until the supervisor closes its half (the SSH
     // session is over): then the client's stream ends OK.
-    let mut from_sandbox = conn.from_sandbox;
     let idle = runtime.relays.limits.idle_timeout;
+    let mut frames = SandboxFrames::new(conn.from_sandbox, activity, idle);
     tokio::spawn(async move {
         let _done = done_tx;
-        let mut check = tokio::time::interval(idle / 4);
         loop {
-            let frame = tokio::select! {
-                f = from_sandbox.message() => f,
-                _ = out_tx.closed() => return,
-                _ = check.tick() => {
-                    if activity.idle() >= idle {
-                        let _ = out_tx.send(Err(Status::deadline_exceeded(format!(
-                            "the SSH connection was idle for {} s and was closed", idle.as_secs()
-                        )))).await;
-                        return;
-                    }
-                    continue;
+            let frame = match frames.next(&out_tx).await {
+                Next::Frame(f) => f,
+                Next::ClientGone => return,
+                Next::Idle => {
+                    let msg = format!(
+                        "the SSH connection was idle for {} s and was closed",
+                        idle.as_secs()
+                    );
+                    let _ = out_tx.send(Err(Status::deadline_exceeded(msg))).await;
+                    return;
                 }
             };
-            activity.touch();
             match frame {
                 Ok(Some(pb::RelayFrame {
                     frame: Some(pb::relay_frame::Frame::Data(bytes)),
