@@ -150,7 +150,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub async fn start(cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
+    pub async fn start(mut cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
         // Either protection off is fine on loopback (development); a
         // reachable address needs both.
         let secure = !cfg.disable_tls && !cfg.disable_auth;
@@ -161,6 +161,13 @@ impl Gateway {
             path: cfg.state_dir.clone(),
             source,
         })?;
+        // Launchers and sockets get paths from here: make them absolute
+        // once, so `--state-dir .state` means the same thing everywhere.
+        cfg.state_dir =
+            std::fs::canonicalize(&cfg.state_dir).map_err(|source| GatewayError::StateDir {
+                path: cfg.state_dir.clone(),
+                source,
+            })?;
         let db_url = cfg.db_url.clone().unwrap_or_else(|| {
             format!("sqlite://{}", cfg.state_dir.join("openshell.db").display())
         });
