@@ -80,21 +80,21 @@ fn gvproxy_of(sandbox_dir: &Path) -> Option<u32> {
     })
 }
 
-#[test]
-fn issue_6_a_vm_sandbox_runs_the_guest_kernel_and_reaches_only_the_gateway() {
+/// A gateway with only the vm driver, on a short state path (unix socket
+/// paths are limited to 108 bytes), or None, said loudly, when no VM can
+/// boot here. CI stages the runtime first; there a missing VM is a failure.
+fn vm_gateway(test: &str) -> Option<(PathBuf, tempfile::TempDir, Gateway)> {
     let rt = match bootable() {
         Ok(rt) => rt,
         Err(why) => {
-            // CI stages the runtime first; there a missing VM is a failure.
             assert!(
                 std::env::var_os("OPENSHELL_REQUIRE_VM").is_none(),
                 "OPENSHELL_REQUIRE_VM is set but no VM can boot: {why}"
             );
-            eprintln!("SKIPPED issue_6 VM test: {why}");
-            return;
+            eprintln!("SKIPPED issue_6 {test}: {why}");
+            return None;
         }
     };
-    // Short paths: unix socket paths are limited to 108 bytes.
     let tmp = tempfile::Builder::new()
         .prefix("osvm")
         .tempdir_in("/tmp")
@@ -113,6 +113,14 @@ fn issue_6_a_vm_sandbox_runs_the_guest_kernel_and_reaches_only_the_gateway() {
         ],
         &[("OPENSHELL_VM_RUNTIME", rt.to_str().unwrap())],
     );
+    Some((rt, tmp, gw))
+}
+
+#[test]
+fn issue_6_a_vm_sandbox_runs_the_guest_kernel_and_reaches_only_the_gateway() {
+    let Some((rt, tmp, gw)) = vm_gateway("VM test") else {
+        return;
+    };
 
     // A second service on host loopback that the guest must not reach.
     let other = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -214,35 +222,9 @@ fn vm_processes(sandbox_dir: &Path) -> Vec<(u32, String)> {
 
 #[test]
 fn issue_6_a_killed_vm_errors_and_a_killed_gateway_leaves_no_vm_process() {
-    let rt = match bootable() {
-        Ok(rt) => rt,
-        Err(why) => {
-            assert!(
-                std::env::var_os("OPENSHELL_REQUIRE_VM").is_none(),
-                "OPENSHELL_REQUIRE_VM is set but no VM can boot: {why}"
-            );
-            eprintln!("SKIPPED issue_6 VM kill test: {why}");
-            return;
-        }
+    let Some((_rt, tmp, gw)) = vm_gateway("VM kill test") else {
+        return;
     };
-    let tmp = tempfile::Builder::new()
-        .prefix("osvm")
-        .tempdir_in("/tmp")
-        .unwrap();
-    let driver = wasm("openshell_driver_vm");
-    let driver_dir = driver.parent().unwrap().to_str().unwrap().to_owned();
-    let gw = Gateway::start_with_env(
-        tmp.path(),
-        &[
-            "--db-url",
-            "sqlite::memory:",
-            "--drivers",
-            "vm",
-            "--driver-dir",
-            &driver_dir,
-        ],
-        &[("OPENSHELL_VM_RUNTIME", rt.to_str().unwrap())],
-    );
     let sandboxes = tmp.path().join("state/sandboxes");
     let dir_of = |name: &str| {
         let get = gw.ok(["sandbox", "get", name, "-o", "json"]);

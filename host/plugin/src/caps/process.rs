@@ -83,11 +83,41 @@ impl std::fmt::Debug for ProcessTable {
 }
 
 /// The exit code a shell would report: the code, or 128+signal.
-fn exit_code(st: std::process::ExitStatus) -> i32 {
+pub(crate) fn exit_code(st: std::process::ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     st.code()
         .or_else(|| st.signal().map(|s| 128 + s))
         .unwrap_or(-1)
+}
+
+/// Waits for a host child on a small thread of its own (waiting blocks),
+/// publishes its exit code, and reports it as a host event.
+pub(crate) fn watch_exit(
+    mut child: std::process::Child,
+    sandbox_id: &str,
+    what: &'static str,
+    events: mpsc::UnboundedSender<HostEvent>,
+) -> watch::Receiver<Option<i32>> {
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let sandbox_id = sandbox_id.to_owned();
+    let _ = std::thread::Builder::new()
+        .name("sandbox-wait".into())
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let ev = match child.wait() {
+                Ok(st) => {
+                    let status = exit_code(st);
+                    let _ = exit_tx.send(Some(status));
+                    HostEvent::Exited { sandbox_id, status }
+                }
+                Err(e) => HostEvent::PollFailed {
+                    sandbox_id,
+                    message: format!("cannot wait for {what}: {e}"),
+                },
+            };
+            let _ = events.send(ev);
+        });
+    exit_rx
 }
 
 impl ProcessTable {
@@ -162,45 +192,21 @@ impl ProcessTable {
         self.spawner
             .send(SpawnJob { cmd, reply })
             .map_err(|_| CapError::Failed("the spawner thread is gone".into()))?;
-        let mut child = rx
+        let child = rx
             .await
             .map_err(|_| CapError::Failed("the spawner thread is gone".into()))?
             .map_err(|e| CapError::Failed(format!("cannot start the sandbox launcher: {e}")))?;
         let pid = child.id() as i32;
-        let (exit_tx, exit_rx) = watch::channel(None);
+        let exit = watch_exit(
+            child,
+            sandbox_id,
+            "the sandbox process",
+            self.events.clone(),
+        );
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                sandbox_id.to_owned(),
-                Arc::new(Proc {
-                    pid,
-                    slot,
-                    exit: exit_rx,
-                }),
-            );
-        let (events, id) = (self.events.clone(), sandbox_id.to_owned());
-        // Waiting blocks, so it gets its own small thread per sandbox.
-        let _ = std::thread::Builder::new()
-            .name("sandbox-wait".into())
-            .stack_size(64 << 10)
-            .spawn(move || {
-                let ev = match child.wait() {
-                    Ok(st) => {
-                        let status = exit_code(st);
-                        let _ = exit_tx.send(Some(status));
-                        HostEvent::Exited {
-                            sandbox_id: id,
-                            status,
-                        }
-                    }
-                    Err(e) => HostEvent::PollFailed {
-                        sandbox_id: id,
-                        message: format!("cannot wait for the sandbox process: {e}"),
-                    },
-                };
-                let _ = events.send(ev);
-            });
+            .insert(sandbox_id.to_owned(), Arc::new(Proc { pid, slot, exit }));
         Ok(())
     }
 

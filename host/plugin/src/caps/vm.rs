@@ -118,13 +118,6 @@ fn cap_error(e: VmError) -> CapError {
     }
 }
 
-fn exit_code(st: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    st.code()
-        .or_else(|| st.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
-}
-
 fn log_file(path: &Path) -> Result<(Stdio, Stdio), CapError> {
     let open = || {
         std::fs::OpenOptions::new()
@@ -368,38 +361,21 @@ impl VmTable {
                 }
             }
         }
-        let Some(mut child) = child else {
+        let Some(child) = child else {
             return Err(CapError::Timeout(format!(
                 "the VM printed nothing on its console within {BOOT_WATCHDOG:?}, twice"
             )));
         };
-        let (exit_tx, exit_rx) = watch::channel(None);
+        let pid = child.id() as i32;
+        let exit = super::process::watch_exit(child, id, "the VM", self.events.clone());
         lock(&self.vms).insert(
             id.to_owned(),
             Arc::new(Vm {
-                pid: child.id() as i32,
+                pid,
                 backend: rt.backend,
-                exit: exit_rx,
+                exit,
             }),
         );
-        let (events, sandbox_id) = (self.events.clone(), id.to_owned());
-        let _ = std::thread::Builder::new()
-            .name("vm-wait".into())
-            .stack_size(64 << 10)
-            .spawn(move || {
-                let ev = match child.wait() {
-                    Ok(st) => {
-                        let status = exit_code(st);
-                        let _ = exit_tx.send(Some(status));
-                        HostEvent::Exited { sandbox_id, status }
-                    }
-                    Err(e) => HostEvent::PollFailed {
-                        sandbox_id,
-                        message: format!("cannot wait for the VM: {e}"),
-                    },
-                };
-                let _ = events.send(ev);
-            });
         Ok(())
     }
 
@@ -478,7 +454,7 @@ async fn watch_boot(child: &mut Child, console: &Path, seen: u64) -> Boot {
             return Boot::Printed;
         }
         if let Ok(Some(st)) = child.try_wait() {
-            return Boot::Exited(exit_code(st));
+            return Boot::Exited(super::process::exit_code(st));
         }
         if started.elapsed() > BOOT_WATCHDOG {
             return Boot::Silent;
