@@ -363,6 +363,12 @@ impl ComputeRuntime {
             .await;
             return;
         }
+        if let Err(e) = self.plugins.ensure_sandbox_dir(&sb.id.to_string()) {
+            tracing::error!(sandbox = %sb.id, "cannot create the sandbox's state dir: {e}");
+            self.fail(sb.id, "StateDirUnavailable", &e.to_string())
+                .await;
+            return;
+        }
         let socket = self.plugins.supervisor_socket(&sb.id.to_string());
         if let Err(e) = self.listeners.start(self.clone(), sb.id, &socket) {
             tracing::error!(sandbox = %sb.id, "{e}");

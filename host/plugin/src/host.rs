@@ -444,6 +444,14 @@ impl PluginHost {
         self.shared.config.sandboxes_dir.join(sandbox_id)
     }
 
+    /// Creates a sandbox's state dir (mode 0711: only the gateway can list
+    /// it) before anything else puts files in it.
+    pub fn ensure_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
+        let path = self.sandbox_dir(sandbox_id);
+        create_private_dir(&path)?;
+        Ok(path)
+    }
+
     /// The unix socket a sandbox's supervisor dials; the process capability
     /// mounts its directory at `/run/openshell` inside the sandbox.
     pub fn supervisor_socket(&self, sandbox_id: &str) -> PathBuf {
@@ -532,8 +540,13 @@ impl Plugin {
         };
         let id = spec.id.as_str();
         let path = self.shared.config.sandboxes_dir.join(id);
-        let dir = create_private_dir(&path)
-            .and_then(|_| cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority()))
+        // Every call opens the dir; only the first creates it.
+        let open = || cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority());
+        let dir = open()
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => create_private_dir(&path).and_then(|_| open()),
+                _ => Err(e),
+            })
             .map_err(|e| CallError::Failed {
                 reason: "StateDirUnavailable".into(),
                 message: format!("cannot open {}: {e}", path.display()),
