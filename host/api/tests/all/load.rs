@@ -17,8 +17,9 @@ const CLIENTS: usize = 200;
 /// Lower than CLIENTS, so creates are refused for capacity.
 const MAX_SANDBOXES: usize = 48;
 const MAX_LAUNCHES: usize = 16;
-/// The whole run, all clients, must finish within this.
-const BUDGET: Duration = Duration::from_secs(60);
+/// A hang guard, not a speed claim (speed is `just bench`'s job): quiet,
+/// the run takes ~20 s, but a busy 2-core CI machine has needed over 60 s.
+const BUDGET: Duration = Duration::from_secs(180);
 
 /// What one client saw.
 #[derive(Default)]
