@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use openshell_api::{Gateway, GatewayConfig};
+use openshell_gateway::{Gateway, GatewayConfig};
 use openshell_proto::v1 as pb;
 use openshell_proto::v1::open_shell_client::OpenShellClient;
 use pb::exec_client_message::Msg as C;
@@ -106,13 +106,13 @@ impl BenchGateway {
 
     /// A client for a second listener serving this same gateway runtime
     /// with TCP_NODELAY on accepted sockets. A diagnostic: the gateway's
-    /// own listener (host/api/src/server.rs) does not set it, and the
+    /// own listener (host/gateway/src/server.rs) does not set it, and the
     /// difference shows what Nagle's algorithm costs streaming RPCs.
     pub async fn nodelay_client(&self) -> anyhow::Result<Client> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let runtime = self.gw.runtime.clone();
-        let service = openshell_api::service::Service {
+        let service = openshell_gateway::service::Service {
             shutdown: runtime.shutdown_signal(),
             runtime,
         };

@@ -63,7 +63,7 @@ pub async fn vm(gw: &mut BenchGateway, runs: usize) -> Result<Stages, String> {
             file.display()
         ));
     }
-    let grants: Vec<&str> = openshell_api::runtime::bundled_grants("vm")
+    let grants: Vec<&str> = openshell_gateway::runtime::bundled_grants("vm")
         .unwrap_or_default()
         .iter()
         .map(|g| g.as_str())

@@ -113,7 +113,7 @@ fn header(took: Duration, quick: bool) -> String {
          components are release-built Wasm, as always. Numbers are for a debug build on a \
          shared {cpus}-core VM; compare ratios across runs, not absolute times.\n\
          - **Setup:** the gateway runs inside the benchmark process on 127.0.0.1 (started the way \
-         `host/api/tests/all/harness.rs` starts it, with the default on-disk SQLite store); \
+         `host/gateway/tests/all/harness.rs` starts it, with the default on-disk SQLite store); \
          every figure except plugin overhead goes through real gRPC over loopback TCP. The process \
          driver is `openshell_driver_process.wasm` with grants log, files, process; \
          launcher and supervisor come from `$CARGO_TARGET_DIR/debug/`. Percentiles are nearest-rank.\n\n",
@@ -325,7 +325,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             "- **exec round trip** ({} p50): the process spawn itself is {} (local baseline) and a unary RPC on the same connection {}. \
              The same exec through a second listener on the same gateway runtime that sets TCP_NODELAY takes {} p50 ({} p99): \
              **{} of the p50 is Nagle's algorithm meeting delayed ACKs** on the gateway's accepted TCP socket \
-             (`host/api/src/server.rs` serves a `TcpListenerStream` without `set_nodelay`, so a streaming response's small \
+             (`host/gateway/src/server.rs` serves a `TcpListenerStream` without `set_nodelay`, so a streaming response's small \
              frames wait for the client's delayed ACK, ~40 ms on Linux). What remains is the relay: the ExecSandbox stream, \
              the RelayOpen over the supervisor's control stream, the supervisor's new RelayStream call, the spawn inside the \
              sandbox, and the exit frame back, all in debug builds.",

@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use openshell_api::{Gateway, GatewayConfig};
+use openshell_gateway::{Gateway, GatewayConfig};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::args::GatewayStart;
@@ -36,7 +36,7 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         },
         plugin_call_timeout: std::time::Duration::from_secs(a.plugin_call_timeout_secs),
         heartbeat: std::time::Duration::from_millis(a.heartbeat_ms.max(100)),
-        relays: openshell_api::relay::RelayLimits {
+        relays: openshell_gateway::relay::RelayLimits {
             per_sandbox: a.max_pending_relays_per_sandbox.max(1),
             total: a.max_pending_relays.max(1),
             claim_timeout: std::time::Duration::from_millis(a.relay_claim_timeout_ms.max(1)),
@@ -44,7 +44,7 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         },
         launcher: a.launcher,
         supervisor: a.supervisor,
-        limits: openshell_api::runtime::SandboxLimits {
+        limits: openshell_gateway::runtime::SandboxLimits {
             max_sandboxes: a.max_sandboxes,
             max_concurrent_launches: a.max_concurrent_launches.max(1),
         },

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
-use openshell_api::runtime::SandboxLimits;
+use openshell_gateway::runtime::SandboxLimits;
 use openshell_proto::v1 as pb;
 use tonic::Code;
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use openshell_api::runtime::secret_hash;
+use openshell_gateway::runtime::secret_hash;
 use openshell_core::{Event, SandboxId};
 use openshell_proto::v1 as pb;
 use openshell_proto::v1::supervisor_client::SupervisorClient;

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use openshell_api::{Gateway, GatewayConfig};
+use openshell_gateway::{Gateway, GatewayConfig};
 use openshell_proto::v1 as pb;
 use openshell_proto::v1::open_shell_client::OpenShellClient;
 use tonic::transport::Channel;
@@ -116,7 +116,7 @@ impl TestGateway {
             heartbeat: Duration::from_millis(300),
             tls_sans: vec![],
             vm: Default::default(),
-            relays: openshell_api::relay::RelayLimits {
+            relays: openshell_gateway::relay::RelayLimits {
                 per_sandbox: 2,
                 total: 3,
                 claim_timeout: Duration::from_millis(500),
@@ -139,7 +139,7 @@ impl TestGateway {
         }
     }
 
-    pub fn runtime(&self) -> std::sync::Arc<openshell_api::runtime::ComputeRuntime> {
+    pub fn runtime(&self) -> std::sync::Arc<openshell_gateway::runtime::ComputeRuntime> {
         self.gw.as_ref().expect("running").runtime.clone()
     }
 
