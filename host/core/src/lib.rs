@@ -5,11 +5,13 @@
 //! it. The store persists what it returns; the API and the plugin host only
 //! translate their inputs into [`phase::Event`]s.
 
+pub mod backoff;
 pub mod name;
 pub mod phase;
 pub mod sandbox;
 pub mod validate;
 
+pub use backoff::Backoff;
 pub use name::{NameError, SandboxName};
 pub use phase::{
     Condition, ConditionStatus, Event, Phase, ReadyReason, Rejection, Status, apply, derive_phase,

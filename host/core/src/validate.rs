@@ -35,34 +35,51 @@ pub enum SpecError {
     DriverName { name: String },
 }
 
-/// `[A-Za-z_][A-Za-z0-9_]*`, the portable shell variable name.
+/// Environment names the gateway sets for the supervisor (endpoint, sandbox
+/// id, secret); drivers refuse them in a sandbox's spec so a user can neither
+/// set nor override them.
+pub const RESERVED_ENV_PREFIX: &str = "OPENSHELL_";
+
+/// `[A-Za-z_][A-Za-z0-9_]*`, the portable shell variable name. This is the
+/// one environment-key grammar: the gateway, the CLI, the plugin host, the
+/// supervisor and the drivers (which build this crate for wasm) all call it.
 pub fn is_env_key(key: &str) -> bool {
     let mut chars = key.chars();
     matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
 
+/// Whether a name is the gateway's to set (see [`RESERVED_ENV_PREFIX`]).
+pub fn is_reserved_env_key(key: &str) -> bool {
+    key.starts_with(RESERVED_ENV_PREFIX)
+}
+
+/// One variable: a grammatical name and a value that fits and has no NUL.
+pub fn env_var(key: &str, value: &str) -> Result<(), SpecError> {
+    if !is_env_key(key) {
+        return Err(SpecError::EnvKey {
+            key: key.chars().take(80).collect(),
+        });
+    }
+    if value.len() > MAX_ENV_VALUE_LEN {
+        return Err(SpecError::EnvValueTooLong {
+            key: key.to_owned(),
+            len: value.len(),
+        });
+    }
+    if value.contains('\0') {
+        return Err(SpecError::EnvValueNul {
+            key: key.to_owned(),
+        });
+    }
+    Ok(())
+}
+
 pub fn environment(env: &BTreeMap<String, String>) -> Result<(), SpecError> {
     if env.len() > MAX_ENV_VARS {
         return Err(SpecError::TooManyEnv { count: env.len() });
     }
-    for (k, v) in env {
-        if !is_env_key(k) {
-            return Err(SpecError::EnvKey {
-                key: k.chars().take(80).collect(),
-            });
-        }
-        if v.len() > MAX_ENV_VALUE_LEN {
-            return Err(SpecError::EnvValueTooLong {
-                key: k.clone(),
-                len: v.len(),
-            });
-        }
-        if v.contains('\0') {
-            return Err(SpecError::EnvValueNul { key: k.clone() });
-        }
-    }
-    Ok(())
+    env.iter().try_for_each(|(k, v)| env_var(k, v))
 }
 
 pub fn resources(r: &Resources) -> Result<(), SpecError> {
@@ -126,6 +143,52 @@ mod tests {
         for bad in ["", "1A", "A-B", "A=B", "A B", "é"] {
             assert!(!is_env_key(bad), "{bad}");
         }
+    }
+
+    const ENV_KEY_TABLE: [(&str, bool); 12] = [
+        ("A", true),
+        ("_x", true),
+        ("PATH", true),
+        ("a1_B2", true),
+        ("OPENSHELL_SANDBOX_ID", true),
+        ("", false),
+        ("1A", false),
+        ("A-B", false),
+        ("A=B", false),
+        ("A B", false),
+        ("A\0", false),
+        ("é", false),
+    ];
+
+    #[test]
+    fn the_env_key_table_matches_the_grammar() {
+        for (key, ok) in ENV_KEY_TABLE {
+            assert_eq!(is_env_key(key), ok, "{key:?}");
+            assert_eq!(env_var(key, "v").is_ok(), ok, "{key:?}");
+        }
+    }
+
+    #[test]
+    fn only_openshell_names_are_reserved() {
+        assert!(is_reserved_env_key("OPENSHELL_SANDBOX_SECRET"));
+        assert!(is_reserved_env_key("OPENSHELL_"));
+        assert!(!is_reserved_env_key("OPENSHELL"));
+        assert!(!is_reserved_env_key("openshell_x"));
+        assert!(!is_reserved_env_key("MY_OPENSHELL_X"));
+    }
+
+    #[test]
+    fn a_value_with_nul_or_over_the_limit_is_rejected_by_name() {
+        assert_eq!(
+            env_var("A", "x\0y"),
+            Err(SpecError::EnvValueNul { key: "A".into() })
+        );
+        let long = "x".repeat(MAX_ENV_VALUE_LEN + 1);
+        assert!(matches!(
+            env_var("B", &long),
+            Err(SpecError::EnvValueTooLong { key, .. }) if key == "B"
+        ));
+        assert_eq!(env_var("C", &"x".repeat(MAX_ENV_VALUE_LEN)), Ok(()));
     }
 
     #[test]
