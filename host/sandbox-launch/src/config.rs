@@ -1,7 +1,9 @@
-//! The launch config: the JSON the gateway writes, parsed and validated with
-//! no I/O.
+//! The launch config: one type for the JSON the gateway's process capability
+//! writes ([`LaunchConfig::to_json`]) and the launcher reads ([`parse`]), so
+//! both sides agree on the schema at compile time.
 //!
-//! [`parse`] is the only entry point. Everything that later becomes a path,
+//! [`parse`] is the only way in, and it validates with no I/O; the writer does
+//! not validate, the reader always does. Everything that later becomes a path,
 //! an argument or an environment entry is checked here, so the rest of the
 //! launcher can trust it: paths are absolute with no `..`, no string holds a
 //! NUL, names that end up in `/sys/fs/cgroup` or the UTS namespace are plain.
@@ -10,7 +12,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// Size of the uid/gid range given to every sandbox: in-sandbox ids
 /// `0..ID_RANGE` map to host ids `uid_base..uid_base + ID_RANGE`.
@@ -26,7 +28,7 @@ const MIN_CPU_MILLIS: u64 = 10;
 const MAX_CPU_MILLIS: u64 = 1_000_000;
 
 /// One sandbox launch, as the gateway describes it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LaunchConfig {
     /// Names the cgroups (`openshell/<sandbox_id>`): letters, digits, `-`, `_`.
@@ -57,6 +59,11 @@ pub struct LaunchConfig {
     pub max_processes: u64,
     /// CPU bandwidth in thousandths of a CPU; 0 means none.
     pub cpu_millis: u64,
+    /// Only cgroup hierarchies mounted at or under this directory are used
+    /// (default: every mount in `/proc/self/mountinfo`). Tests point it at
+    /// their own mounts; a limit no hierarchy there can apply fails the launch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup_root: Option<PathBuf>,
 }
 
 impl LaunchConfig {
@@ -77,6 +84,11 @@ impl LaunchConfig {
     /// Where the new root is mounted on the host, before `pivot_root`.
     pub fn new_root(&self) -> PathBuf {
         self.state_dir.join("root")
+    }
+
+    /// The JSON [`parse`] reads. Fails only for a path that is not UTF-8.
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
     }
 
     /// Memory limit in bytes, if any.
@@ -145,6 +157,9 @@ fn validate(config: &LaunchConfig) -> Result<(), ConfigError> {
     check_path("workdir", &config.workdir)?;
     check_path("run_dir", &config.run_dir)?;
     check_path("program", &config.program)?;
+    if let Some(root) = &config.cgroup_root {
+        check_path("cgroup_root", root)?;
+    }
     let name = config.program.file_name().and_then(|name| name.to_str());
     if name.is_none_or(str::is_empty) {
         return Err(ConfigError::ProgramName {
@@ -268,7 +283,27 @@ mod tests {
     }
 
     #[test]
-    fn every_field_is_required() {
+    fn what_the_writer_renders_the_reader_parses_back_unchanged() {
+        let mut config = parse(&valid().to_string()).unwrap();
+        assert_eq!(parse(&config.to_json().unwrap()).unwrap(), config);
+        config.cgroup_root = Some("/tmp/cgroups".into());
+        assert_eq!(parse(&config.to_json().unwrap()).unwrap(), config);
+    }
+
+    #[test]
+    fn the_cgroup_root_is_optional_and_left_out_when_unset() {
+        let config = parse(&valid().to_string()).unwrap();
+        assert_eq!(config.cgroup_root, None);
+        assert!(!config.to_json().unwrap().contains("cgroup_root"));
+        let config = with("cgroup_root", json!("/mnt/cgroups")).unwrap();
+        assert_eq!(
+            config.cgroup_root.as_deref(),
+            Some(Path::new("/mnt/cgroups"))
+        );
+    }
+
+    #[test]
+    fn every_field_but_the_cgroup_root_is_required() {
         for field in valid().as_object().unwrap().keys() {
             let err = without(field).unwrap_err();
             assert!(
@@ -288,7 +323,7 @@ mod tests {
 
     #[test]
     fn relative_paths_are_refused() {
-        for field in ["state_dir", "workdir", "run_dir", "program"] {
+        for field in ["state_dir", "workdir", "run_dir", "program", "cgroup_root"] {
             let err = with(field, json!("relative/dir")).unwrap_err();
             assert!(
                 matches!(err, ConfigError::NotAbsolute { field: f, .. } if f == field),
@@ -449,7 +484,13 @@ mod tests {
     impl ConfigError {
         /// The error with its cause, as the launcher prints it.
         fn source_text(&self) -> String {
-            crate::error::one_line(self)
+            let mut text = self.to_string();
+            let mut cause = std::error::Error::source(self);
+            while let Some(err) = cause {
+                text.push_str(&format!(": {err}"));
+                cause = err.source();
+            }
+            text
         }
     }
 

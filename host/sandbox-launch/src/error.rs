@@ -4,12 +4,17 @@ use std::error::Error;
 use std::io;
 use std::path::PathBuf;
 
+use crate::cgroup::CgroupError;
 use crate::config::ConfigError;
 
 /// The exit status of a failed launch (the program's own statuses pass
 /// through unchanged, so a program exiting 125 looks the same; the stderr line
 /// tells them apart).
 pub const LAUNCH_FAILED: u8 = 125;
+
+/// The exit status of a launch refused because the sandbox's cgroups or
+/// limits could not be set up: limits fail closed, never with a warning.
+pub const CGROUP_FAILED: u8 = 123;
 
 /// Prints a non-fatal problem on stderr.
 pub fn warn(message: &str) {
@@ -40,6 +45,9 @@ pub enum LaunchError {
         #[source]
         source: io::Error,
     },
+    /// The sandbox would run with less confinement than its config asks for.
+    #[error("refusing to start the sandbox without its cgroup limits")]
+    Cgroup(#[from] CgroupError),
     /// A precondition on the host that is not a system call failure.
     #[error("{0}")]
     Host(String),
@@ -47,6 +55,21 @@ pub enum LaunchError {
     /// over the error pipe before exiting.
     #[error("{0}")]
     Inside(String),
+}
+
+impl LaunchError {
+    /// The launcher's exit status for this failure.
+    pub fn exit_status(&self) -> u8 {
+        match self {
+            LaunchError::Cgroup(_) => CGROUP_FAILED,
+            LaunchError::Usage(_)
+            | LaunchError::ReadConfig { .. }
+            | LaunchError::Config { .. }
+            | LaunchError::Os { .. }
+            | LaunchError::Host(_)
+            | LaunchError::Inside(_) => LAUNCH_FAILED,
+        }
+    }
 }
 
 /// `result.map_err(os("cannot do X"))`: a failed system call, with context.
@@ -79,6 +102,21 @@ mod tests {
         assert_eq!(
             one_line(&err),
             "cannot mount /usr: Operation not permitted (os error 1)"
+        );
+    }
+
+    #[test]
+    fn a_cgroup_failure_has_its_own_exit_status() {
+        let err = LaunchError::from(CgroupError::NoOwnCgroup {
+            path: "/proc/self/cgroup",
+        });
+        assert_eq!(err.exit_status(), CGROUP_FAILED);
+        assert_ne!(CGROUP_FAILED, LAUNCH_FAILED);
+        assert_eq!(LaunchError::Host("x".into()).exit_status(), LAUNCH_FAILED);
+        assert_eq!(
+            one_line(&err),
+            "refusing to start the sandbox without its cgroup limits: \
+             /proc/self/cgroup has no cgroup v2 (`0::`) line"
         );
     }
 

@@ -3,23 +3,24 @@
 //! The gateway (root) runs `openshell-sandbox-launch --config <path.json>`
 //! once per sandbox. The launcher confines one program, the in-sandbox
 //! supervisor, and exits with its status: the program's exit code, 128+N if
-//! signal N killed it, or 125 if the launch itself failed, with one
+//! signal N killed it, 125 if the launch itself failed, or 123 if the
+//! sandbox's cgroup limits could not be applied (they fail closed), with one
 //! `openshell-sandbox-launch: <what failed and why>` line on stderr.
 //!
 //! The confinement: new user (in-sandbox ids 0..65535 are host
 //! `uid_base..`), pid, mount, UTS, IPC and optionally network namespaces;
-//! cgroup v1 memory, pids and cpu limits; a tmpfs root with read-only host
+//! cgroup v1 or v2 memory, pids and cpu limits; a tmpfs root with read-only host
 //! system directories and nothing else of the host. The process chain is
 //! gateway → launcher (host root, outside) → init (PID 1 inside) → program
 //! (PID 2), each dying with its parent.
 //!
-//! Start at [`launch`], the host side in order. [`config`] parses and
-//! validates the JSON with no I/O; [`cgroup`] owns the limits; [`inside`] is
+//! Start at [`launch`], the host side in order. [`config`] (the crate's
+//! library, shared with the gateway that writes it) parses and validates the
+//! JSON with no I/O; [`cgroup`] owns the limits; [`inside`] is
 //! the sandbox's init and [`rootfs`] the root it pivots into; [`sys`] holds
 //! every raw system call (and so every `unsafe`).
 
 mod cgroup;
-mod config;
 mod error;
 mod inside;
 mod launch;
@@ -31,14 +32,15 @@ use std::fs;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use error::{LAUNCH_FAILED, LaunchError, one_line, os};
+use error::{LaunchError, one_line, os};
+use openshell_sandbox_launch::config;
 
 fn main() -> ExitCode {
     match launch_from_args() {
         Ok(status) => ExitCode::from(status),
         Err(err) => {
             eprintln!("openshell-sandbox-launch: {}", one_line(&err));
-            ExitCode::from(LAUNCH_FAILED)
+            ExitCode::from(err.exit_status())
         }
     }
 }

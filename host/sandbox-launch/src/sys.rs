@@ -170,6 +170,18 @@ pub fn mount_flags(path: &Path) -> io::Result<c_ulong> {
     Ok(ms_flags_from_statvfs(stat.f_flag))
 }
 
+/// The filesystem type (`statfs`'s `f_type` magic number) of the
+/// filesystem holding `path`.
+pub fn fs_magic(path: &Path) -> io::Result<i64> {
+    let path = c_path(path)?;
+    let mut stat = MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `path` is NUL-terminated and `stat` is large enough for statfs.
+    check(unsafe { libc::statfs(path.as_ptr(), stat.as_mut_ptr()) })?;
+    // SAFETY: statfs succeeded, so it filled in `stat`.
+    let stat = unsafe { stat.assume_init() };
+    Ok(stat.f_type)
+}
+
 /// `ST_*` flags to the `MS_*` flags a remount has to carry over.
 pub fn ms_flags_from_statvfs(st: c_ulong) -> c_ulong {
     const PAIRS: [(c_ulong, c_ulong); 7] = [

@@ -241,8 +241,19 @@ impl Running {
             thread::sleep(Duration::from_millis(5));
         };
         let stderr = self.stderr.recv_timeout(DEADLINE).unwrap_or_default();
+        // The reader thread may still be behind: read on to end-of-file
+        // (every writer is gone with the sandbox), not just what has arrived.
         let mut stdout = std::mem::take(&mut self.seen);
-        stdout.extend(self.lines.try_iter());
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left.max(Duration::from_secs(1))) {
+                Ok(line) => stdout.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("the sandbox's stdout stayed open after the launcher exited: {stdout:?}")
+                }
+            }
+        }
         Outcome {
             code: status.code(),
             stdout,
@@ -303,16 +314,90 @@ pub fn processes_with_uid(uid: u32) -> Vec<i32> {
     pids
 }
 
-/// Polls `condition` every 10 ms for up to `limit`; returns how long it took.
-pub fn within(limit: Duration, mut condition: impl FnMut() -> bool) -> Option<Duration> {
+/// Polls `condition` every 10 ms until it holds (true) or `limit` passes
+/// (false). The limit is a hang guard, not a measurement: make it generous.
+#[must_use = "assert on the outcome: a wait whose result is dropped cannot fail"]
+pub fn within(limit: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     loop {
         if condition() {
-            return Some(start.elapsed());
+            return true;
         }
         if start.elapsed() > limit {
-            return None;
+            return false;
         }
         thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A filesystem mounted on a fresh temporary directory, unmounted on drop.
+/// Tests mount real cgroup hierarchies this way (a second view of a v1
+/// controller, or the unified hierarchy) and point `cgroup_root` at it.
+pub struct Mount {
+    dir: Option<TempDir>,
+    layers: usize,
+}
+
+impl Mount {
+    /// `mount -t <fs_type> -o <options> none <fresh dir>`.
+    pub fn new(fs_type: &str, options: &str) -> Mount {
+        let dir = tempfile::Builder::new()
+            .prefix("openshell-launch-mount-")
+            .tempdir()
+            .unwrap();
+        let mut cmd = Command::new("mount");
+        cmd.args(["-t", fs_type]);
+        if !options.is_empty() {
+            cmd.args(["-o", options]);
+        }
+        let out = cmd.arg("none").arg(dir.path()).output().unwrap();
+        assert!(
+            out.status.success(),
+            "cannot mount {fs_type} ({options}) at {:?}: {}",
+            dir.path(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Mount {
+            dir: Some(dir),
+            layers: 1,
+        }
+    }
+
+    /// Mounts an empty tmpfs over it: mountinfo still lists the cgroup
+    /// mount, but the path no longer reaches it.
+    pub fn cover_with_tmpfs(&mut self) {
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "none"])
+            .arg(self.path())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs over {:?}",
+            self.path()
+        );
+        self.layers += 1;
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().unwrap().path()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let dir = self.dir.take().unwrap();
+        let unmounted = (0..self.layers).all(|_| {
+            Command::new("umount")
+                .arg(dir.path())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if !unmounted {
+            // Deleting the directory recursively would rmdir cgroups in the
+            // mounted hierarchy: leak it instead.
+            eprintln!("cannot unmount {:?}; leaving it", dir.path());
+            std::mem::forget(dir);
+        }
     }
 }

@@ -41,7 +41,7 @@ fn sigterm_and_sigint_to_the_launcher_reach_the_program() {
 }
 
 #[test]
-fn sigkill_to_the_launcher_kills_everything_inside_within_a_second() {
+fn sigkill_to_the_launcher_kills_everything_inside() {
     let sandbox = Sandbox::new("sleep 1000 & sleep 1000 & echo ready; exec sleep 1000");
     let mut running = sandbox.start();
     running.wait_for_line("ready");
@@ -50,11 +50,12 @@ fn sigkill_to_the_launcher_kills_everything_inside_within_a_second() {
 
     running.child.kill().unwrap();
     running.child.wait().unwrap();
-    let gone = within(Duration::from_secs(1), || {
+    // The parent-death signals fire at once; the deadline only guards a hang.
+    let gone = within(Duration::from_secs(30), || {
         processes_with_uid(sandbox.uid_base).is_empty()
     });
     assert!(
-        gone.is_some(),
+        gone,
         "still running: {:?}",
         processes_with_uid(sandbox.uid_base)
     );
@@ -106,9 +107,14 @@ fn relaunching_after_a_killed_launcher_reuses_then_removes_its_cgroups() {
     running.child.kill().unwrap();
     running.child.wait().unwrap();
     drop(running);
-    within(Duration::from_secs(2), || {
+    let gone = within(Duration::from_secs(30), || {
         processes_with_uid(sandbox.uid_base).is_empty()
     });
+    assert!(
+        gone,
+        "still running: {:?}",
+        processes_with_uid(sandbox.uid_base)
+    );
     assert!(
         sandbox.cgroup_dirs()[0].exists(),
         "a SIGKILLed launcher cannot clean up"
