@@ -90,6 +90,12 @@ pub struct Sandbox {
     pub revision: i64,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+    /// Which host uid range the sandbox runs on, allocated at create and
+    /// unique among stored sandboxes, so one that is stopped or restarting
+    /// keeps its range. Set once and held until the record is deleted (the
+    /// gateway deletes it after the sandbox's files are gone). `None` only for
+    /// records stored before slots existed, until they are backfilled.
+    pub uid_slot: Option<u32>,
 }
 
 impl Sandbox {
@@ -110,6 +116,7 @@ impl Sandbox {
             revision: 0,
             created_at_ms: now_ms,
             updated_at_ms: now_ms,
+            uid_slot: None,
         }
     }
 }

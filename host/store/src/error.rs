@@ -5,7 +5,8 @@ use openshell_core::SandboxId;
 /// Everything a store call can fail with.
 ///
 /// `Conflict` is expected under contention (see [`StoreError::is_expected`]);
-/// `NameTaken`, `RequestIdTaken` and `NotFound` are answers about the data;
+/// `NameTaken`, `RequestIdTaken`, `SlotTaken` and `NotFound` are answers
+/// about the data;
 /// the rest mean the database itself is unreachable, broken or changed by
 /// someone else.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,10 @@ pub enum StoreError {
 
     #[error("a sandbox with request_id {request_id:?} already exists")]
     RequestIdTaken { request_id: String },
+
+    /// Another stored sandbox holds this uid slot; the caller picks another.
+    #[error("uid slot {slot} is held by another sandbox")]
+    SlotTaken { slot: u32 },
 
     #[error("sandbox {id} was changed by someone else (expected revision {expected_revision})")]
     Conflict {

@@ -4,6 +4,11 @@
 //! read and bumps it by one; a write against a stale revision changes nothing
 //! and reports [`StoreError::Conflict`]. The secret hash shares the row but is
 //! never selected with the record, so no read path can leak it.
+//!
+//! `uid_slot` is written once: by the insert, or for a record stored before
+//! slots existed by [`Store::set_uid_slot_if_null`]. Updates never touch it,
+//! so it stays until the row is deleted, and the unique index on it is what
+//! keeps two stored sandboxes off the same host uid range.
 
 use std::time::Duration;
 
@@ -18,18 +23,20 @@ use crate::{Store, StoreError, with_pool};
 /// `secret_hash` is left out on purpose.
 macro_rules! sandbox_columns {
     () => {
-        "id, name, request_id, spec, status, driver_state, revision, created_at_ms, updated_at_ms"
+        "id, name, request_id, spec, status, driver_state, revision, created_at_ms, updated_at_ms, \
+         uid_slot"
     };
 }
 
+// $12, the uid slot, is INSERT's alone: bound after the shared list.
 const INSERT: &str = concat!(
     "INSERT INTO sandboxes (id, name, request_id, driver, spec, phase, status, driver_state, \
-     revision, created_at_ms, updated_at_ms) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING ",
+     revision, created_at_ms, updated_at_ms, uid_slot) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) RETURNING ",
     sandbox_columns!()
 );
 // Same parameter numbers as INSERT, so one bind list serves both; here $9 is
-// the revision the caller read.
+// the revision the caller read. No uid_slot: see the module comment.
 const UPDATE: &str = concat!(
     "UPDATE sandboxes SET name = $2, request_id = $3, driver = $4, spec = $5, phase = $6, \
      status = $7, driver_state = $8, revision = revision + 1, created_at_ms = $10, \
@@ -57,11 +64,36 @@ const SELECT_PAGE: &str = concat!(
     sandbox_columns!(),
     " FROM sandboxes ORDER BY created_at_ms, id LIMIT $1 OFFSET $2"
 );
+const SELECT_FIRST_KEYED_PAGE: &str = concat!(
+    "SELECT ",
+    sandbox_columns!(),
+    " FROM sandboxes ORDER BY created_at_ms, id LIMIT $1"
+);
+// Row-value comparison: SQLite has it since 3.15 and Postgres always, and
+// both walk the (created_at_ms, id) index for it. Postgres compares id in
+// the column's "C" collation, SQLite in BINARY: the same byte order.
+const SELECT_KEYED_PAGE: &str = concat!(
+    "SELECT ",
+    sandbox_columns!(),
+    " FROM sandboxes WHERE (created_at_ms, id) > ($2, $3) ORDER BY created_at_ms, id LIMIT $1"
+);
 const SELECT_BY_DRIVER: &str = concat!(
     "SELECT ",
     sandbox_columns!(),
     " FROM sandboxes WHERE driver = $1 ORDER BY created_at_ms, id"
 );
+const COUNT_BY_DRIVER: &str = "SELECT COUNT(*) FROM sandboxes WHERE driver = $1";
+const FIRST_NAME_BY_DRIVER: &str =
+    "SELECT name FROM sandboxes WHERE driver = $1 ORDER BY created_at_ms, id LIMIT 1";
+const SET_UID_SLOT_IF_NULL: &str = concat!(
+    "UPDATE sandboxes SET uid_slot = $2, revision = revision + 1 \
+     WHERE id = $1 AND uid_slot IS NULL RETURNING ",
+    sandbox_columns!()
+);
+const SELECT_UID_SLOTS: &str =
+    "SELECT uid_slot FROM sandboxes WHERE uid_slot IS NOT NULL ORDER BY uid_slot";
+const COUNT_OTHER_WITH_UID_SLOT: &str =
+    "SELECT COUNT(*) FROM sandboxes WHERE uid_slot = $1 AND id <> $2";
 const COUNT: &str = "SELECT COUNT(*) FROM sandboxes";
 const COUNT_ID: &str = "SELECT COUNT(*) FROM sandboxes WHERE id = $1";
 const COUNT_OTHER_WITH_NAME: &str = "SELECT COUNT(*) FROM sandboxes WHERE name = $1 AND id <> $2";
@@ -105,6 +137,7 @@ struct SandboxColumns<'a> {
     driver_state: &'a [u8],
     created_at_ms: i64,
     updated_at_ms: i64,
+    uid_slot: Option<i64>,
 }
 
 impl<'a> SandboxColumns<'a> {
@@ -124,6 +157,7 @@ impl<'a> SandboxColumns<'a> {
             driver_state: &s.driver_state,
             created_at_ms: s.created_at_ms,
             updated_at_ms: s.updated_at_ms,
+            uid_slot: s.uid_slot.map(i64::from),
         }
     }
 }
@@ -139,6 +173,7 @@ struct SandboxRow {
     revision: i64,
     created_at_ms: i64,
     updated_at_ms: i64,
+    uid_slot: Option<i64>,
 }
 
 impl SandboxRow {
@@ -159,6 +194,11 @@ impl SandboxRow {
             revision: self.revision,
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
+            uid_slot: self
+                .uid_slot
+                .map(u32::try_from)
+                .transpose()
+                .map_err(|e| corrupt("uid_slot", e.into()))?,
         })
     }
 }
@@ -167,16 +207,40 @@ fn into_sandboxes(rows: Vec<SandboxRow>) -> Result<Vec<Sandbox>, StoreError> {
     rows.into_iter().map(SandboxRow::into_sandbox).collect()
 }
 
+/// Where a walk over every sandbox ([`Store::list_sandboxes_after`]) left
+/// off: the sort key of the last row it saw.
+///
+/// A key, not an offset, so rows deleted (or added) behind the walk move
+/// nothing: the next page starts after this key whatever happened before it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PageKey {
+    pub created_at_ms: i64,
+    pub id: SandboxId,
+}
+
+impl PageKey {
+    /// The key just past `sandbox`.
+    pub fn after(sandbox: &Sandbox) -> Self {
+        PageKey {
+            created_at_ms: sandbox.created_at_ms,
+            id: sandbox.id,
+        }
+    }
+}
+
 impl Store {
     /// Stores a new sandbox at revision 1 and returns the stored copy (the
     /// `revision` passed in is ignored).
     ///
     /// A taken request_id wins over a taken name, so a retried create is
-    /// recognised as a retry.
+    /// recognised as a retry; a taken name wins over a taken uid slot
+    /// ([`StoreError::SlotTaken`]), which the caller answers by trying
+    /// another slot.
     pub async fn insert_sandbox(&self, sandbox: &Sandbox) -> Result<Sandbox, StoreError> {
         let cols = SandboxColumns::new(sandbox);
         let inserted = with_pool!(self, |pool| {
             bind_sandbox!(sqlx::query_as::<_, SandboxRow>(INSERT), cols, 1_i64)
+                .bind(cols.uid_slot)
                 .fetch_one(pool)
                 .await
         });
@@ -210,8 +274,11 @@ impl Store {
         .await
     }
 
-    /// One page of sandboxes, oldest first (ties broken by id, so pages are
-    /// stable).
+    /// One page of sandboxes by offset, oldest first (ties broken by id).
+    ///
+    /// For the public ListSandboxes RPC, whose contract is offsets. An offset
+    /// skips rows when rows before it are deleted between pages, so code that
+    /// must see every sandbox walks with [`Store::list_sandboxes_after`].
     pub async fn list_sandboxes(
         &self,
         limit: u32,
@@ -228,6 +295,39 @@ impl Store {
         into_sandboxes(rows)
     }
 
+    /// Up to `limit` sandboxes that sort after `after` (from the start with
+    /// `None`), oldest first, ties broken by id. Pass the [`PageKey::after`]
+    /// the last row of a page to get the next; an empty page is the end.
+    ///
+    /// Every row that exists for the whole walk is seen exactly once, however
+    /// many rows are deleted meanwhile.
+    pub async fn list_sandboxes_after(
+        &self,
+        after: Option<&PageKey>,
+        limit: u32,
+    ) -> Result<Vec<Sandbox>, StoreError> {
+        let rows = with_pool!(self, |pool| {
+            match after {
+                None => {
+                    sqlx::query_as::<_, SandboxRow>(SELECT_FIRST_KEYED_PAGE)
+                        .bind(i64::from(limit))
+                        .fetch_all(pool)
+                        .await
+                }
+                Some(key) => {
+                    sqlx::query_as::<_, SandboxRow>(SELECT_KEYED_PAGE)
+                        .bind(i64::from(limit))
+                        .bind(key.created_at_ms)
+                        .bind(key.id.to_string())
+                        .fetch_all(pool)
+                        .await
+                }
+            }
+        })
+        .map_err(StoreError::query("list sandboxes after a key"))?;
+        into_sandboxes(rows)
+    }
+
     pub async fn count_sandboxes(&self) -> Result<u64, StoreError> {
         let count: i64 = with_pool!(self, |pool| {
             sqlx::query_scalar(COUNT).fetch_one(pool).await
@@ -235,6 +335,43 @@ impl Store {
         .map_err(StoreError::query("count sandboxes"))?;
         // COUNT(*) is never negative.
         Ok(count.unsigned_abs())
+    }
+
+    /// How many sandboxes the driver plugin `driver` runs, counted in the
+    /// database: no record is loaded.
+    pub async fn count_sandboxes_by_driver(&self, driver: &str) -> Result<u64, StoreError> {
+        let count: i64 = with_pool!(self, |pool| {
+            sqlx::query_scalar(COUNT_BY_DRIVER)
+                .bind(driver)
+                .fetch_one(pool)
+                .await
+        })
+        .map_err(StoreError::query("count sandboxes by driver"))?;
+        // COUNT(*) is never negative.
+        Ok(count.unsigned_abs())
+    }
+
+    /// The name of the oldest sandbox the driver plugin `driver` runs, to
+    /// give an example in a message; `None` if it runs none.
+    pub async fn first_sandbox_name_by_driver(
+        &self,
+        driver: &str,
+    ) -> Result<Option<SandboxName>, StoreError> {
+        let name: Option<String> = with_pool!(self, |pool| {
+            sqlx::query_scalar(FIRST_NAME_BY_DRIVER)
+                .bind(driver)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(StoreError::query("first sandbox name by driver"))?;
+        name.map(|raw| {
+            SandboxName::parse(&raw).map_err(|e| StoreError::Corrupt {
+                id: raw.clone(),
+                column: "name",
+                source: e.into(),
+            })
+        })
+        .transpose()
     }
 
     /// Every sandbox run by the driver plugin `driver`, oldest first.
@@ -252,8 +389,9 @@ impl Store {
     /// Writes `sandbox` over the stored record if the stored revision is still
     /// `sandbox.revision`, and returns the stored copy with the next revision.
     ///
-    /// Every field but `id` is written. Prefer [`Store::modify_sandbox`],
-    /// which retries on [`StoreError::Conflict`].
+    /// Every field but `id` and `uid_slot` is written (the returned copy has
+    /// the stored slot). Prefer [`Store::modify_sandbox`], which retries on
+    /// [`StoreError::Conflict`].
     pub async fn update_sandbox(&self, sandbox: &Sandbox) -> Result<Sandbox, StoreError> {
         let cols = SandboxColumns::new(sandbox);
         let updated = with_pool!(self, |pool| {
@@ -297,6 +435,8 @@ impl Store {
     /// Returns the stored record after the change, or `None` if the sandbox
     /// does not exist (or was deleted meanwhile). `f` may run several times,
     /// each time on a fresh copy, so it must not count its own calls.
+    /// A change `f` makes to `uid_slot` is not stored (see the module
+    /// comment).
     pub async fn modify_sandbox<F>(
         &self,
         id: SandboxId,
@@ -329,6 +469,67 @@ impl Store {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Gives sandbox `id` the uid slot `slot` if it has none yet (a record
+    /// stored before slots existed), bumping its revision, and returns the
+    /// stored record. A record that already has a slot is returned as it
+    /// is, with its own slot: compare `uid_slot` to know which happened.
+    ///
+    /// [`StoreError::SlotTaken`] if another sandbox holds `slot`;
+    /// [`StoreError::NotFound`] if there is no such sandbox.
+    pub async fn set_uid_slot_if_null(
+        &self,
+        id: SandboxId,
+        slot: u32,
+    ) -> Result<Sandbox, StoreError> {
+        let updated = with_pool!(self, |pool| {
+            sqlx::query_as::<_, SandboxRow>(SET_UID_SLOT_IF_NULL)
+                .bind(id.to_string())
+                .bind(i64::from(slot))
+                .fetch_optional(pool)
+                .await
+        });
+        match updated {
+            Ok(Some(row)) => row.into_sandbox(),
+            Ok(None) => self
+                .get_sandbox(id)
+                .await?
+                .ok_or(StoreError::NotFound { id }),
+            Err(source) if is_unique_violation(&source) => {
+                match self.slot_taken_by_other(slot, &id.to_string()).await {
+                    Ok(true) => Err(StoreError::SlotTaken { slot }),
+                    Ok(false) => Err(StoreError::Query {
+                        op: "set uid slot",
+                        source,
+                    }),
+                    Err(e) => Err(e),
+                }
+            }
+            Err(source) => Err(StoreError::Query {
+                op: "set uid slot",
+                source,
+            }),
+        }
+    }
+
+    /// Every uid slot a stored sandbox holds, ascending, for choosing a free
+    /// one. Slots of rows not yet deleted count, whatever their phase.
+    pub async fn uid_slots_in_use(&self) -> Result<Vec<u32>, StoreError> {
+        let slots: Vec<i64> = with_pool!(self, |pool| {
+            sqlx::query_scalar(SELECT_UID_SLOTS).fetch_all(pool).await
+        })
+        .map_err(StoreError::query("list uid slots"))?;
+        slots
+            .into_iter()
+            .map(|slot| {
+                u32::try_from(slot).map_err(|e| StoreError::Corrupt {
+                    id: format!("uid_slot {slot}"),
+                    column: "uid_slot",
+                    source: e.into(),
+                })
+            })
+            .collect()
     }
 
     /// Sets (or with `None` clears) the hash of the sandbox's secret. Does not
@@ -405,9 +606,7 @@ impl Store {
         sandbox: &Sandbox,
         source: sqlx::Error,
     ) -> StoreError {
-        let is_unique =
-            matches!(&source, sqlx::Error::Database(e) if e.kind() == ErrorKind::UniqueViolation);
-        if !is_unique {
+        if !is_unique_violation(&source) {
             return StoreError::Query { op, source };
         }
         let id = sandbox.id.to_string();
@@ -429,12 +628,36 @@ impl Store {
             .taken_by_other(COUNT_OTHER_WITH_NAME, sandbox.name.as_str(), &id)
             .await
         {
-            Ok(true) => StoreError::NameTaken {
-                name: sandbox.name.to_string(),
-            },
-            Ok(false) => StoreError::Query { op, source },
-            Err(e) => e,
+            Ok(true) => {
+                return StoreError::NameTaken {
+                    name: sandbox.name.to_string(),
+                };
+            }
+            Ok(false) => {}
+            Err(e) => return e,
         }
+        // Only an insert writes the slot, but asking on an update too is
+        // harmless: there the row's own slot is excluded by its id.
+        if let Some(slot) = sandbox.uid_slot {
+            match self.slot_taken_by_other(slot, &id).await {
+                Ok(true) => return StoreError::SlotTaken { slot },
+                Ok(false) => {}
+                Err(e) => return e,
+            }
+        }
+        StoreError::Query { op, source }
+    }
+
+    async fn slot_taken_by_other(&self, slot: u32, id: &str) -> Result<bool, StoreError> {
+        let count: i64 = with_pool!(self, |pool| {
+            sqlx::query_scalar(COUNT_OTHER_WITH_UID_SLOT)
+                .bind(i64::from(slot))
+                .bind(id)
+                .fetch_one(pool)
+                .await
+        })
+        .map_err(StoreError::query("look up a taken uid slot"))?;
+        Ok(count > 0)
     }
 
     async fn taken_by_other(
@@ -453,6 +676,10 @@ impl Store {
         .map_err(StoreError::query("look up a taken value"))?;
         Ok(count > 0)
     }
+}
+
+fn is_unique_violation(source: &sqlx::Error) -> bool {
+    matches!(source, sqlx::Error::Database(e) if e.kind() == ErrorKind::UniqueViolation)
 }
 
 /// Waits a random moment whose range doubles with each attempt (up to 200 µs

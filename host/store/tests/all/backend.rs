@@ -36,11 +36,48 @@ impl SqliteFile {
 /// parallel never see each other's rows.
 pub struct Postgres {
     pub store: Store,
+    database: PgDatabase,
+}
+
+impl Postgres {
+    /// `None` (after a loud line on stderr) when no server is configured,
+    /// unless a server is required, which fails the test instead.
+    pub async fn create() -> anyhow::Result<Option<Self>> {
+        let Some(database) = PgDatabase::create().await? else {
+            return Ok(None);
+        };
+        let store = Store::connect(&database.url).await?;
+        Ok(Some(Self { store, database }))
+    }
+
+    /// Runs `body` on the store, then drops the database whether the body
+    /// failed, panicked or passed, and only then reports how it went.
+    pub async fn run<F, Fut>(self, body: F) -> anyhow::Result<()>
+    where
+        F: FnOnce(Store) -> Fut,
+        Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
+        // A task of its own, so a panicking body still lets the drop run.
+        let outcome = tokio::spawn(body(self.store.clone())).await;
+        self.store.close().await;
+        self.database.drop().await?;
+        match outcome {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// An empty database of its own on the test server (no schema yet), dropped
+/// by [`PgDatabase::drop`].
+pub struct PgDatabase {
+    pub url: String,
     server_url: String,
     database: String,
 }
 
-impl Postgres {
+impl PgDatabase {
     /// `None` (after a loud line on stderr) when no server is configured,
     /// unless a server is required, which fails the test instead.
     pub async fn create() -> anyhow::Result<Option<Self>> {
@@ -74,16 +111,15 @@ impl Postgres {
             .execute(format!("CREATE DATABASE {database}").as_str())
             .await?;
         admin.close().await?;
-        let store = Store::connect(&with_database(&server_url, &database)).await?;
         Ok(Some(Self {
-            store,
+            url: with_database(&server_url, &database),
             server_url,
             database,
         }))
     }
 
-    pub async fn drop_database(self) -> anyhow::Result<()> {
-        self.store.close().await;
+    /// Drops the database, closing whatever connections are left.
+    pub async fn drop(self) -> anyhow::Result<()> {
         let mut admin = PgConnection::connect(&self.server_url).await?;
         admin
             .execute(format!("DROP DATABASE {} WITH (FORCE)", self.database).as_str())

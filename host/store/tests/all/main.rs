@@ -7,6 +7,7 @@
 //! `OPENSHELL_REQUIRE_POSTGRES=1`, where they fail.
 
 mod backend;
+mod migrations;
 mod sqlite;
 mod suite;
 
@@ -41,9 +42,8 @@ macro_rules! store_tests {
                     let Some(db) = crate::backend::Postgres::create().await? else {
                         return Ok(());
                     };
-                    let result = crate::suite::$name(&db.store).await;
-                    db.drop_database().await?;
-                    result
+                    db.run(|store| async move { crate::suite::$name(&store).await })
+                        .await
                 }
             )*
         }
@@ -66,6 +66,12 @@ store_tests!(
     deleted_sandboxes_are_gone,
     plugins_can_be_upserted_listed_and_deleted,
     the_secret_hash_is_kept_apart_from_the_sandbox,
+    paging_by_key_sees_every_surviving_row_once_while_rows_are_deleted,
+    counting_by_driver_counts_and_names_the_oldest,
+    a_taken_uid_slot_is_rejected_and_the_store_is_unchanged,
+    many_sandboxes_may_have_no_uid_slot,
+    a_uid_slot_is_kept_by_updates_and_freed_only_by_delete,
+    a_record_without_a_uid_slot_can_be_backfilled_once,
 );
 
 #[tokio::test]

@@ -7,9 +7,10 @@ use anyhow::Context;
 use openshell_core::{
     Event, Resources, Sandbox, SandboxId, SandboxName, SandboxSpec, Status, apply,
 };
-use openshell_store::{PluginRecord, Store, StoreError};
+use openshell_store::{PageKey, PluginRecord, Store, StoreError};
 
-/// A sandbox with every field set to something other than its default.
+/// A sandbox with every field set to something other than its default, but
+/// for `uid_slot`: a slot is unique, so tests that want one set it.
 pub fn sandbox(name: &str) -> Sandbox {
     let spec = SandboxSpec {
         driver: "process".into(),
@@ -47,6 +48,7 @@ fn counter(s: &Sandbox) -> u64 {
 pub async fn insert_then_get_round_trips_every_field(store: &Store) -> anyhow::Result<()> {
     let mut s = sandbox("round-trip");
     s.request_id = Some("req-1".into());
+    s.uid_slot = Some(u32::MAX);
     s.revision = 42; // ignored: a new record starts at 1
 
     let stored = store.insert_sandbox(&s).await?;
@@ -159,6 +161,33 @@ pub async fn lists_page_oldest_first_with_ties_broken_by_id(store: &Store) -> an
     assert_eq!(store.list_sandboxes(3, 6).await?, inserted[6..]);
     assert_eq!(store.list_sandboxes(3, 7).await?, []);
     assert_eq!(store.list_sandboxes(0, 0).await?, []);
+
+    // The same pages by key.
+    let first = store.list_sandboxes_after(None, 3).await?;
+    assert_eq!(first, inserted[0..3]);
+    let second = store
+        .list_sandboxes_after(Some(&PageKey::after(&first[2])), 3)
+        .await?;
+    assert_eq!(second, inserted[3..6]);
+    let third = store
+        .list_sandboxes_after(Some(&PageKey::after(&second[2])), 3)
+        .await?;
+    assert_eq!(third, inserted[6..]);
+    let past_end = store
+        .list_sandboxes_after(Some(&PageKey::after(&third[0])), 3)
+        .await?;
+    assert_eq!(past_end, []);
+    assert_eq!(store.list_sandboxes_after(None, 100).await?, inserted);
+    assert_eq!(store.list_sandboxes_after(None, 0).await?, []);
+    // A key need not be a stored row: it is a position in the order.
+    let between = PageKey {
+        created_at_ms: 20,
+        id: SandboxId(uuid::Uuid::nil()),
+    };
+    assert_eq!(
+        store.list_sandboxes_after(Some(&between), 100).await?,
+        inserted[2..]
+    );
     Ok(())
 }
 
@@ -181,6 +210,29 @@ pub async fn listing_by_driver_returns_only_that_drivers_sandboxes(
     assert_eq!(store.list_sandboxes_by_driver("vm").await?, vm);
     assert_eq!(store.list_sandboxes_by_driver("process").await?.len(), 2);
     assert_eq!(store.list_sandboxes_by_driver("nope").await?, []);
+    Ok(())
+}
+
+pub async fn counting_by_driver_counts_and_names_the_oldest(store: &Store) -> anyhow::Result<()> {
+    assert_eq!(store.count_sandboxes_by_driver("vm").await?, 0);
+    assert_eq!(store.first_sandbox_name_by_driver("vm").await?, None);
+    for (i, (driver, created)) in [("vm", 30), ("process", 5), ("vm", 10), ("vm", 20)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut s = sandbox(&format!("c{i}"));
+        s.spec.driver = driver.into();
+        s.created_at_ms = created;
+        store.insert_sandbox(&s).await?;
+    }
+    assert_eq!(store.count_sandboxes_by_driver("vm").await?, 3);
+    assert_eq!(store.count_sandboxes_by_driver("process").await?, 1);
+    assert_eq!(store.count_sandboxes_by_driver("nope").await?, 0);
+    assert_eq!(
+        store.first_sandbox_name_by_driver("vm").await?,
+        Some(SandboxName::parse("c2")?)
+    );
+    assert_eq!(store.first_sandbox_name_by_driver("nope").await?, None);
     Ok(())
 }
 
@@ -420,5 +472,172 @@ pub async fn the_secret_hash_is_kept_apart_from_the_sandbox(store: &Store) -> an
 
     let other = SandboxId::new();
     assert_eq!(store.get_secret_hash(other).await?, None);
+    Ok(())
+}
+
+/// Issue 12, bug 5: recovery deletes rows (finished deletes) while it pages,
+/// and an offset then skips rows that moved up past it.
+pub async fn paging_by_key_sees_every_surviving_row_once_while_rows_are_deleted(
+    store: &Store,
+) -> anyhow::Result<()> {
+    const PAGE: u32 = 3;
+    let mut inserted = Vec::new();
+    // Four pages' worth, with timestamp ties so the id breaks them.
+    for i in 0..11 {
+        let mut s = sandbox(&format!("p{i}"));
+        s.created_at_ms = i / 2;
+        inserted.push(store.insert_sandbox(&s).await?);
+    }
+    inserted.sort_by_key(|s| (s.created_at_ms, s.id.to_string()));
+    let ids: Vec<SandboxId> = inserted.iter().map(|s| s.id).collect();
+    // Deleted before paging reaches them: never seen, and that is fine.
+    let doomed_unseen = [ids[7], ids[10]];
+
+    let mut seen = Vec::new();
+    let mut after = None;
+    let mut pages = 0;
+    loop {
+        let page = store.list_sandboxes_after(after.as_ref(), PAGE).await?;
+        let Some(last) = page.last() else {
+            break;
+        };
+        after = Some(PageKey::after(last));
+        pages += 1;
+        // Like recovery finishing deletes: the page just read goes, but for one.
+        for s in &page[1..] {
+            store.delete_sandbox(s.id).await?;
+        }
+        if pages == 1 {
+            for id in doomed_unseen {
+                store.delete_sandbox(id).await?;
+            }
+        }
+        seen.extend(page.iter().map(|s| s.id));
+    }
+
+    let expected: Vec<SandboxId> = ids
+        .iter()
+        .copied()
+        .filter(|id| !doomed_unseen.contains(id))
+        .collect();
+    assert_eq!(seen, expected, "every surviving row, once, oldest first");
+    assert!(pages >= 3, "paged {pages} times");
+    Ok(())
+}
+
+pub async fn a_taken_uid_slot_is_rejected_and_the_store_is_unchanged(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let mut first = sandbox("holder");
+    first.uid_slot = Some(7);
+    let first = store.insert_sandbox(&first).await?;
+
+    let mut second = sandbox("wants-seven");
+    second.uid_slot = Some(7);
+    let err = store.insert_sandbox(&second).await.unwrap_err();
+    assert!(matches!(err, StoreError::SlotTaken { slot: 7 }), "{err:?}");
+    assert_eq!(store.count_sandboxes().await?, 1);
+    assert_eq!(store.get_sandbox_by_name("wants-seven").await?, None);
+
+    // A taken name is the answer that matters more: another slot would not help.
+    let mut both = sandbox("holder");
+    both.uid_slot = Some(7);
+    let err = store.insert_sandbox(&both).await.unwrap_err();
+    assert!(matches!(err, StoreError::NameTaken { .. }), "{err:?}");
+
+    // The next candidate goes in.
+    second.uid_slot = Some(8);
+    let second = store.insert_sandbox(&second).await?;
+    assert_eq!(second.uid_slot, Some(8));
+    assert_eq!(store.uid_slots_in_use().await?, vec![7, 8]);
+    assert_eq!(store.get_sandbox(first.id).await?, Some(first));
+    Ok(())
+}
+
+pub async fn many_sandboxes_may_have_no_uid_slot(store: &Store) -> anyhow::Result<()> {
+    for i in 0..3 {
+        let s = store.insert_sandbox(&sandbox(&format!("n{i}"))).await?;
+        assert_eq!(s.uid_slot, None);
+    }
+    let mut slotted = sandbox("slotted");
+    slotted.uid_slot = Some(0);
+    store.insert_sandbox(&slotted).await?;
+    assert_eq!(store.count_sandboxes().await?, 4);
+    assert_eq!(store.uid_slots_in_use().await?, vec![0]);
+    Ok(())
+}
+
+pub async fn a_uid_slot_is_kept_by_updates_and_freed_only_by_delete(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let mut s = sandbox("keeper");
+    s.uid_slot = Some(3);
+    let v1 = store.insert_sandbox(&s).await?;
+
+    // Neither a plain update nor a modify moves or clears the slot.
+    let mut moved = v1.clone();
+    moved.uid_slot = Some(4);
+    moved.driver_state = b"updated".to_vec();
+    let v2 = store.update_sandbox(&moved).await?;
+    assert_eq!((v2.uid_slot, v2.revision), (Some(3), 2));
+    let v3 = store
+        .modify_sandbox(v1.id, |s| {
+            s.uid_slot = None;
+            true
+        })
+        .await?
+        .context("keeper vanished")?;
+    assert_eq!((v3.uid_slot, v3.revision), (Some(3), 3));
+    assert_eq!(store.get_sandbox(v1.id).await?, Some(v3.clone()));
+
+    // Whatever its phase, a stored sandbox holds its slot.
+    let mut deleting = v3.clone();
+    deleting.status = apply(&v3.status, &Event::DeleteRequested, 3_000)?;
+    store.update_sandbox(&deleting).await?;
+    let mut rival = sandbox("rival");
+    rival.uid_slot = Some(3);
+    let err = store.insert_sandbox(&rival).await.unwrap_err();
+    assert!(matches!(err, StoreError::SlotTaken { slot: 3 }), "{err:?}");
+
+    assert!(store.delete_sandbox(v1.id).await?);
+    assert!(store.uid_slots_in_use().await?.is_empty());
+    let rival = store.insert_sandbox(&rival).await?;
+    assert_eq!(rival.uid_slot, Some(3));
+    Ok(())
+}
+
+pub async fn a_record_without_a_uid_slot_can_be_backfilled_once(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let old = store.insert_sandbox(&sandbox("from-before-slots")).await?;
+    let mut holder = sandbox("holder");
+    holder.uid_slot = Some(1);
+    let holder = store.insert_sandbox(&holder).await?;
+
+    // A slot another sandbox holds is refused, and nothing changes.
+    let err = store.set_uid_slot_if_null(old.id, 1).await.unwrap_err();
+    assert!(matches!(err, StoreError::SlotTaken { slot: 1 }), "{err:?}");
+    assert_eq!(store.get_sandbox(old.id).await?, Some(old.clone()));
+
+    let filled = store.set_uid_slot_if_null(old.id, 2).await?;
+    let expected = Sandbox {
+        uid_slot: Some(2),
+        revision: old.revision + 1,
+        ..old.clone()
+    };
+    assert_eq!(filled, expected);
+    assert_eq!(store.get_sandbox(old.id).await?, Some(expected.clone()));
+
+    // Only a missing slot is filled: a record that has one keeps it.
+    assert_eq!(store.set_uid_slot_if_null(old.id, 9).await?, expected);
+    assert_eq!(store.set_uid_slot_if_null(holder.id, 9).await?, holder);
+    assert_eq!(store.uid_slots_in_use().await?, vec![1, 2]);
+
+    let ghost = SandboxId::new();
+    let err = store.set_uid_slot_if_null(ghost, 5).await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::NotFound { id } if id == ghost),
+        "{err:?}"
+    );
     Ok(())
 }
