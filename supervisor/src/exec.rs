@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 use crate::Config;
 use crate::relay::linger;
+use crate::report;
 use crate::spawn::{self, Stream};
 
 const CHUNK: usize = 32 * 1024;
@@ -52,12 +53,10 @@ pub async fn run(
     let spawned = match spawn::spawn(cfg, &command(&start)) {
         Ok(s) => s,
         Err(e) => {
-            tracing::info!(argv0, "cannot spawn: {e}");
-            let msg = format!("openshell: cannot run {argv0}: {e}\n");
+            tracing::info!(argv0, "cannot spawn: {}", report::chain(&e));
+            let msg = format!("openshell: {}\n", report::wire(&e));
             let _ = tx.send(output(S::Stderr(msg.into_bytes()))).await;
-            let _ = tx
-                .send(output(S::Exit(spawn::spawn_failure_code(&e))))
-                .await;
+            let _ = tx.send(output(S::Exit(e.exit_code()))).await;
             linger(inbound).await;
             return;
         }

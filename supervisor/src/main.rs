@@ -10,6 +10,7 @@
 
 mod exec;
 mod relay;
+mod report;
 mod session;
 mod spawn;
 mod ssh;
@@ -29,23 +30,36 @@ pub struct Config {
     pub child_env: BTreeMap<String, String>,
 }
 
+/// Why the supervisor cannot start from its environment.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{name} is not set")]
+    Missing { name: &'static str },
+    #[error("OPENSHELL_SANDBOX_UID={value:?} is not a uid")]
+    BadUid {
+        value: String,
+        #[source]
+        source: std::num::ParseIntError,
+    },
+}
+
 /// Variables that sandbox code never sees.
 const PRIVATE_VARS: [&str; 2] = ["OPENSHELL_SANDBOX_SECRET", "OPENSHELL_SANDBOX_UID"];
 
 impl Config {
-    fn from_env(vars: impl Iterator<Item = (String, String)>) -> Result<Self, String> {
+    fn from_env(vars: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let all: BTreeMap<String, String> = vars.collect();
-        let need = |k: &str| {
-            all.get(k)
+        let need = |name: &'static str| {
+            all.get(name)
                 .filter(|v| !v.is_empty())
                 .cloned()
-                .ok_or_else(|| format!("{k} is not set"))
+                .ok_or(ConfigError::Missing { name })
         };
         let run_as = match all.get("OPENSHELL_SANDBOX_UID") {
-            Some(v) => Some(
-                v.parse()
-                    .map_err(|_| format!("OPENSHELL_SANDBOX_UID={v:?} is not a uid"))?,
-            ),
+            Some(v) => Some(v.parse().map_err(|source| ConfigError::BadUid {
+                value: v.chars().take(40).collect(),
+                source,
+            })?),
             None => None,
         };
         let mut child_env = all.clone();
@@ -79,7 +93,7 @@ fn main() -> ExitCode {
     let cfg = match Config::from_env(std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("openshell-supervisor: {e}");
+            eprintln!("openshell-supervisor: {}", report::chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -94,7 +108,7 @@ fn main() -> ExitCode {
     let ssh = match ssh::SshServer::generate() {
         Ok(s) => std::sync::Arc::new(s),
         Err(e) => {
-            eprintln!("openshell-supervisor: {e}");
+            eprintln!("openshell-supervisor: {}", report::chain(&e));
             return ExitCode::from(2);
         }
     };
@@ -146,7 +160,26 @@ mod tests {
     #[test]
     fn missing_settings_are_named() {
         let e = Config::from_env(vars(&[("OPENSHELL_SANDBOX_ID", "id")])).unwrap_err();
-        assert!(e.contains("OPENSHELL_ENDPOINT"), "{e}");
+        assert_eq!(
+            e,
+            ConfigError::Missing {
+                name: "OPENSHELL_ENDPOINT"
+            }
+        );
+        assert_eq!(e.to_string(), "OPENSHELL_ENDPOINT is not set");
+    }
+
+    #[test]
+    fn a_bad_uid_is_quoted_and_keeps_its_cause() {
+        let e = Config::from_env(vars(&[
+            ("OPENSHELL_ENDPOINT", "unix:///x"),
+            ("OPENSHELL_SANDBOX_ID", "id"),
+            ("OPENSHELL_SANDBOX_SECRET", "s"),
+            ("OPENSHELL_SANDBOX_UID", "root"),
+        ]))
+        .unwrap_err();
+        assert!(matches!(&e, ConfigError::BadUid { value, .. } if value == "root"));
+        assert!(std::error::Error::source(&e).is_some());
     }
 
     proptest::proptest! {
@@ -177,7 +210,7 @@ mod tests {
                     proptest::prop_assert!(!c.secret.is_empty() && !c.endpoint.is_empty());
                     proptest::prop_assert!(c.child_env.contains_key("PATH"));
                 }
-                Err(e) => proptest::prop_assert!(e.starts_with("OPENSHELL_"), "{}", e),
+                Err(e) => proptest::prop_assert!(e.to_string().starts_with("OPENSHELL_"), "{}", e),
             }
         }
     }

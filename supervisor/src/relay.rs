@@ -15,16 +15,28 @@ use tonic::transport::Channel;
 use crate::Config;
 use crate::ssh::SshServer;
 
+/// Why a relay could not be opened; the gateway is told (bounded, see
+/// [`crate::report::wire`]).
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("unsupported relay purpose")]
+    UnsupportedPurpose,
+    #[error("the relay closed before its first frame was sent")]
+    Closed,
+    #[error("cannot open the relay")]
+    Open(#[source] tonic::Status),
+}
+
 /// Serves one relay: opens the stream, then runs what it is for. An error
-/// means the relay could not be opened (the gateway is told).
+/// means the relay could not be opened.
 pub async fn serve(
     cfg: &Config,
     ssh: &SshServer,
     channel: Channel,
     open: pb::RelayOpen,
-) -> Result<(), String> {
+) -> Result<(), RelayError> {
     let Some(purpose) = open.purpose else {
-        return Err("unsupported relay purpose".into());
+        return Err(RelayError::UnsupportedPurpose);
     };
     let (tx, rx) = mpsc::channel::<pb::RelayFrame>(64);
     let init = pb::RelayFrame {
@@ -32,14 +44,12 @@ pub async fn serve(
             channel_id: open.channel_id.clone(),
         })),
     };
-    tx.send(init)
-        .await
-        .map_err(|_| "relay closed".to_string())?;
+    tx.send(init).await.map_err(|_| RelayError::Closed)?;
     let mut client = SupervisorClient::new(channel);
     let inbound = client
         .relay_stream(ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("cannot open the relay: {}", s.message()))?
+        .map_err(RelayError::Open)?
         .into_inner();
     match purpose {
         Purpose::Exec(start) => crate::exec::run(cfg, start, inbound, tx).await,
@@ -62,4 +72,33 @@ pub async fn linger(mut inbound: tonic::Streaming<pb::RelayFrame>) {
     })
     .await;
     tracing::debug!("relay closed: {r:?}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config {
+            endpoint: "unix:///nonexistent".into(),
+            sandbox_id: "id".into(),
+            secret: "s".into(),
+            run_as: None,
+            child_env: Default::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_relay_without_a_purpose_is_refused_before_anything_is_opened() {
+        // Lazy: nothing listens there, and nothing may be dialled.
+        let channel = tonic::transport::Endpoint::from_static("http://127.0.0.1:9").connect_lazy();
+        let ssh = SshServer::generate().unwrap();
+        let open = pb::RelayOpen {
+            channel_id: "c1".into(),
+            purpose: None,
+        };
+        let e = serve(&cfg(), &ssh, channel, open).await.unwrap_err();
+        assert!(matches!(e, RelayError::UnsupportedPurpose), "{e:?}");
+        assert_eq!(crate::report::wire(&e), "unsupported relay purpose");
+    }
 }

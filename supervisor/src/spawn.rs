@@ -18,6 +18,38 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::Config;
 
+/// Why a command could not be started. Said to the client (bounded) as a
+/// shell would, and reported as a shell's exit code ([`Self::exit_code`]).
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("no command given")]
+    NoCommand,
+    #[error("workdir {path} does not exist")]
+    NoWorkdir { path: String },
+    #[error("cannot open a pseudo-terminal")]
+    Pty(#[source] nix::Error),
+    #[error("cannot share the pseudo-terminal")]
+    PtyClone(#[source] std::io::Error),
+    #[error("cannot run {program}")]
+    Start {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl SpawnError {
+    /// The code a shell reports when it cannot run a command: 127 when
+    /// something is not found, else 126.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::NoWorkdir { .. } => 127,
+            Self::Start { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 127,
+            Self::NoCommand | Self::Pty(_) | Self::PtyClone(_) | Self::Start { .. } => 126,
+        }
+    }
+}
+
 /// The working directory when none is asked for.
 pub const DEFAULT_WORKDIR: &str = "/sandbox";
 
@@ -79,12 +111,9 @@ pub fn kill_group(group: Option<Pid>) {
     }
 }
 
-pub fn spawn(cfg: &Config, c: &Command) -> std::io::Result<Spawned> {
+pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
     let Some((program, args)) = c.argv.split_first() else {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidInput,
-            "no command",
-        ));
+        return Err(SpawnError::NoCommand);
     };
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
@@ -96,23 +125,21 @@ pub fn spawn(cfg: &Config, c: &Command) -> std::io::Result<Spawned> {
     if std::path::Path::new(workdir).is_dir() {
         cmd.current_dir(workdir);
     } else if c.workdir.is_some() {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            format!("workdir {workdir} does not exist"),
-        ));
+        return Err(SpawnError::NoWorkdir {
+            path: workdir.chars().take(200).collect(),
+        });
     }
     if let Some(uid) = cfg.run_as {
         cmd.uid(uid).gid(uid);
     }
     let tty = c.tty.is_some();
     let pty = match &c.tty {
-        Some(ws) => Some(nix::pty::openpty(Some(ws), None)?),
+        Some(ws) => Some(nix::pty::openpty(Some(ws), None).map_err(SpawnError::Pty)?),
         None => None,
     };
+    let slave = |p: &nix::pty::OpenptyResult| p.slave.try_clone().map_err(SpawnError::PtyClone);
     if let Some(p) = &pty {
-        cmd.stdin(p.slave.try_clone()?)
-            .stdout(p.slave.try_clone()?)
-            .stderr(p.slave.try_clone()?);
+        cmd.stdin(slave(p)?).stdout(slave(p)?).stderr(slave(p)?);
     } else {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -137,14 +164,18 @@ pub fn spawn(cfg: &Config, c: &Command) -> std::io::Result<Spawned> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn()?;
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Start {
+        program: program.to_string_lossy().chars().take(200).collect(),
+        source,
+    })?;
     // setsid or process_group(0) made the child the leader of its group.
     let group = child.id().map(|p| Pid::from_raw(p as i32));
     match pty {
         Some(p) => {
             drop(p.slave);
-            let read = std::fs::File::from(p.master.try_clone()?);
-            let write = std::fs::File::from(p.master.try_clone()?);
+            let master = || p.master.try_clone().map_err(SpawnError::PtyClone);
+            let read = std::fs::File::from(master()?);
+            let write = std::fs::File::from(master()?);
             Ok(Spawned {
                 child,
                 stdin: Some(Box::new(tokio::fs::File::from_std(write))),
@@ -184,15 +215,6 @@ pub fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {
     }
 }
 
-/// The code a shell reports when it cannot run a command.
-pub fn spawn_failure_code(e: &std::io::Error) -> i32 {
-    if e.kind() == std::io::ErrorKind::NotFound {
-        127
-    } else {
-        126
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,6 +223,21 @@ mod tests {
     fn terminal_sizes_are_clamped_to_what_a_pty_accepts() {
         let ws = winsize(0, 5000);
         assert_eq!((ws.ws_row, ws.ws_col), (1, 1000));
+    }
+
+    #[test]
+    fn what_cannot_be_found_is_127_and_what_cannot_run_is_126() {
+        let not_found = SpawnError::Start {
+            program: "nope".into(),
+            source: std::io::ErrorKind::NotFound.into(),
+        };
+        let denied = SpawnError::Start {
+            program: "x".into(),
+            source: std::io::ErrorKind::PermissionDenied.into(),
+        };
+        let no_dir = SpawnError::NoWorkdir { path: "/x".into() };
+        let codes = [not_found, no_dir, denied, SpawnError::NoCommand].map(|e| e.exit_code());
+        assert_eq!(codes, [127, 127, 126, 126]);
     }
 
     #[test]
