@@ -14,6 +14,8 @@ use std::os::raw::c_char;
 use std::os::unix::ffi::OsStrExt;
 
 use anyhow::{Context, bail};
+// nix does not wrap dlopen; its libc re-export keeps nix the one OS crate here.
+use nix::libc;
 use nix::sys::prctl;
 use nix::sys::signal::{SigSet, SigmaskHow, Signal, kill, sigprocmask};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
