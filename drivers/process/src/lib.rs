@@ -10,21 +10,14 @@
 mod policy;
 mod state;
 
-mod bindings {
-    wit_bindgen::generate!({
-        path: "../../wit",
-        world: "compute-driver",
-        additional_derives: [PartialEq],
-    });
-}
-
-use bindings::exports::openshell::compute::driver::{
+use openshell_driver_common::exports::openshell::compute::driver::{
     DriverError, DriverInfo, Guest, HostEvent, LaunchContext, Outcome, SandboxSpec,
 };
-use bindings::openshell::compute::files;
-use bindings::openshell::compute::log::{self, Level};
-use bindings::openshell::compute::process::{self, ProcessStatus};
-use bindings::openshell::compute::types::{CapError, DriverEvent, Failure, Isolation};
+use openshell_driver_common::openshell::compute::files;
+use openshell_driver_common::openshell::compute::log::{self, Level};
+use openshell_driver_common::openshell::compute::process::{self, ProcessStatus};
+use openshell_driver_common::openshell::compute::types::{DriverEvent, Isolation};
+use openshell_driver_common::{driver_event, failed};
 use state::LaunchState;
 
 /// How long the supervisor gets to exit after SIGTERM before SIGKILL.
@@ -87,7 +80,7 @@ impl Guest for ProcessDriver {
         event: HostEvent,
     ) -> Result<Outcome, DriverError> {
         Ok(Outcome {
-            events: vec![policy::driver_event(event)],
+            events: vec![driver_event(event)],
             state,
         })
     }
@@ -125,11 +118,4 @@ fn launch(spec: &SandboxSpec, ctx: &LaunchContext, state: &[u8]) -> Result<Outco
     })
 }
 
-fn failed(reason: &str, doing: &str, error: &CapError) -> DriverError {
-    DriverError::Failed(Failure {
-        reason: reason.into(),
-        message: format!("{doing}: {}", policy::describe_cap_error(error)),
-    })
-}
-
-bindings::export!(ProcessDriver with_types_in bindings);
+openshell_driver_common::export!(ProcessDriver);

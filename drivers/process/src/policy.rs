@@ -2,18 +2,15 @@
 //! supervisor is launched with. No capability calls here, so the rules are
 //! unit-tested natively.
 
-use crate::bindings::openshell::compute::process::{Confinement, SpawnSpec};
-use crate::bindings::openshell::compute::types::{
-    CapError, DriverError, DriverEvent, Failure, HostEvent, LaunchContext, SandboxSpec,
-};
+use openshell_driver_common::check_env_var;
+use openshell_driver_common::openshell::compute::process::{Confinement, SpawnSpec};
+use openshell_driver_common::openshell::compute::types::{DriverError, LaunchContext, SandboxSpec};
 
 /// The supervisor's writable working directory, relative to the sandbox's
 /// state directory.
 pub const WORKDIR: &str = "workdir";
 /// Where the supervisor dials the gateway, as seen inside the sandbox.
 const GATEWAY_ENDPOINT: &str = "unix:///run/openshell/gateway.sock";
-/// Environment names the gateway sets; a user may not set or override them.
-const RESERVED_PREFIX: &str = "OPENSHELL_";
 
 const MAX_VCPUS: u32 = 64;
 /// Below this the supervisor itself does not fit.
@@ -25,18 +22,7 @@ const DEFAULT_MAX_PROCESSES: u32 = 512;
 /// change.
 pub fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
     for (name, value) in &spec.environment {
-        if name.starts_with(RESERVED_PREFIX) {
-            return Err(DriverError::Invalid(format!(
-                "environment variable {name} is reserved: names starting with \
-                 {RESERVED_PREFIX} are set by the gateway; rename or remove it"
-            )));
-        }
-        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
-            return Err(DriverError::Invalid(format!(
-                "environment variable {name:?} cannot be passed to a process: \
-                 use a non-empty name without '=' or NUL, and a value without NUL"
-            )));
-        }
+        check_env_var(name, value)?;
     }
     let resources = &spec.resources;
     if resources.vcpus > MAX_VCPUS {
@@ -85,28 +71,6 @@ pub fn spawn_spec(spec: &SandboxSpec, ctx: &LaunchContext) -> SpawnSpec {
     }
 }
 
-/// Turns what the host saw into what the driver reports.
-pub fn driver_event(event: HostEvent) -> DriverEvent {
-    match event {
-        HostEvent::ProcessExited(status) => DriverEvent::Exited(status),
-        HostEvent::PollFailed(message) => DriverEvent::Failed(Failure {
-            reason: "ProcessPollFailed".into(),
-            message,
-        }),
-    }
-}
-
-pub fn describe_cap_error(error: &CapError) -> String {
-    let (kind, message) = match error {
-        CapError::AccessDenied(m) => ("access denied", m),
-        CapError::Invalid(m) => ("invalid", m),
-        CapError::Unavailable(m) => ("unavailable", m),
-        CapError::Timeout(m) => ("timed out", m),
-        CapError::Failed(m) => ("failed", m),
-    };
-    format!("{kind}: {message}")
-}
-
 fn or_default<T: Default + PartialEq>(requested: T, default: T) -> T {
     if requested == T::default() {
         default
@@ -118,7 +82,7 @@ fn or_default<T: Default + PartialEq>(requested: T, default: T) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bindings::openshell::compute::types::Resources;
+    use openshell_driver_common::openshell::compute::types::Resources;
 
     fn spec(environment: &[(&str, &str)], vcpus: u32, memory_mib: u64) -> SandboxSpec {
         SandboxSpec {
@@ -159,7 +123,14 @@ mod tests {
 
     #[test]
     fn unpassable_environment_names_are_invalid() {
-        for (name, value) in [("", "x"), ("A=B", "x"), ("A\0", "x"), ("A", "x\0")] {
+        for (name, value) in [
+            ("", "x"),
+            ("A=B", "x"),
+            ("A\0", "x"),
+            ("A", "x\0"),
+            ("1A", "x"),
+            ("A B", "x"),
+        ] {
             invalid_message(validate(&spec(&[(name, value)], 0, 0)));
         }
     }
@@ -225,21 +196,6 @@ mod tests {
         assert_eq!(
             (c.memory_mib, c.max_processes, c.cpu_millis),
             (2048, 100, 2000)
-        );
-    }
-
-    #[test]
-    fn host_events_map_to_exited_or_poll_failed() {
-        assert_eq!(
-            driver_event(HostEvent::ProcessExited(3)),
-            DriverEvent::Exited(3)
-        );
-        assert_eq!(
-            driver_event(HostEvent::PollFailed("gone".into())),
-            DriverEvent::Failed(Failure {
-                reason: "ProcessPollFailed".into(),
-                message: "gone".into()
-            })
         );
     }
 }

@@ -10,21 +10,14 @@
 
 mod policy;
 
-mod bindings {
-    wit_bindgen::generate!({
-        path: "../../wit",
-        world: "compute-driver",
-        additional_derives: [PartialEq],
-    });
-}
-
-use bindings::exports::openshell::compute::driver::{
+use openshell_driver_common::exports::openshell::compute::driver::{
     DriverError, DriverInfo, Guest, HostEvent, LaunchContext, Outcome, SandboxSpec,
 };
-use bindings::openshell::compute::log::{self, Level};
-use bindings::openshell::compute::types::{CapError, DriverEvent, Failure, Isolation};
-use bindings::openshell::compute::vm::{self, VmStatus};
-use bindings::openshell::compute::{network, rootfs};
+use openshell_driver_common::openshell::compute::log::{self, Level};
+use openshell_driver_common::openshell::compute::types::{DriverEvent, Isolation};
+use openshell_driver_common::openshell::compute::vm::{self, VmStatus};
+use openshell_driver_common::openshell::compute::{network, rootfs};
+use openshell_driver_common::{driver_event, failed};
 
 /// How long the VM gets to exit after SIGTERM before SIGKILL.
 const STOP_GRACE_MS: u32 = 5_000;
@@ -86,7 +79,7 @@ impl Guest for VmDriver {
         event: HostEvent,
     ) -> Result<Outcome, DriverError> {
         Ok(Outcome {
-            events: vec![policy::driver_event(event)],
+            events: vec![driver_event(event)],
             state,
         })
     }
@@ -120,11 +113,4 @@ fn launch(spec: &SandboxSpec, ctx: &LaunchContext, state: Vec<u8>) -> Result<Out
     })
 }
 
-fn failed(reason: &str, doing: &str, error: &CapError) -> DriverError {
-    DriverError::Failed(Failure {
-        reason: reason.into(),
-        message: format!("{doing}: {}", policy::describe_cap_error(error)),
-    })
-}
-
-bindings::export!(VmDriver with_types_in bindings);
+openshell_driver_common::export!(VmDriver);

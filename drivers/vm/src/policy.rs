@@ -2,12 +2,10 @@
 //! launched with, and what is reported. No capability calls, so these are
 //! unit-tested natively.
 
-use crate::bindings::openshell::compute::types::{
-    CapError, DriverError, DriverEvent, Failure, HostEvent, LaunchContext, SandboxSpec,
-};
-use crate::bindings::openshell::compute::vm::{Backend, VmSpec};
+use openshell_driver_common::check_env_var;
+use openshell_driver_common::openshell::compute::types::{DriverError, LaunchContext, SandboxSpec};
+use openshell_driver_common::openshell::compute::vm::{Backend, VmSpec};
 
-const RESERVED_PREFIX: &str = "OPENSHELL_";
 pub const MAX_VCPUS: u32 = 8;
 pub const MIN_MEMORY_MIB: u64 = 128;
 pub const MAX_MEMORY_MIB: u64 = 8192;
@@ -30,21 +28,12 @@ pub fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
                  remove it, or use a driver that offers GPUs"
             )));
         }
-        if name.starts_with(RESERVED_PREFIX) {
+        check_env_var(name, value)?;
+        // The guest's init reads its environment one line per variable.
+        if value.contains(['\n', '\r']) {
             return Err(DriverError::Invalid(format!(
-                "environment variable {name} is reserved: names starting with \
-                 {RESERVED_PREFIX} are set by the gateway; rename or remove it"
-            )));
-        }
-        let name_ok = name
-            .chars()
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-        if !name_ok || value.contains(['\n', '\r', '\0']) {
-            return Err(DriverError::Invalid(format!(
-                "environment variable {name:?} cannot reach the VM: use a name of letters, \
-                 digits and '_' (not starting with a digit), and a value without newlines or NUL"
+                "environment variable {name} cannot reach the VM: its value has a newline; \
+                 remove it"
             )));
         }
     }
@@ -110,31 +99,10 @@ pub fn booting_message(b: Backend) -> String {
     }
 }
 
-pub fn driver_event(event: HostEvent) -> DriverEvent {
-    match event {
-        HostEvent::ProcessExited(status) => DriverEvent::Exited(status),
-        HostEvent::PollFailed(message) => DriverEvent::Failed(Failure {
-            reason: "ProcessPollFailed".into(),
-            message,
-        }),
-    }
-}
-
-pub fn describe_cap_error(error: &CapError) -> String {
-    let (kind, message) = match error {
-        CapError::AccessDenied(m) => ("access denied", m),
-        CapError::Invalid(m) => ("invalid", m),
-        CapError::Unavailable(m) => ("unavailable", m),
-        CapError::Timeout(m) => ("timed out", m),
-        CapError::Failed(m) => ("failed", m),
-    };
-    format!("{kind}: {message}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bindings::openshell::compute::types::Resources;
+    use openshell_driver_common::openshell::compute::types::Resources;
 
     fn spec(env: &[(&str, &str)], vcpus: u32, memory_mib: u64) -> SandboxSpec {
         SandboxSpec {
@@ -236,20 +204,5 @@ mod tests {
     fn tcg_is_reported_honestly() {
         assert!(booting_message(Backend::QemuTcg).contains("no hardware isolation"));
         assert!(booting_message(Backend::QemuKvm).contains("vm-kvm"));
-    }
-
-    #[test]
-    fn host_events_map_to_exited_or_poll_failed() {
-        assert_eq!(
-            driver_event(HostEvent::ProcessExited(137)),
-            DriverEvent::Exited(137)
-        );
-        assert_eq!(
-            driver_event(HostEvent::PollFailed("gone".into())),
-            DriverEvent::Failed(Failure {
-                reason: "ProcessPollFailed".into(),
-                message: "gone".into()
-            })
-        );
     }
 }
