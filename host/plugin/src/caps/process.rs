@@ -330,24 +330,30 @@ impl CallState {
         env.retain(|(k, _)| k != "OPENSHELL_SANDBOX_UID");
         env.push(("OPENSHELL_SANDBOX_UID".into(), "1000".into()));
         let c = &spec.confinement;
-        let config = serde_json::json!({
-            "sandbox_id": id,
-            "hostname": self.scope.sandbox_name,
-            "state_dir": state,
-            "workdir": state.join(&spec.workdir),
-            "run_dir": state.join("run"),
-            "program": supervisor,
-            "args": [],
-            "env": env,
-            "uid_base": self.services.processes.uid_base(slot),
-            "isolate_network": c.isolate_network,
-            "memory_mib": c.memory_mib,
-            "max_processes": c.max_processes,
-            "cpu_millis": c.cpu_millis,
-        });
+        // The launcher's own type: the schema is checked here at compile
+        // time; the launcher validates what it reads.
+        let config = openshell_sandbox_launch::config::LaunchConfig {
+            sandbox_id: id.to_owned(),
+            hostname: self.scope.sandbox_name.clone(),
+            workdir: state.join(&spec.workdir),
+            run_dir: state.join("run"),
+            state_dir: state.clone(),
+            program: supervisor.clone(),
+            args: Vec::new(),
+            env,
+            uid_base: self.services.processes.uid_base(slot),
+            isolate_network: c.isolate_network,
+            memory_mib: c.memory_mib,
+            max_processes: c.max_processes.into(),
+            cpu_millis: c.cpu_millis.into(),
+            cgroup_root: None,
+        };
+        let json = config
+            .to_json()
+            .map_err(|e| CapError::Failed(format!("cannot encode the launch config: {e}")))?;
         // It carries the sandbox's secret: readable by the gateway's user only.
         let config_path = state.join("launch.json");
-        write_private(&config_path, config.to_string().as_bytes())
+        write_private(&config_path, json.as_bytes())
             .map_err(|e| CapError::Failed(format!("cannot write the launch config: {e}")))?;
         let log = std::fs::OpenOptions::new()
             .create(true)
