@@ -36,7 +36,7 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         },
         plugin_call_timeout: std::time::Duration::from_secs(a.plugin_call_timeout_secs),
         heartbeat: std::time::Duration::from_millis(a.heartbeat_ms.max(100)),
-        relays: openshell_gateway::relay::RelayLimits {
+        relays: openshell_gateway::supervisor::RelayLimits {
             per_sandbox: a.max_pending_relays_per_sandbox.max(1),
             total: a.max_pending_relays.max(1),
             claim_timeout: std::time::Duration::from_millis(a.relay_claim_timeout_ms.max(1)),

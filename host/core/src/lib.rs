@@ -9,6 +9,7 @@ pub mod backoff;
 pub mod name;
 pub mod phase;
 pub mod sandbox;
+pub mod uid_slot;
 pub mod validate;
 
 pub use backoff::Backoff;

@@ -1,31 +1,124 @@
-//! The one place domain errors become gRPC statuses.
+//! What a request can fail with, by meaning, and the one function that turns
+//! it into the gRPC status a client sees. No other module builds a
+//! `tonic::Status` (the token interceptor in `server.rs` aside).
 
-use openshell_core::{NameError, SpecError};
+use std::time::Duration;
+
+use openshell_core::{NameError, Phase, SpecError};
 use openshell_plugin::{CallError, GrantError, PluginError};
 use openshell_store::StoreError;
 use tonic::{Code, Status};
 
+/// The longest client-supplied text echoed back in an error message.
+const MAX_ECHO: usize = 128;
+
+/// A client-supplied string, shortened for an error message.
+pub fn echo(s: &str) -> String {
+    if s.len() <= MAX_ECHO {
+        return format!("{s:?}");
+    }
+    let mut end = MAX_ECHO;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{:?}… ({} bytes)", &s[..end], s.len())
+}
+
 /// Everything a request can fail with.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
+    #[error("give a sandbox name or id")]
+    NoSandboxNamed,
+    #[error("no sandbox named {}; `openshell sandbox list` shows what exists", echo(.name))]
+    SandboxNotFound { name: String },
+    #[error("a sandbox named {name:?} already exists; choose another name or delete it first")]
+    NameTaken { name: String },
+    #[error("could not find a free sandbox name; retry or pass --name")]
+    NoFreeName,
+    #[error("every host uid range is taken ({slots} sandboxes hold one); delete some sandboxes")]
+    NoFreeUidSlot { slots: u32 },
+    #[error("a concurrent create with this request_id is in flight; retry")]
+    CreateInFlight,
+    #[error(
+        "no driver plugins are loaded: start the gateway with --drivers, or run `openshell plugin load`"
+    )]
+    NoDriverLoaded,
+    #[error("this gateway has several drivers ({loaded}); choose one with --driver")]
+    AmbiguousDriver { loaded: String },
+    #[error(
+        "driver {driver:?} is not loaded; loaded drivers: [{loaded}]. Load it with `openshell plugin load`"
+    )]
+    DriverNotLoaded { driver: String, loaded: String },
+    #[error("no plugin named {}; `openshell plugin list` shows what is loaded", echo(.name))]
+    PluginNotFound { name: String },
+    #[error(
+        "{count} sandbox(es) use plugin {name:?} (for example {example:?}); delete them first or pass --force"
+    )]
+    PluginInUse {
+        name: String,
+        count: u64,
+        example: String,
+    },
+    #[error(
+        "sandbox {name} is {}, not Ready; wait for it (`openshell sandbox watch {name} --until-settled`)",
+        .phase.as_str()
+    )]
+    NotReady { name: String, phase: Phase },
+    #[error("sandbox {name}'s supervisor is not connected; retry shortly")]
+    SupervisorNotConnected { name: String },
+    #[error("sandbox {name}'s supervisor did not open the relay in time")]
+    RelayNotOpened { name: String },
+    #[error("the sandbox's supervisor went away before {what}{}", in_parens(.detail))]
+    SupervisorGone { what: &'static str, detail: String },
+    #[error("the relay was idle for {} s and was closed", .idle.as_secs())]
+    RelayIdle { idle: Duration },
+    #[error("{count} relays are already waiting {scope} (limit {limit}); retry shortly")]
+    RelaysWaiting {
+        scope: &'static str,
+        count: usize,
+        limit: usize,
+    },
+    #[error("no relay {} is waiting for this sandbox", echo(.channel))]
+    UnknownRelay { channel: String },
+    #[error(
+        "sandbox {name}'s supervisor has no SSH server (it reported no host key); recreate the sandbox with a current supervisor"
+    )]
+    NoSshServer { name: String },
+    #[error(
+        "sandbox {name}'s supervisor is not connected, so its SSH host key is unknown; wait until it is Ready (`openshell sandbox watch {name} --until-settled`)"
+    )]
+    NoSshHostKey { name: String },
+    /// The first message of a stream was not the one the RPC starts with.
+    #[error("the first {rpc} message must be `{expected}`")]
+    FirstMessage {
+        rpc: &'static str,
+        expected: &'static str,
+    },
+    #[error("no `{expected}` message within {} s", .within.as_secs())]
+    FirstMessageTimeout {
+        expected: &'static str,
+        within: Duration,
+    },
+    /// A request field that is wrong in a way the message explains.
     #[error("{0}")]
-    InvalidArgument(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    AlreadyExists(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
-    #[error("{0}")]
-    Unavailable(String),
+    BadField(String),
+    #[error("{what} is {len} bytes; the limit is {limit}{hint}")]
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        limit: usize,
+        hint: &'static str,
+    },
     /// Over a capacity limit; the client should retry after `retry_after`.
     #[error("{message}")]
     Busy {
         message: String,
-        retry_after: std::time::Duration,
+        retry_after: Duration,
     },
+    #[error("the gateway is shutting down")]
+    ShuttingDown,
+    #[error("the transport failed: {0}")]
+    Transport(String),
     #[error(transparent)]
     Name(#[from] NameError),
     #[error(transparent)]
@@ -42,18 +135,52 @@ pub enum ApiError {
     },
 }
 
+fn in_parens(d: &str) -> String {
+    if d.is_empty() {
+        String::new()
+    } else {
+        format!(" ({d})")
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    /// A status the transport produced (a reset stream, a decode error).
+    fn from(s: tonic::Status) -> Self {
+        ApiError::Transport(s.message().to_owned())
+    }
+}
+
 /// Maps an error to the status a client sees. Internal details of storage
 /// failures are logged, not returned.
 pub fn to_status(e: ApiError) -> Status {
     let code = match &e {
-        ApiError::InvalidArgument(_) | ApiError::Name(_) | ApiError::Spec(_) => {
-            Code::InvalidArgument
-        }
-        ApiError::NotFound(_) => Code::NotFound,
-        ApiError::AlreadyExists(_) => Code::AlreadyExists,
-        ApiError::FailedPrecondition(_) => Code::FailedPrecondition,
-        ApiError::ResourceExhausted(_) => Code::ResourceExhausted,
-        ApiError::Unavailable(_) => Code::Unavailable,
+        ApiError::NoSandboxNamed
+        | ApiError::AmbiguousDriver { .. }
+        | ApiError::FirstMessage { .. }
+        | ApiError::BadField(_)
+        | ApiError::Name(_)
+        | ApiError::Spec(_) => Code::InvalidArgument,
+        ApiError::SandboxNotFound { .. }
+        | ApiError::PluginNotFound { .. }
+        | ApiError::UnknownRelay { .. } => Code::NotFound,
+        ApiError::NameTaken { .. } => Code::AlreadyExists,
+        ApiError::NoDriverLoaded
+        | ApiError::DriverNotLoaded { .. }
+        | ApiError::PluginInUse { .. }
+        | ApiError::NotReady { .. }
+        | ApiError::NoSshServer { .. }
+        | ApiError::NoSshHostKey { .. } => Code::FailedPrecondition,
+        ApiError::TooLarge { .. }
+        | ApiError::RelaysWaiting { .. }
+        | ApiError::NoFreeUidSlot { .. } => Code::ResourceExhausted,
+        ApiError::FirstMessageTimeout { .. } | ApiError::RelayIdle { .. } => Code::DeadlineExceeded,
+        ApiError::NoFreeName
+        | ApiError::CreateInFlight
+        | ApiError::SupervisorNotConnected { .. }
+        | ApiError::RelayNotOpened { .. }
+        | ApiError::SupervisorGone { .. }
+        | ApiError::ShuttingDown
+        | ApiError::Transport(_) => Code::Unavailable,
         ApiError::Busy {
             message,
             retry_after,
@@ -68,8 +195,13 @@ pub fn to_status(e: ApiError) -> Status {
         ApiError::Store(s) => match s {
             StoreError::NameTaken { .. } | StoreError::RequestIdTaken { .. } => Code::AlreadyExists,
             StoreError::NotFound { .. } => Code::NotFound,
-            StoreError::Conflict { .. } => Code::Aborted,
-            _ => {
+            // The runtime retries both; reaching a client means it gave up.
+            StoreError::Conflict { .. } | StoreError::SlotTaken { .. } => Code::Aborted,
+            StoreError::UnsupportedUrl { .. }
+            | StoreError::Connect { .. }
+            | StoreError::Migrate { .. }
+            | StoreError::Query { .. }
+            | StoreError::Corrupt { .. } => {
                 tracing::error!("store failure: {s:?}");
                 return Status::internal("the gateway's database failed; see the gateway log");
             }
@@ -96,4 +228,30 @@ pub fn to_status(e: ApiError) -> Status {
         },
     };
     Status::new(code, e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_client_strings_are_cut_in_messages() {
+        let e = ApiError::SandboxNotFound {
+            name: "x".repeat(1 << 20),
+        };
+        let s = to_status(e);
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().len() < 400, "{}", s.message().len());
+        assert!(s.message().contains("1048576 bytes"));
+    }
+
+    #[test]
+    fn busy_carries_a_retry_hint() {
+        let s = to_status(ApiError::Busy {
+            message: "full".into(),
+            retry_after: Duration::from_millis(500),
+        });
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert_eq!(s.metadata().get("retry-after-ms").unwrap(), "500");
+    }
 }

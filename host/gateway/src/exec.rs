@@ -8,19 +8,21 @@ use openshell_core::validate;
 use openshell_proto::v1 as pb;
 use pb::exec_client_message::Msg as C;
 use pb::exec_server_message::Msg as S;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::error::{ApiError, to_status};
-use crate::relay::{self, Activity, Next, SandboxFrames};
 use crate::runtime::ComputeRuntime;
+use crate::supervisor::relay::{Activity, Next, SandboxFrames};
 
 pub const MAX_ARGV_BYTES: usize = 128 * 1024;
+/// How long a client has to send `start`.
+const FIRST_MESSAGE: Duration = Duration::from_secs(30);
 
 fn check_start(s: &pb::ExecStart) -> Result<(), ApiError> {
     if s.argv.is_empty() || s.argv[0].is_empty() {
-        return Err(ApiError::InvalidArgument(
+        return Err(ApiError::BadField(
             "give a command to run (argv is empty)".into(),
         ));
     }
@@ -30,44 +32,68 @@ fn check_start(s: &pb::ExecStart) -> Result<(), ApiError> {
             .map(|(k, v)| k.len() + v.len())
             .sum::<usize>();
     if bytes > MAX_ARGV_BYTES {
-        return Err(ApiError::ResourceExhausted(format!(
-            "the command and environment are {bytes} bytes; the limit is {MAX_ARGV_BYTES}"
-        )));
+        return Err(ApiError::TooLarge {
+            what: "the command and environment",
+            len: bytes,
+            limit: MAX_ARGV_BYTES,
+            hint: "",
+        });
     }
     if s.argv.iter().any(|a| a.contains('\0')) {
-        return Err(ApiError::InvalidArgument(
+        return Err(ApiError::BadField(
             "arguments must not contain NUL bytes".into(),
         ));
     }
     let env = s.environment.clone().into_iter().collect();
     validate::environment(&env)?;
     if !s.workdir.is_empty() && (!s.workdir.starts_with('/') || s.workdir.contains('\0')) {
-        return Err(ApiError::InvalidArgument(format!(
-            "workdir {:?} must be an absolute path inside the sandbox",
-            s.workdir
+        return Err(ApiError::BadField(format!(
+            "workdir {} must be an absolute path inside the sandbox",
+            crate::error::echo(&s.workdir)
         )));
     }
     Ok(())
+}
+
+fn input(msg: C) -> pb::RelayFrame {
+    pb::RelayFrame {
+        frame: Some(pb::relay_frame::Frame::ExecInput(pb::ExecClientMessage {
+            msg: Some(msg),
+        })),
+    }
 }
 
 pub async fn exec(
     runtime: Arc<ComputeRuntime>,
     mut inbound: Streaming<pb::ExecClientMessage>,
 ) -> Result<ReceiverStream<Result<pb::ExecServerMessage, Status>>, Status> {
-    let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+    let first = tokio::time::timeout(FIRST_MESSAGE, inbound.message())
         .await
-        .map_err(|_| Status::deadline_exceeded("no start message within 30 s"))??;
+        .map_err(|_| {
+            to_status(ApiError::FirstMessageTimeout {
+                expected: "start",
+                within: FIRST_MESSAGE,
+            })
+        })?
+        .map_err(|s| to_status(s.into()))?;
     let Some(pb::ExecClientMessage {
         msg: Some(C::Start(start)),
     }) = first
     else {
-        return Err(Status::invalid_argument(
-            "the first ExecSandbox message must be `start`",
-        ));
+        return Err(to_status(ApiError::FirstMessage {
+            rpc: "ExecSandbox",
+            expected: "start",
+        }));
     };
     check_start(&start).map_err(to_status)?;
-    let sandbox = start.sandbox.clone();
-    let conn = relay::open(&runtime, &sandbox, pb::relay_open::Purpose::Exec(start))
+    let sb = runtime.ready(&start.sandbox).await.map_err(to_status)?;
+    let conn = runtime
+        .supervisors()
+        .open_relay(
+            sb.id,
+            sb.name.as_str(),
+            pb::relay_open::Purpose::Exec(start),
+        )
         .await
         .map_err(to_status)?;
 
@@ -76,35 +102,56 @@ pub async fn exec(
     // Traffic in either direction keeps the relay alive.
     let activity = Activity::new();
     let activity_in = activity.clone();
-    // Client → sandbox: stdin, EOF, resizes. Ends with the client's stream.
+    // Resolves when the sandbox → client pump is done with the relay.
+    let (done_tx, mut done_rx) = oneshot::channel::<()>();
+    // Client → sandbox: stdin, EOF, resizes. A half-close means "no more
+    // stdin": it becomes EOF, and the relay towards the supervisor stays
+    // open until the command's exit has been read, since closing it tells
+    // the supervisor that nobody is listening (and it kills the command).
+    // A client that resets its stream is gone: the relay closes at once.
     tokio::spawn(async move {
-        while let Ok(Some(m)) = inbound.message().await {
-            activity_in.touch();
-            let Some(msg) = m.msg else { continue };
-            if matches!(msg, C::Start(_)) {
-                continue;
-            }
-            let frame = pb::RelayFrame {
-                frame: Some(pb::relay_frame::Frame::ExecInput(pb::ExecClientMessage {
-                    msg: Some(msg),
-                })),
+        let mut eof_sent = false;
+        loop {
+            let m = tokio::select! {
+                m = inbound.message() => m,
+                _ = &mut done_rx => return,
             };
-            if to_sandbox.send(frame).await.is_err() {
-                break;
+            match m {
+                Ok(Some(m)) => {
+                    activity_in.touch();
+                    let Some(msg) = m.msg else { continue };
+                    if matches!(msg, C::Start(_)) {
+                        continue;
+                    }
+                    eof_sent |= matches!(msg, C::StdinEof(_));
+                    if to_sandbox.send(input(msg)).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    if !eof_sent {
+                        let _ = to_sandbox.send(input(C::StdinEof(true))).await;
+                    }
+                    let _ = done_rx.await;
+                    return;
+                }
+                Err(_) => return,
             }
         }
     });
     // Sandbox → client: output in order, then the exit code.
-    let idle = runtime.relays.limits.idle_timeout;
+    let idle = runtime.supervisors().relays().limits.idle_timeout;
     let mut frames = SandboxFrames::new(conn.from_sandbox, activity, idle);
     tokio::spawn(async move {
+        let _done = done_tx;
         loop {
             let frame = match frames.next(&out_tx).await {
                 Next::Frame(f) => f,
                 Next::ClientGone => return,
                 Next::Idle => {
-                    let msg = format!("the relay was idle for {} s and was closed", idle.as_secs());
-                    let _ = out_tx.send(Err(Status::deadline_exceeded(msg))).await;
+                    let _ = out_tx
+                        .send(Err(to_status(ApiError::RelayIdle { idle })))
+                        .await;
                     return;
                 }
             };
@@ -119,15 +166,15 @@ pub async fn exec(
                 }
                 Ok(Some(_)) => {}
                 Ok(None) | Err(_) => {
-                    let why = match frame {
-                        Err(s) => format!(" ({})", s.message()),
+                    let detail = match frame {
+                        Err(s) => s.message().to_owned(),
                         _ => String::new(),
                     };
-                    let _ = out_tx
-                        .send(Err(Status::unavailable(format!(
-                            "the sandbox's supervisor went away before the command exited{why}"
-                        ))))
-                        .await;
+                    let gone = ApiError::SupervisorGone {
+                        what: "the command exited",
+                        detail,
+                    };
+                    let _ = out_tx.send(Err(to_status(gone))).await;
                     return;
                 }
             }
@@ -162,7 +209,7 @@ mod tests {
         let big = "x".repeat(MAX_ARGV_BYTES + 1);
         assert!(matches!(
             check_start(&start(&["echo", &big])),
-            Err(ApiError::ResourceExhausted(_))
+            Err(ApiError::TooLarge { .. })
         ));
     }
 }

@@ -8,11 +8,13 @@ use std::time::Duration;
 use openshell_plugin::{PluginHost, PluginHostConfig};
 use openshell_proto::v1::open_shell_server::OpenShellServer;
 use openshell_store::Store;
+use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::runtime::{ComputeRuntime, RuntimeOptions, SandboxLimits, bundled_grants};
 use crate::service::Service;
+use crate::supervisor::SupervisorOptions;
 
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
@@ -32,7 +34,7 @@ pub struct GatewayConfig {
     /// Supervisor heartbeat interval.
     pub heartbeat: Duration,
     /// Limits on relays waiting for a supervisor.
-    pub relays: crate::relay::RelayLimits,
+    pub relays: crate::supervisor::RelayLimits,
     /// Extra names and addresses for the server certificate.
     pub tls_sans: Vec<String>,
     /// Where the VM runtime is staged and which backend to use.
@@ -45,8 +47,55 @@ pub struct GatewayConfig {
     pub limits: SandboxLimits,
 }
 
+impl GatewayConfig {
+    /// Checks every tunable, whoever built the config (the CLI, a test, the
+    /// bench): a zero interval would panic a timer, a zero deadline would
+    /// fail every call.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let durations = [
+            ("plugin call timeout", self.plugin_call_timeout),
+            ("heartbeat", self.heartbeat),
+            ("relay claim timeout", self.relays.claim_timeout),
+            ("relay idle timeout", self.relays.idle_timeout),
+        ];
+        for (what, d) in durations {
+            if d < MIN_DURATION {
+                return Err(ConfigError::TooShort { what, got: d });
+            }
+        }
+        let counts = [
+            ("relays per sandbox", self.relays.per_sandbox),
+            ("relays in total", self.relays.total),
+            ("max sandboxes", self.limits.max_sandboxes),
+            (
+                "max concurrent launches",
+                self.limits.max_concurrent_launches,
+            ),
+        ];
+        for (what, n) in counts {
+            if n == 0 {
+                return Err(ConfigError::Zero { what });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Shorter than this, a timer or deadline is a misconfiguration.
+const MIN_DURATION: Duration = Duration::from_millis(10);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("the {what} is {got:?}; it must be at least {MIN_DURATION:?}")]
+    TooShort { what: &'static str, got: Duration },
+    #[error("{what} is 0; it must be at least 1")]
+    Zero { what: &'static str },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
+    #[error("invalid gateway configuration: {0}")]
+    Config(#[from] ConfigError),
     #[error(
         "refusing to serve on {bind} without TLS and authentication: drop --disable-tls and --disable-gateway-auth, or bind 127.0.0.1"
     )]
@@ -123,7 +172,7 @@ impl tonic::service::Interceptor for TokenCheck {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
         match given {
-            Some(g) if crate::tls::same(g.as_bytes(), token.as_bytes()) => Ok(req),
+            Some(g) if bool::from(g.as_bytes().ct_eq(token.as_bytes())) => Ok(req),
             Some(_) => {
                 // Never log what was sent: it may be a near-miss of the token.
                 tracing::warn!(peer = ?req.remote_addr(), "rejected a request with a wrong token");
@@ -153,6 +202,7 @@ impl Gateway {
     pub async fn start(mut cfg: GatewayConfig) -> Result<Gateway, GatewayError> {
         // Either protection off is fine on loopback (development); a
         // reachable address needs both.
+        cfg.validate()?;
         let secure = !cfg.disable_tls && !cfg.disable_auth;
         if !(cfg.bind.is_loopback() || secure) {
             return Err(GatewayError::InsecureBind { bind: cfg.bind });
@@ -190,16 +240,25 @@ impl Gateway {
             store,
             plugins,
             RuntimeOptions {
-                heartbeat: cfg.heartbeat,
-                relays: cfg.relays,
+                supervisors: SupervisorOptions {
+                    heartbeat: cfg.heartbeat,
+                    relays: cfg.relays,
+                },
                 limits: cfg.limits,
             },
         );
         runtime.spawn_host_events(events_rx);
-        runtime.recover().await.map_err(GatewayError::Recover)?;
+        // Drivers first (the recorded ones, then the bundled ones, which
+        // replace a recorded one of the same name), then the sandboxes: a
+        // sandbox whose driver is about to load must not be DriverMissing.
+        runtime
+            .reload_plugins()
+            .await
+            .map_err(GatewayError::Recover)?;
         for name in &cfg.drivers {
             load_bundled(&runtime, name, cfg.driver_dir.as_deref()).await?;
         }
+        runtime.recover().await.map_err(GatewayError::Recover)?;
 
         let addr = SocketAddr::new(cfg.bind, cfg.port);
         let listener = tokio::net::TcpListener::bind(addr)

@@ -51,13 +51,7 @@ impl OpenShell for Service {
         Ok(Response::new(pb::HealthResponse {
             status: "SERVING".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            drivers: self
-                .runtime
-                .plugins
-                .list()
-                .iter()
-                .map(|p| p.name.clone())
-                .collect(),
+            drivers: self.runtime.driver_names(),
         }))
     }
 
@@ -68,9 +62,12 @@ impl OpenShell for Service {
         let req = req.into_inner();
         let len = req.encoded_len();
         if len > MAX_CREATE_BYTES {
-            return Err(to_status(ApiError::ResourceExhausted(format!(
-                "the request is {len} bytes; the limit is {MAX_CREATE_BYTES}: pass fewer or smaller environment variables"
-            ))));
+            return Err(to_status(ApiError::TooLarge {
+                what: "the request",
+                len,
+                limit: MAX_CREATE_BYTES,
+                hint: ": pass fewer or smaller environment variables",
+            }));
         }
         let spec = convert::spec(req.spec);
         let sb = self
@@ -105,21 +102,17 @@ impl OpenShell for Service {
         let limit = match req.limit {
             0 => DEFAULT_LIST_LIMIT,
             l if l > MAX_LIST_LIMIT => {
-                return Err(to_status(ApiError::InvalidArgument(format!(
+                return Err(to_status(ApiError::BadField(format!(
                     "limit {l} is out of range: use 1 to {MAX_LIST_LIMIT} (0 means {DEFAULT_LIST_LIMIT})"
                 ))));
             }
             l => l,
         };
-        let store = &self.runtime.store;
-        let page = store
-            .list_sandboxes(limit, req.offset)
+        let (page, total) = self
+            .runtime
+            .list(limit, req.offset)
             .await
-            .map_err(|e| to_status(e.into()))?;
-        let total = store
-            .count_sandboxes()
-            .await
-            .map_err(|e| to_status(e.into()))?;
+            .map_err(to_status)?;
         Ok(Response::new(pb::ListSandboxesResponse {
             sandboxes: page
                 .iter()
@@ -152,7 +145,7 @@ impl OpenShell for Service {
         let req = req.into_inner();
         let runtime = self.runtime.clone();
         // Subscribe before the first read, so no change falls in between.
-        let mut changes = runtime.watch.subscribe();
+        let mut changes = runtime.subscribe();
         let first = runtime.find(&req.name).await.map_err(to_status)?;
         let mut shutdown = self.shutdown.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -202,15 +195,15 @@ impl OpenShell for Service {
                         },
                         _ = tx.closed() => return,
                         _ = shutdown.changed() => {
-                            let _ = tx.send(Err(Status::unavailable("the gateway is shutting down"))).await;
+                            let _ = tx.send(Err(to_status(ApiError::ShuttingDown))).await;
                             return;
                         }
                     }
                 }
-                match runtime.store.get_sandbox(id).await {
+                match runtime.get(id).await {
                     Ok(found) => last = found,
                     Err(e) => {
-                        let _ = tx.send(Err(to_status(e.into()))).await;
+                        let _ = tx.send(Err(to_status(e))).await;
                         return;
                     }
                 }
@@ -265,11 +258,9 @@ impl OpenShell for Service {
             .map_err(to_status)?;
         let users = self
             .runtime
-            .store
-            .list_sandboxes_by_driver(&plugin.name)
+            .plugin_users(&plugin.name)
             .await
-            .map_err(|e| to_status(e.into()))?
-            .len() as u64;
+            .map_err(to_status)?;
         Ok(Response::new(pb::LoadPluginResponse {
             plugin: Some(plugin_info(&plugin, users, crate::runtime::now_ms())),
             replaced,
@@ -280,18 +271,18 @@ impl OpenShell for Service {
         &self,
         _: Request<pb::ListPluginsRequest>,
     ) -> Result<Response<pb::ListPluginsResponse>, Status> {
-        let store = &self.runtime.store;
         let mut out = Vec::new();
-        for p in self.runtime.plugins.list() {
-            let users = store
-                .list_sandboxes_by_driver(&p.name)
+        for p in self.runtime.loaded_plugins() {
+            let users = self
+                .runtime
+                .plugin_users(&p.name)
                 .await
-                .map_err(|e| to_status(e.into()))?
-                .len() as u64;
-            let loaded_at = store
-                .get_plugin(&p.name)
+                .map_err(to_status)?;
+            let loaded_at = self
+                .runtime
+                .plugin_record(&p.name)
                 .await
-                .map_err(|e| to_status(e.into()))?
+                .map_err(to_status)?
                 .map_or(0, |r| r.loaded_at_ms);
             out.push(plugin_info(&p, users, loaded_at));
         }

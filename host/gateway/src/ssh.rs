@@ -13,8 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
 use crate::error::{ApiError, to_status};
-use crate::relay::{self, Activity, Next, SandboxFrames};
 use crate::runtime::ComputeRuntime;
+use crate::supervisor::relay::{Activity, Next, SandboxFrames};
 
 /// How long a client has to name the sandbox.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
@@ -31,22 +31,32 @@ pub async fn tunnel(
 ) -> Result<ReceiverStream<Result<pb::SshTunnelFrame, Status>>, Status> {
     let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, inbound.message())
         .await
-        .map_err(|_| Status::deadline_exceeded("no `sandbox` frame within 30 s"))??;
+        .map_err(|_| {
+            to_status(ApiError::FirstMessageTimeout {
+                expected: "sandbox",
+                within: FIRST_FRAME_TIMEOUT,
+            })
+        })?
+        .map_err(|s| to_status(s.into()))?;
     let Some(pb::SshTunnelFrame {
         frame: Some(T::Sandbox(sandbox)),
     }) = first
     else {
-        return Err(Status::invalid_argument(
-            "the first SshTunnel frame must be `sandbox`",
-        ));
+        return Err(to_status(ApiError::FirstMessage {
+            rpc: "SshTunnel",
+            expected: "sandbox",
+        }));
     };
-    let conn = relay::open(
-        &runtime,
-        &sandbox,
-        pb::relay_open::Purpose::Ssh(pb::SshTunnel {}),
-    )
-    .await
-    .map_err(to_status)?;
+    let sb = runtime.ready(&sandbox).await.map_err(to_status)?;
+    let conn = runtime
+        .supervisors()
+        .open_relay(
+            sb.id,
+            sb.name.as_str(),
+            pb::relay_open::Purpose::Ssh(pb::SshTunnel {}),
+        )
+        .await
+        .map_err(to_status)?;
 
     let (out_tx, out_rx) = mpsc::channel(64);
     let to_sandbox = conn.to_sandbox;
@@ -79,7 +89,7 @@ pub async fn tunnel(
     });
     // Sandbox → client, until the supervisor closes its half (the SSH
     // session is over): then the client's stream ends OK.
-    let idle = runtime.relays.limits.idle_timeout;
+    let idle = runtime.supervisors().relays().limits.idle_timeout;
     let mut frames = SandboxFrames::new(conn.from_sandbox, activity, idle);
     tokio::spawn(async move {
         let _done = done_tx;
@@ -88,11 +98,9 @@ pub async fn tunnel(
                 Next::Frame(f) => f,
                 Next::ClientGone => return,
                 Next::Idle => {
-                    let msg = format!(
-                        "the SSH connection was idle for {} s and was closed",
-                        idle.as_secs()
-                    );
-                    let _ = out_tx.send(Err(Status::deadline_exceeded(msg))).await;
+                    let _ = out_tx
+                        .send(Err(to_status(ApiError::RelayIdle { idle })))
+                        .await;
                     return;
                 }
             };
@@ -110,12 +118,11 @@ pub async fn tunnel(
                 Ok(Some(_)) => {}
                 Ok(None) => return,
                 Err(s) => {
-                    let _ = out_tx
-                        .send(Err(Status::unavailable(format!(
-                            "the sandbox's supervisor went away mid-connection ({})",
-                            s.message()
-                        ))))
-                        .await;
+                    let gone = ApiError::SupervisorGone {
+                        what: "the SSH connection ended",
+                        detail: s.message().to_owned(),
+                    };
+                    let _ = out_tx.send(Err(to_status(gone))).await;
                     return;
                 }
             }
@@ -127,14 +134,10 @@ pub async fn tunnel(
 /// The host key the sandbox's live supervisor reported.
 pub async fn host_key(runtime: &ComputeRuntime, sandbox: &str) -> Result<String, ApiError> {
     let sb = runtime.find(sandbox).await?;
-    let name = &sb.name;
-    match runtime.sessions.get(sb.id) {
+    let name = sb.name.to_string();
+    match runtime.supervisors().sessions().get(sb.id) {
         Some(s) if !s.ssh_host_key.is_empty() => Ok(s.ssh_host_key),
-        Some(_) => Err(ApiError::FailedPrecondition(format!(
-            "sandbox {name}'s supervisor has no SSH server (it reported no host key); recreate the sandbox with a current supervisor"
-        ))),
-        None => Err(ApiError::FailedPrecondition(format!(
-            "sandbox {name}'s supervisor is not connected, so its SSH host key is unknown; wait until it is Ready (`openshell sandbox watch {name} --until-settled`)"
-        ))),
+        Some(_) => Err(ApiError::NoSshServer { name }),
+        None => Err(ApiError::NoSshHostKey { name }),
     }
 }

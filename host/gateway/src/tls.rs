@@ -156,11 +156,6 @@ pub fn ensure_token(state_dir: &Path) -> Result<String, TlsError> {
     Ok(token)
 }
 
-/// Compares without an early exit, so timing does not leak the token.
-pub fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,13 +189,5 @@ mod tests {
                 .mode();
             assert_eq!(mode & 0o777, 0o600, "{f}");
         }
-    }
-
-    #[test]
-    fn token_comparison_needs_an_exact_match() {
-        assert!(same(b"abc", b"abc"));
-        assert!(!same(b"abc", b"abd"));
-        assert!(!same(b"abc", b"abcd"));
-        assert!(!same(b"", b"a"));
     }
 }

@@ -91,7 +91,7 @@ fn vm_gateway(test: &str) -> Option<(PathBuf, tempfile::TempDir, Gateway)> {
                 std::env::var_os("OPENSHELL_REQUIRE_VM").is_none(),
                 "OPENSHELL_REQUIRE_VM is set but no VM can boot: {why}"
             );
-            eprintln!("SKIPPED issue_6 {test}: {why}");
+            crate::harness::skip(&format!("issue_6 {test}: {why}"));
             return None;
         }
     };

@@ -116,7 +116,7 @@ impl TestGateway {
             heartbeat: Duration::from_millis(300),
             tls_sans: vec![],
             vm: Default::default(),
-            relays: openshell_gateway::relay::RelayLimits {
+            relays: openshell_gateway::supervisor::RelayLimits {
                 per_sandbox: 2,
                 total: 3,
                 claim_timeout: Duration::from_millis(500),
@@ -233,7 +233,7 @@ impl Drop for TestGateway {
             return;
         }
         let Some(gw) = &self.gw else { return };
-        let dir = gw.runtime.plugins.config().sandboxes_dir.clone();
+        let dir = gw.runtime.plugins().config().sandboxes_dir.clone();
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let log = e.path().join("supervisor.log");
             if let Ok(text) = std::fs::read_to_string(&log) {

@@ -253,9 +253,13 @@ async fn two_hundred_clients_create_exec_and_delete_with_backpressure_and_nothin
     assert_eq!(ids.len(), CLIENTS, "one sandbox per client");
     assert_eq!(gw.total().await, 0, "no records left");
     assert_eq!(rt.admitted(), 0, "the admission count is back to zero");
-    assert_eq!(rt.plugins.processes().running(), 0, "no launcher left");
-    assert_eq!(rt.relays.pending(), 0, "no relay left");
-    assert_eq!(rt.sessions.len(), 0, "no supervisor session left");
+    assert_eq!(rt.plugins().processes().running(), 0, "no launcher left");
+    assert_eq!(rt.supervisors().relays().pending(), 0, "no relay left");
+    assert_eq!(
+        rt.supervisors().sessions().len(),
+        0,
+        "no supervisor session left"
+    );
     let left = processes_of(&ids);
     assert!(left.is_empty(), "processes left behind: {left:?}");
     // Connections of the finished clients close asynchronously on the

@@ -9,3 +9,4 @@ mod readiness;
 mod relays;
 mod sandboxes;
 mod ssh;
+mod structure;

@@ -203,6 +203,94 @@ async fn exec_runs_commands_with_their_exit_codes_streams_and_stdin() {
     gw.stop().await;
 }
 
+/// Regression, issue 12 bug 1: a client that sends `start` and half-closes
+/// its request stream (grpcurl, SDKs sending a fixed list, Python iterators)
+/// must get all output and the exit code; the half-close means "no more
+/// stdin", not "kill the command". Intermittent before the fix, so it runs
+/// a few times; the command also reads stdin, which must see EOF.
+#[tokio::test]
+async fn issue_12_a_half_closed_exec_stream_still_gets_all_output_and_the_code() {
+    let mut gw = process_gateway().await;
+    ready(&mut gw, "half", 0).await;
+    for round in 0..8 {
+        let start = pb::ExecClientMessage {
+            msg: Some(C::Start(pb::ExecStart {
+                sandbox: "half".into(),
+                argv: ["sh", "-c", "cat; echo to-out; echo to-err >&2; exit 3"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect(),
+                ..Default::default()
+            })),
+        };
+        // A stream of exactly one message: the request half ends after it.
+        let mut stream = gw
+            .client
+            .exec_sandbox(tokio_stream::iter(vec![start]))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut ran = Ran::default();
+        let exit = loop {
+            match stream.message().await {
+                Ok(Some(m)) => match m.msg.unwrap() {
+                    S::Stdout(b) => ran.stdout.extend(b),
+                    S::Stderr(b) => ran.stderr.extend(b),
+                    S::Exit(code) => break code,
+                },
+                Ok(None) => panic!("round {round}: the stream ended without an exit"),
+                Err(e) => panic!("round {round}: {e}"),
+            }
+        };
+        assert_eq!(exit, 3, "round {round}");
+        assert_eq!(ran.out(), "to-out\n", "round {round}");
+        assert_eq!(ran.stderr, b"to-err\n", "round {round}");
+    }
+    gw.stop().await;
+}
+
+/// Regression, issue 12 bug 4: a gateway on a fresh state dir over a shared
+/// database (its recorded plugin files gone) must load its bundled drivers
+/// before it settles stored sandboxes, so they resume instead of going to
+/// Error with DriverMissing.
+#[tokio::test]
+async fn issue_12_a_fresh_state_dir_on_a_shared_database_resumes_instead_of_driver_missing() {
+    let db = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", db.path().join("shared.db").display());
+    let driver_dir = crate::harness::wasm("openshell-driver-process")
+        .parent()
+        .unwrap()
+        .to_owned();
+    let config = |state: &std::path::Path| {
+        let mut cfg = TestGateway::config(state, Some(&url));
+        cfg.drivers = vec!["process".into()];
+        cfg.driver_dir = Some(driver_dir.clone());
+        cfg
+    };
+    let first = tempfile::tempdir().unwrap();
+    let mut gw = TestGateway::start_with(config(first.path())).await;
+    let sb = ready(&mut gw, "moved", 0).await;
+    // What a machine that is gone leaves behind: no processes, no files.
+    gw.runtime().plugins().processes().kill(&sb.id).await;
+    gw.stop().await;
+    drop(first);
+
+    let second = tempfile::tempdir().unwrap();
+    let mut gw = TestGateway::start_with(config(second.path())).await;
+    let sb = gw
+        .wait_for("moved", "Ready again", |s| {
+            phase(s) == pb::SandboxPhase::Ready || phase(s) == pb::SandboxPhase::Error
+        })
+        .await;
+    assert_eq!(
+        phase(&sb),
+        pb::SandboxPhase::Ready,
+        "{:?}",
+        condition(&sb, "Ready")
+    );
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn exec_on_a_sandbox_that_is_not_ready_fails_precondition() {
     let mut gw = process_gateway().await;
@@ -285,7 +373,7 @@ async fn inside_a_sandbox_host_loopback_state_secrets_and_memory_are_out_of_reac
 
     let state = gw
         .runtime()
-        .plugins
+        .plugins()
         .config()
         .sandboxes_dir
         .parent()
@@ -465,6 +553,6 @@ async fn deleting_every_sandbox_leaves_no_process_behind() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(gw.runtime().plugins.processes().running(), 0);
+    assert_eq!(gw.runtime().plugins().processes().running(), 0);
     gw.stop().await;
 }

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use openshell_gateway::runtime::secret_hash;
 use openshell_core::{Event, SandboxId};
 use openshell_proto::v1 as pb;
 use openshell_proto::v1::supervisor_client::SupervisorClient;
@@ -37,7 +36,7 @@ pub struct FakeSupervisor {
 
 impl FakeSupervisor {
     pub async fn connect(gw: &TestGateway, socket_of: &str, id: &str, secret: &str) -> (Self, G) {
-        let socket = gw.runtime().plugins.supervisor_socket(socket_of);
+        let socket = gw.runtime().plugins().supervisor_socket(socket_of);
         let mut client = SupervisorClient::new(unix_channel(socket).await);
         let (tx, rx) = mpsc::channel(8);
         tx.send(pb::SupervisorMessage {
@@ -81,11 +80,7 @@ pub async fn sandbox_with_secret(gw: &mut TestGateway, name: &str, secret: &str)
     gw.wait_for(name, "launched", |s| condition(s, "Driver").is_some())
         .await;
     let id = SandboxId::parse(&sb.id).unwrap();
-    gw.runtime()
-        .store
-        .set_secret_hash(id, Some(&secret_hash(secret)))
-        .await
-        .unwrap();
+    gw.runtime().supervisors().expect_secret(id, secret);
     sb.id
 }
 
@@ -125,13 +120,12 @@ async fn a_silent_supervisor_is_dropped_after_two_heartbeats() {
     let (_frozen, _) = FakeSupervisor::connect(&gw, &id, &id, "s").await;
     gw.wait_for("r2", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
         .await;
-    let t = std::time::Instant::now();
+    // Heartbeat is 300 ms in tests; how fast it is noticed is a bench
+    // figure, not an assertion: the wait has a generous deadline.
     gw.wait_for("r2", "demoted", |s| {
         phase(s) == pb::SandboxPhase::Provisioning
     })
     .await;
-    // Heartbeat is 300 ms in tests: noticed within about two intervals.
-    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     gw.stop().await;
 }
 
@@ -156,7 +150,13 @@ async fn a_wrong_secret_or_another_sandboxes_id_is_rejected_and_changes_nothing(
         "{first:?}"
     );
 
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A rejected hello never registers, so nothing can follow it.
+    assert!(
+        !gw.runtime()
+            .supervisors()
+            .sessions()
+            .has_session(SandboxId::parse(&a).unwrap())
+    );
     assert_eq!(gw.get("ra").await.unwrap(), before);
     assert_eq!(
         phase(&gw.get("rb").await.unwrap()),
@@ -169,7 +169,7 @@ async fn a_wrong_secret_or_another_sandboxes_id_is_rejected_and_changes_nothing(
 async fn a_sandboxes_socket_serves_no_user_api() {
     let mut gw = TestGateway::start().await;
     let id = sandbox_with_secret(&mut gw, "nu", "s").await;
-    let socket = gw.runtime().plugins.supervisor_socket(&id);
+    let socket = gw.runtime().plugins().supervisor_socket(&id);
     let mut user =
         openshell_proto::v1::open_shell_client::OpenShellClient::new(unix_channel(socket).await);
     let err = user.health(pb::HealthRequest {}).await.unwrap_err();
@@ -193,9 +193,16 @@ async fn a_newer_session_supersedes_and_the_old_ones_end_does_not_demote() {
     gw.wait_for("r3", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
         .await;
     // The old stream is closed by the gateway; its end must not demote.
-    let _ = tokio::time::timeout(Duration::from_secs(2), old).await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    assert_eq!(phase(&gw.get("r3").await.unwrap()), pb::SandboxPhase::Ready);
+    tokio::time::timeout(Duration::from_secs(10), old)
+        .await
+        .expect("the gateway closes the superseded stream")
+        .unwrap();
+    // That no demotion follows can only be watched over a window: poll it.
+    let until = tokio::time::Instant::now() + Duration::from_millis(700);
+    while tokio::time::Instant::now() < until {
+        assert_eq!(phase(&gw.get("r3").await.unwrap()), pb::SandboxPhase::Ready);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gw.stop().await;
 }
 
@@ -212,8 +219,11 @@ async fn a_session_registered_before_the_driver_update_is_backfilled() {
         1,
     );
     let (tx, _rx) = mpsc::channel(1);
-    let _session = rt.sessions.register(sb.id, tx, String::new());
-    rt.store.insert_sandbox(&sb).await.unwrap();
+    let _session = rt
+        .supervisors()
+        .sessions()
+        .register(sb.id, tx, String::new());
+    rt.store().insert_sandbox(&sb).await.unwrap();
     rt.apply(
         sb.id,
         &[Event::DriverStarting {
@@ -222,6 +232,6 @@ async fn a_session_registered_before_the_driver_update_is_backfilled() {
         None,
     )
     .await;
-    let stored = rt.store.get_sandbox(sb.id).await.unwrap().unwrap();
+    let stored = rt.store().get_sandbox(sb.id).await.unwrap().unwrap();
     assert_eq!(stored.status.phase, openshell_core::Phase::Ready);
 }

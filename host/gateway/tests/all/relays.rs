@@ -31,7 +31,7 @@ async fn relays_past_the_limit_are_refused_and_timed_out_ones_free_their_slots()
     }
     // Both slots are taken before the third request.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while runtime.relays.pending() < 2 {
+    while runtime.supervisors().relays().pending() < 2 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the waiters never reserved"
@@ -47,7 +47,11 @@ async fn relays_past_the_limit_are_refused_and_timed_out_ones_free_their_slots()
         assert_eq!(err.code(), Code::Unavailable, "{err}");
         assert!(err.message().contains("did not open the relay"), "{err}");
     }
-    assert_eq!(runtime.relays.pending(), 0, "every slot is free again");
+    assert_eq!(
+        runtime.supervisors().relays().pending(),
+        0,
+        "every slot is free again"
+    );
     gw.stop().await;
 }
 
@@ -62,12 +66,12 @@ async fn a_client_that_hangs_up_while_waiting_frees_its_slot() {
     let runtime = gw.runtime();
     let mut g = TestGateway::client_for(&gw).await;
     let waiter = tokio::spawn(async move { exec(&mut g, "hu", &["true"], None).await });
-    while runtime.relays.pending() < 1 {
+    while runtime.supervisors().relays().pending() < 1 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     waiter.abort();
     let deadline = tokio::time::Instant::now() + Duration::from_millis(400);
-    while runtime.relays.pending() > 0 {
+    while runtime.supervisors().relays().pending() > 0 {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the slot outlived its client (the claim timeout is 500 ms)"

@@ -84,7 +84,7 @@ async fn a_tunnel_reaches_the_sandboxs_ssh_server_and_the_host_key_is_the_one_it
     .await
     .expect("the tunnel closes within 10 s");
     assert!(end.is_ok(), "{end:?}");
-    assert_eq!(gw.runtime().relays.pending(), 0);
+    assert_eq!(gw.runtime().supervisors().relays().pending(), 0);
     gw.stop().await;
 }
 

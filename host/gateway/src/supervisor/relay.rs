@@ -1,20 +1,17 @@
 //! Relays: a channel the gateway asks a sandbox's supervisor to open on
-//! the connection it dialled. [`open`] is how a request gets one (exec and
-//! SSH both); [`RelayTable`] holds those waiting for the supervisor's
-//! RelayStream to claim them.
+//! the connection it dialled. [`super::Supervisors::open_relay`] is how a
+//! request gets one (exec and SSH both); [`RelayTable`] holds those waiting
+//! for the supervisor's RelayStream to claim them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openshell_core::{Phase, SandboxId};
+use openshell_core::SandboxId;
 use openshell_proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::Streaming;
-
-use crate::error::ApiError;
-use crate::runtime::ComputeRuntime;
 
 /// Limits on relays waiting to be claimed.
 #[derive(Clone, Copy, Debug)]
@@ -75,6 +72,20 @@ pub enum RelayError {
     SandboxFull { count: usize, limit: usize },
     #[error("{count} relays are already waiting in total (limit {limit}); retry shortly")]
     GatewayFull { count: usize, limit: usize },
+}
+
+impl From<RelayError> for crate::error::ApiError {
+    fn from(e: RelayError) -> Self {
+        let (scope, count, limit) = match e {
+            RelayError::SandboxFull { count, limit } => ("for this sandbox", count, limit),
+            RelayError::GatewayFull { count, limit } => ("in total", count, limit),
+        };
+        crate::error::ApiError::RelaysWaiting {
+            scope,
+            count,
+            limit,
+        }
+    }
 }
 
 impl RelayTable {
@@ -140,57 +151,19 @@ impl RelayTable {
         map.remove(channel_id);
     }
 
+    /// Cancels `channel_id` only if it is `sandbox`'s: a supervisor's
+    /// relay-failed message must never cancel another sandbox's relay.
+    pub fn cancel_for(&self, sandbox: SandboxId, channel_id: &str) -> bool {
+        let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(channel_id) {
+            Some(p) if p.sandbox == sandbox => map.remove(channel_id).is_some(),
+            _ => false,
+        }
+    }
+
     /// Relays waiting to be claimed (a gauge).
     pub fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
-    }
-}
-
-/// Asks the supervisor of a Ready sandbox to open a relay for `purpose` and
-/// waits (at most the claim timeout) until it does.
-pub async fn open(
-    runtime: &ComputeRuntime,
-    sandbox: &str,
-    purpose: pb::relay_open::Purpose,
-) -> Result<RelayConn, ApiError> {
-    let sb = runtime.find(sandbox).await?;
-    if sb.status.phase != Phase::Ready {
-        return Err(ApiError::FailedPrecondition(format!(
-            "sandbox {} is {}, not Ready; wait for it (`openshell sandbox watch {} --until-settled`)",
-            sb.name,
-            sb.status.phase.as_str(),
-            sb.name
-        )));
-    }
-    let session = runtime.sessions.get(sb.id).ok_or_else(|| {
-        ApiError::Unavailable(format!(
-            "sandbox {}'s supervisor is not connected; retry shortly",
-            sb.name
-        ))
-    })?;
-
-    let channel_id = uuid::Uuid::new_v4().to_string();
-    let (claimed, _reservation) = runtime
-        .relays
-        .reserve(sb.id, &channel_id)
-        .map_err(|e| ApiError::ResourceExhausted(e.to_string()))?;
-    let open = pb::GatewayMessage {
-        msg: Some(pb::gateway_message::Msg::RelayOpen(pb::RelayOpen {
-            channel_id,
-            purpose: Some(purpose),
-        })),
-    };
-    if session.control.send(open).await.is_err() {
-        return Err(ApiError::Unavailable(
-            "the supervisor session just ended; retry".into(),
-        ));
-    }
-    match tokio::time::timeout(runtime.relays.limits.claim_timeout, claimed).await {
-        Ok(Ok(conn)) => Ok(conn),
-        _ => Err(ApiError::Unavailable(format!(
-            "sandbox {}'s supervisor did not open the relay in time",
-            sb.name
-        ))),
     }
 }
 
@@ -250,7 +223,8 @@ impl SandboxFrames {
             from,
             activity,
             idle,
-            check: tokio::time::interval(idle / 4),
+            // Validated non-zero at gateway start; never panic here regardless.
+            check: tokio::time::interval((idle / 4).max(Duration::from_millis(1))),
         }
     }
 
@@ -296,6 +270,8 @@ mod tests {
             t.reserve(b, "5"),
             Err(RelayError::GatewayFull { .. })
         ));
+        assert!(!t.cancel_for(b, "1"), "b cannot cancel a's relay");
+        assert_eq!(t.pending(), 3);
         drop(r1);
         drop(r4);
         assert_eq!(t.pending(), 1, "dropping a reservation frees its slot");

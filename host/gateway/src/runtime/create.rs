@@ -1,0 +1,226 @@
+//! Creating a sandbox: validate, admit, store (Provisioning), then launch
+//! through its driver in an owned task.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use openshell_core::{Sandbox, SandboxName, SandboxSpec, uid_slot, validate};
+use openshell_plugin::{DriverSpec, Plugin};
+use openshell_store::StoreError;
+use rand::RngCore;
+
+use super::{ComputeRuntime, RETRY_AFTER, now_ms};
+use crate::error::ApiError;
+
+/// One admitted sandbox record: released on drop unless the record was
+/// stored.
+struct Admission<'a>(Option<&'a AtomicUsize>);
+
+impl Admission<'_> {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        if let Some(n) = self.0 {
+            n.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+impl ComputeRuntime {
+    fn resolve_driver(&self, asked: &str) -> Result<Arc<Plugin>, ApiError> {
+        let loaded = self.plugins.list();
+        let names = || {
+            loaded
+                .iter()
+                .map(|p| p.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if asked.is_empty() {
+            return match loaded.as_slice() {
+                [only] => Ok(only.clone()),
+                [] => Err(ApiError::NoDriverLoaded),
+                _ => Err(ApiError::AmbiguousDriver { loaded: names() }),
+            };
+        }
+        validate::driver_name(asked)?;
+        self.plugins
+            .get(asked)
+            .ok_or_else(|| ApiError::DriverNotLoaded {
+                driver: asked.to_owned(),
+                loaded: names(),
+            })
+    }
+
+    /// Validates and stores a new sandbox, then launches it in the
+    /// background. Returns the stored record (Provisioning).
+    pub async fn create(
+        self: &Arc<Self>,
+        name: &str,
+        mut spec: SandboxSpec,
+        request_id: &str,
+    ) -> Result<Sandbox, ApiError> {
+        let request_id = if request_id.is_empty() {
+            None
+        } else {
+            validate::request_id(request_id)?;
+            if let Some(existing) = self.store.get_sandbox_by_request_id(request_id).await? {
+                return Ok(existing);
+            }
+            Some(request_id.to_owned())
+        };
+        let name = if name.is_empty() {
+            None
+        } else {
+            Some(SandboxName::parse(name)?)
+        };
+        validate::environment(&spec.environment)?;
+        validate::resources(&spec.resources)?;
+        let plugin = self.resolve_driver(&spec.driver)?;
+        spec.driver = plugin.name.clone();
+
+        let probe = driver_spec_of("", name.as_ref().map_or("", |n| n.as_str()), &spec);
+        plugin
+            .validate(&probe)
+            .await
+            .map_err(|source| ApiError::Driver {
+                driver: plugin.name.clone(),
+                source,
+            })?;
+
+        let admission = self.admit()?;
+        let (stored, fresh) = self.insert(name, spec, request_id).await?;
+        if !fresh {
+            return Ok(stored);
+        }
+        admission.keep();
+        self.watch.notify(stored.id);
+        let me = self.clone();
+        let launched = stored.clone();
+        tokio::spawn(async move { me.launch(plugin, launched, false).await });
+        Ok(stored)
+    }
+
+    /// Reserves room for one more sandbox record, or refuses with a hint.
+    fn admit(&self) -> Result<Admission<'_>, ApiError> {
+        let max = self.limits.max_sandboxes;
+        self.admitted
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|n| ApiError::Busy {
+                message: format!("{n} sandboxes exist (limit {max}); delete some or retry later"),
+                retry_after: RETRY_AFTER,
+            })?;
+        Ok(Admission(Some(&self.admitted)))
+    }
+
+    /// Sandbox records the gateway counts against `max_sandboxes`.
+    pub fn admitted(&self) -> usize {
+        self.admitted.load(Ordering::SeqCst)
+    }
+
+    /// Stores a new record with its own host uid slot; `false` with the
+    /// existing one when a concurrent create with the same request_id
+    /// stored it first.
+    async fn insert(
+        &self,
+        name: Option<SandboxName>,
+        spec: SandboxSpec,
+        request_id: Option<String>,
+    ) -> Result<(Sandbox, bool), ApiError> {
+        let generated = name.is_none();
+        let mut name = name.unwrap_or_else(|| SandboxName::generate(&mut rand::rng()));
+        let mut sb = Sandbox::new(name.clone(), spec, request_id, now_ms());
+        let in_use: HashSet<u32> = self.store.uid_slots_in_use().await?.into_iter().collect();
+        let mut slots = uid_slot::candidates(sb.id, &in_use);
+        sb.uid_slot = Some(slots.next().ok_or(ApiError::NoFreeUidSlot {
+            slots: uid_slot::UID_SLOTS,
+        })?);
+        // Each attempt fixes one clash: a generated name taken, or a slot
+        // another create took since `in_use` was read.
+        for _ in 0..64 {
+            match self.store.insert_sandbox(&sb).await {
+                Ok(stored) => return Ok((stored, true)),
+                Err(StoreError::NameTaken { .. }) if generated => {
+                    name = SandboxName::generate(&mut rand::rng());
+                    sb.name = name.clone();
+                }
+                Err(StoreError::NameTaken { name }) => return Err(ApiError::NameTaken { name }),
+                Err(StoreError::SlotTaken { .. }) => {
+                    sb.uid_slot = Some(slots.next().ok_or(ApiError::NoFreeUidSlot {
+                        slots: uid_slot::UID_SLOTS,
+                    })?);
+                }
+                // A concurrent retry of the same request won the race.
+                Err(StoreError::RequestIdTaken { request_id }) => {
+                    return match self.store.get_sandbox_by_request_id(&request_id).await? {
+                        Some(existing) => Ok((existing, false)),
+                        None => Err(ApiError::CreateInFlight),
+                    };
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(ApiError::NoFreeName)
+    }
+
+    /// Calls the driver's create (or resume) with a fresh secret and applies
+    /// what it says. Runs in its own task.
+    pub(super) async fn launch(self: Arc<Self>, plugin: Arc<Plugin>, sb: Sandbox, resume: bool) {
+        // Queued, not refused: the sandbox is already stored and admitted.
+        let Ok(_permit) = self.launches.acquire().await else {
+            return;
+        };
+        let secret = new_secret();
+        if let Err(e) = self.plugins.ensure_sandbox_dir(&sb.id.to_string()) {
+            tracing::error!(sandbox = %sb.id, "cannot create the sandbox's state dir: {e}");
+            self.fail(sb.id, "StateDirUnavailable", &e.to_string())
+                .await;
+            return;
+        }
+        let socket = self.plugins.supervisor_socket(&sb.id.to_string());
+        if let Err(e) = self.supervisors.listen(sb.id, &socket, &secret) {
+            tracing::error!(sandbox = %sb.id, "{e}");
+            self.fail(sb.id, "SocketFailed", &e.to_string()).await;
+            return;
+        }
+        let spec = driver_spec(&sb);
+        let result = if resume {
+            plugin.resume(&spec, &secret, &sb.driver_state).await
+        } else {
+            plugin.create(&spec, &secret, &sb.driver_state).await
+        };
+        match result {
+            Ok(out) => self.apply(sb.id, &out.events, Some(out.state)).await,
+            Err(e) => self.driver_failed(sb.id, &plugin.name, &e).await,
+        }
+    }
+}
+
+/// What a driver is told about a stored sandbox.
+pub fn driver_spec(sb: &Sandbox) -> DriverSpec {
+    driver_spec_of(&sb.id.to_string(), sb.name.as_str(), &sb.spec)
+}
+
+fn driver_spec_of(id: &str, name: &str, spec: &SandboxSpec) -> DriverSpec {
+    DriverSpec {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        environment: spec.environment.clone().into_iter().collect(),
+        resources: spec.resources,
+    }
+}
+
+/// A per-launch secret: given only to the driver's launch call; the gateway
+/// keeps only its digest.
+fn new_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
