@@ -49,8 +49,8 @@ lint:
 # Dependency checks on both workspaces: cargo-deny and unused dependencies (tools from `just setup`).
 deps:
     @test -x {{tools}}/bin/cargo-deny -a -x {{tools}}/bin/cargo-machete || { echo "deps: cargo-deny or cargo-machete missing from {{tools}}: run just setup" >&2; exit 1; }
-    {{tools}}/bin/cargo-deny --offline --config deny.toml check --hide-inclusion-graph -D license-not-encountered bans licenses sources
-    {{tools}}/bin/cargo-deny --offline --manifest-path drivers/Cargo.toml --config deny.toml check --hide-inclusion-graph -A license-not-encountered bans licenses sources
+    {{tools}}/bin/cargo-deny --config deny.toml check --hide-inclusion-graph -D license-not-encountered bans licenses sources
+    {{tools}}/bin/cargo-deny --manifest-path drivers/Cargo.toml --config deny.toml check --hide-inclusion-graph -A license-not-encountered bans licenses sources
     {{tools}}/bin/cargo-machete --skip-target-dir
 
 # Every test: unit, integration (SQLite and a throwaway PostgreSQL), CLI and the generic gRPC client.
