@@ -7,6 +7,9 @@ wasmtime::component::bindgen!({
     path: "../../wit",
     imports: { default: async | trappable },
     exports: { default: async },
+    trappable_error_type: {
+        "openshell:compute/types.cap-error" => crate::caps::CapabilityError,
+    },
     with: {
         "openshell:compute/process.sandbox-process": ProcessHandle,
         "openshell:compute/network.vm-network": NetworkHandle,

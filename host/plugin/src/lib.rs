@@ -6,16 +6,20 @@
 //! their exports ([`Plugin`]) in a fresh instance per call, under a memory
 //! cap, epoch interruption and a wall-clock deadline. The capabilities a
 //! plugin may import are implemented in [`caps`], one module per WIT
-//! interface. Start at [`PluginHost`].
+//! interface; every host process they start is owned by [`children`].
+//! Start at [`PluginHost`].
 
 pub mod bindings;
 pub mod caps;
+pub mod children;
 pub mod grants;
 mod host;
+mod private_file;
 
 /// Size limits a caller may need to size its own buffers.
 pub mod host_limits {
     pub use crate::host::{MAX_COMPONENT, MAX_STATE};
+    pub use openshell_vm::MAX_SOCKET_PATH;
 }
 
 pub use caps::{HostEvent, ProcessConfig, ProcessTable, VmConfig, VmTable};
@@ -24,3 +28,4 @@ pub use host::{
     CallError, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost, PluginHostConfig,
 };
 pub use openshell_vm::runtime::{Backend as VmBackend, BackendChoice as VmBackendChoice};
+pub use private_file::write_private;

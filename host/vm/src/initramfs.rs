@@ -178,7 +178,12 @@ mod tests {
         let file = text.find("etc/openshell/env\0").unwrap();
         assert!(etc < dir && dir < file);
         assert!(text.contains("A=1\n"));
-        assert!(text.ends_with("TRAILER!!!\0\0\0\0") || text.contains("TRAILER!!!\0"));
         assert!(a.starts_with(b"070701"));
+        // The trailer is the last header: 110 header bytes and an 11-byte
+        // name (NUL included) padded to 124, so exactly three pad bytes.
+        let trailer = &a[a.len() - 124..];
+        assert!(trailer.starts_with(b"070701"), "{trailer:?}");
+        assert_eq!(&trailer[94..102], b"0000000b", "namesize of TRAILER!!!");
+        assert!(a.ends_with(b"TRAILER!!!\0\0\0\0"));
     }
 }

@@ -16,10 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::VmError;
-
-/// AF_UNIX paths longer than this do not fit `sockaddr_un` on Linux.
-const MAX_SOCKET_PATH: usize = 107;
+use crate::{MAX_SOCKET_PATH, VmError};
 /// x86's kernel command line holds 2048 bytes; libkrun's own parameters
 /// (console, init, rlimits) take some, so ours must leave them room.
 pub const MAX_KRUN_CMDLINE: usize = 1536;

@@ -19,6 +19,37 @@ pub mod net;
 pub mod qemu;
 pub mod runtime;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_socket_path_fits_at_the_limit_and_not_one_byte_past_it() {
+        let at = format!("/{}", "s".repeat(MAX_SOCKET_PATH - 1));
+        check_socket_path(std::path::Path::new(&at)).unwrap();
+        let over = format!("{at}s");
+        let e = check_socket_path(std::path::Path::new(&over)).unwrap_err();
+        assert!(e.to_string().contains("107"), "{e}");
+    }
+}
+
+/// The longest AF_UNIX path: `sockaddr_un.sun_path` is 108 bytes on Linux,
+/// one of them the terminating NUL. Every unix socket the host creates or
+/// dials (the supervisor socket, gvproxy's, libkrun's) is checked against it.
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// Refuses a unix socket path that does not fit `sockaddr_un`.
+pub fn check_socket_path(p: &std::path::Path) -> Result<(), VmError> {
+    let len = p.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(VmError::Unavailable(format!(
+            "{} is {len} bytes, longer than {MAX_SOCKET_PATH}, the limit for a unix socket path: use a shorter --state-dir (for example under /tmp)",
+            p.display()
+        )));
+    }
+    Ok(())
+}
+
 /// What went wrong setting up or launching a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {

@@ -155,9 +155,17 @@ impl VmRuntime {
         let probe = std::fs::read_to_string(&probe_file)
             .map_err(VmError::io(format!("reading {}", probe_file.display())))?;
         let backend = select(choice, &Probe::parse(&probe))?;
-        let qemu = find_on_path("qemu-system-x86_64").ok_or_else(|| {
-            VmError::Unavailable("qemu-system-x86_64 is not installed: run `just vm-setup`".into())
-        })?;
+        // A QEMU staged in the runtime dir wins over the system one, so a
+        // runtime dir can carry everything a launch runs.
+        let staged_qemu = dir.join("bin/qemu-system-x86_64");
+        let qemu = Some(staged_qemu)
+            .filter(|p| p.is_file())
+            .or_else(|| find_on_path("qemu-system-x86_64"))
+            .ok_or_else(|| {
+                VmError::Unavailable(
+                    "qemu-system-x86_64 is not installed: run `just vm-setup`".into(),
+                )
+            })?;
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         Ok(Self {
             dir: dir.to_owned(),

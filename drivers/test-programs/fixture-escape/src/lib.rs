@@ -1,6 +1,8 @@
 //! Test driver: `create` tries to reach outside its sandbox's state
 //! directory through the `files` capability, and reports any attempt the host
-//! did not refuse. The host test plants `link`, a symlink pointing outside.
+//! did not refuse. The host test plants `link`, a symlink pointing outside,
+//! and names an absolute path outside the sandbox in `ESCAPE_ABSOLUTE` (a
+//! directory the test owns; `/tmp/escape.txt` if unset).
 //!
 //! Refused means `access-denied` or `invalid`. Success of any attempt is
 //! `failed(EscapeSucceeded)`; any other error (say `failed: not found`, which
@@ -32,15 +34,21 @@ impl Guest for Escape {
         Ok(())
     }
 
-    fn create(_: SandboxSpec, _: LaunchContext, state: Vec<u8>) -> Result<Outcome, DriverError> {
+    fn create(spec: SandboxSpec, _: LaunchContext, state: Vec<u8>) -> Result<Outcome, DriverError> {
+        let absolute = spec
+            .environment
+            .iter()
+            .find(|(k, _)| k == "ESCAPE_ABSOLUTE")
+            .map_or("/tmp/escape.txt", |(_, v)| v.as_str());
+        let absolute_attempt = format!("write-file({absolute:?})");
         let attempts = [
             (
                 r#"write-file("../escape.txt")"#,
                 files::write_file("../escape.txt", b"escaped"),
             ),
             (
-                r#"write-file("/tmp/escape.txt")"#,
-                files::write_file("/tmp/escape.txt", b"escaped"),
+                absolute_attempt.as_str(),
+                files::write_file(absolute, b"escaped"),
             ),
             (
                 r#"read-file("../../etc/passwd")"#,

@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use crate::bindings::openshell::compute::files::Host;
 use crate::bindings::types::CapError;
-use crate::caps::CallState;
+use crate::caps::{CallState, CapabilityError, limits};
 
 /// Largest file a plugin may write or read in one call.
-const MAX_FILE: usize = 16 << 20;
+pub const MAX_FILE: usize = 16 << 20;
 
 fn check_path(path: &str) -> Result<(), CapError> {
+    limits::check_path_len("path", path)?;
     if path.is_empty() || path.contains('\0') {
         return Err(CapError::Invalid(
             "path must be a non-empty relative path".into(),
@@ -33,6 +34,7 @@ fn map_io(path: &str, e: io::Error) -> CapError {
             "{path:?} leads outside the sandbox's state directory"
         )),
         io::ErrorKind::NotFound => CapError::Invalid(format!("{path:?} does not exist")),
+        io::ErrorKind::FileTooLarge => CapError::Invalid(format!("{path:?}: {e}")),
         _ => CapError::Failed(format!("{path:?}: {e}")),
     }
 }
@@ -71,53 +73,50 @@ async fn run_blocking<T>(
 }
 
 impl Host for CallState {
-    async fn write_file(
-        &mut self,
-        path: String,
-        contents: Vec<u8>,
-    ) -> wasmtime::Result<Result<(), CapError>> {
+    async fn write_file(&mut self, path: String, contents: Vec<u8>) -> Result<(), CapabilityError> {
         if contents.len() > MAX_FILE {
-            return Ok(Err(CapError::Invalid(format!(
-                "{} bytes is over the {MAX_FILE}-byte limit",
+            return Err(CapError::Invalid(format!(
+                "{} bytes is over the {MAX_FILE}-byte file limit",
                 contents.len()
-            ))));
+            ))
+            .into());
         }
         let p = path.clone();
-        Ok(self.with_dir(&path, move |d| d.write(&p, &contents)).await)
-    }
-
-    async fn read_file(&mut self, path: String) -> wasmtime::Result<Result<Vec<u8>, CapError>> {
-        let p = path.clone();
-        let r = self
-            .with_dir(&path, move |d| {
-                let len = d.metadata(&p)?.len();
-                if len > MAX_FILE as u64 {
-                    return Err(io::Error::other(format!(
-                        "{len} bytes is over the {MAX_FILE}-byte limit"
-                    )));
-                }
-                d.read(&p)
-            })
-            .await;
-        Ok(r)
-    }
-
-    async fn create_dir(&mut self, path: String) -> wasmtime::Result<Result<(), CapError>> {
-        let p = path.clone();
-        Ok(self.with_dir(&path, move |d| d.create_dir_all(&p)).await)
-    }
-
-    async fn remove(&mut self, path: String) -> wasmtime::Result<Result<(), CapError>> {
-        let p = path.clone();
         Ok(self
-            .with_dir(&path, move |d| {
-                if d.symlink_metadata(&p)?.is_dir() {
-                    d.remove_dir_all(&p)
-                } else {
-                    d.remove_file(&p)
-                }
-            })
-            .await)
+            .with_dir(&path, move |d| d.write(&p, &contents))
+            .await?)
+    }
+
+    async fn read_file(&mut self, path: String) -> Result<Vec<u8>, CapabilityError> {
+        let p = path.clone();
+        let read = self.with_dir(&path, move |d| {
+            let len = d.metadata(&p)?.len();
+            if len > MAX_FILE as u64 {
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!("{len} bytes is over the {MAX_FILE}-byte file limit"),
+                ));
+            }
+            d.read(&p)
+        });
+        Ok(read.await?)
+    }
+
+    async fn create_dir(&mut self, path: String) -> Result<(), CapabilityError> {
+        let p = path.clone();
+        Ok(self.with_dir(&path, move |d| d.create_dir_all(&p)).await?)
+    }
+
+    async fn remove(&mut self, path: String) -> Result<(), CapabilityError> {
+        let p = path.clone();
+        let removed = self.with_dir(&path, move |d| {
+            if d.symlink_metadata(&p)?.is_dir() {
+                d.remove_dir_all(&p)
+            } else {
+                d.remove_file(&p)
+            }
+        });
+        Ok(removed.await?)
     }
 }
 
@@ -134,5 +133,11 @@ mod tests {
         assert!(matches!(check_path(""), Err(CapError::Invalid(_))));
         assert!(matches!(check_path("a\0b"), Err(CapError::Invalid(_))));
         assert!(check_path("a/b.txt").is_ok());
+    }
+
+    #[test]
+    fn a_path_over_the_length_limit_is_invalid() {
+        let long = "a/".repeat(limits::MAX_PATH);
+        assert!(matches!(check_path(&long), Err(CapError::Invalid(m)) if m.contains("1024")));
     }
 }

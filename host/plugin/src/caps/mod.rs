@@ -4,10 +4,16 @@
 //! capabilities act on that sandbox only. Host-side things a capability
 //! starts are owned by [`Services`], keyed by sandbox id, so they outlive the
 //! plugin instance that asked for them.
+//!
+//! A capability returns [`CapabilityError`]: a `cap-error` the plugin sees,
+//! or a trap for host bugs (a bad resource handle), so `?` works for both.
 
 mod files;
+pub mod limits;
 mod log;
+pub mod network;
 pub mod process;
+pub mod rootfs;
 pub mod vm;
 
 use std::sync::Arc;
@@ -17,10 +23,38 @@ use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub use network::NetworkHandle;
 pub use process::{HostEvent, ProcessConfig, ProcessHandle, ProcessTable};
-pub use vm::{NetworkHandle, RootfsHandle, VmConfig, VmHandle, VmTable};
+pub use rootfs::RootfsHandle;
+pub use vm::{VmConfig, VmHandle, VmTable};
 
 use crate::bindings::types::CapError;
+
+/// How a capability call fails: refused with a `cap-error` the plugin sees
+/// (expected), or trapped (a host bug or a forged handle: the instance dies).
+#[derive(Debug)]
+pub enum CapabilityError {
+    Refused(CapError),
+    Trap(wasmtime::Error),
+}
+
+impl From<CapError> for CapabilityError {
+    fn from(e: CapError) -> Self {
+        CapabilityError::Refused(e)
+    }
+}
+
+impl From<wasmtime::Error> for CapabilityError {
+    fn from(e: wasmtime::Error) -> Self {
+        CapabilityError::Trap(e)
+    }
+}
+
+impl From<wasmtime::component::ResourceTableError> for CapabilityError {
+    fn from(e: wasmtime::component::ResourceTableError) -> Self {
+        CapabilityError::Trap(e.into())
+    }
+}
 
 /// What a call may touch.
 pub struct SandboxScope {
@@ -91,4 +125,11 @@ impl WasiView for CallState {
     }
 }
 
-impl crate::bindings::types::Host for CallState {}
+impl crate::bindings::types::Host for CallState {
+    fn convert_cap_error(&mut self, err: CapabilityError) -> wasmtime::Result<CapError> {
+        match err {
+            CapabilityError::Refused(e) => Ok(e),
+            CapabilityError::Trap(e) => Err(e),
+        }
+    }
+}

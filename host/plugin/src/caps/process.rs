@@ -10,16 +10,16 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use wasmtime::component::Resource;
 
 use crate::bindings::openshell::compute::process::{
     Host, HostSandboxProcess, ProcessStatus, SpawnSpec,
 };
 use crate::bindings::types::CapError;
-use crate::caps::CallState;
+use crate::caps::{CallState, CapabilityError, limits};
+use crate::children::{HostChild, Spawner};
+use crate::private_file::write_private;
 
 /// Something the host saw happen to a sandbox's process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,10 +44,10 @@ pub struct ProcessConfig {
 }
 
 struct Proc {
-    pid: i32,
+    /// The launcher; dropping the entry kills it.
+    child: HostChild,
     /// Which 65536-uid range on the host this sandbox's users map to.
     slot: u32,
-    exit: watch::Receiver<Option<i32>>,
 }
 
 /// Number of uid ranges sandboxes are spread over.
@@ -63,16 +63,11 @@ fn preferred_slot(sandbox_id: &str) -> u32 {
     (h % u64::from(UID_SLOTS)) as u32
 }
 
-struct SpawnJob {
-    cmd: Command,
-    reply: oneshot::Sender<std::io::Result<std::process::Child>>,
-}
-
 /// Running sandbox processes by sandbox id.
 pub struct ProcessTable {
     running: Mutex<HashMap<String, Arc<Proc>>>,
     events: mpsc::UnboundedSender<HostEvent>,
-    spawner: std::sync::mpsc::Sender<SpawnJob>,
+    spawner: Arc<Spawner>,
     pub config: ProcessConfig,
 }
 
@@ -82,57 +77,13 @@ impl std::fmt::Debug for ProcessTable {
     }
 }
 
-/// The exit code a shell would report: the code, or 128+signal.
-pub(crate) fn exit_code(st: std::process::ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    st.code()
-        .or_else(|| st.signal().map(|s| 128 + s))
-        .unwrap_or(-1)
-}
-
-/// Waits for a host child on a small thread of its own (waiting blocks),
-/// publishes its exit code, and reports it as a host event.
-pub(crate) fn watch_exit(
-    mut child: std::process::Child,
-    sandbox_id: &str,
-    what: &'static str,
-    events: mpsc::UnboundedSender<HostEvent>,
-) -> watch::Receiver<Option<i32>> {
-    let (exit_tx, exit_rx) = watch::channel(None);
-    let sandbox_id = sandbox_id.to_owned();
-    let _ = std::thread::Builder::new()
-        .name("sandbox-wait".into())
-        .stack_size(64 << 10)
-        .spawn(move || {
-            let ev = match child.wait() {
-                Ok(st) => {
-                    let status = exit_code(st);
-                    let _ = exit_tx.send(Some(status));
-                    HostEvent::Exited { sandbox_id, status }
-                }
-                Err(e) => HostEvent::PollFailed {
-                    sandbox_id,
-                    message: format!("cannot wait for {what}: {e}"),
-                },
-            };
-            let _ = events.send(ev);
-        });
-    exit_rx
-}
-
 impl ProcessTable {
-    pub fn new(events: mpsc::UnboundedSender<HostEvent>, config: ProcessConfig) -> Self {
-        // Children are forked from this one long-lived thread: the
-        // launcher's parent-death signal fires when the *thread* that forked
-        // it exits, and async runtime threads come and go.
-        let (spawner, jobs) = std::sync::mpsc::channel::<SpawnJob>();
-        let _ = std::thread::Builder::new()
-            .name("sandbox-spawner".into())
-            .spawn(move || {
-                for mut job in jobs {
-                    let _ = job.reply.send(job.cmd.spawn());
-                }
-            });
+    /// Launchers are forked by `spawner`, the host's one spawner thread.
+    pub fn new(
+        spawner: Arc<Spawner>,
+        events: mpsc::UnboundedSender<HostEvent>,
+        config: ProcessConfig,
+    ) -> Self {
         Self {
             running: Mutex::new(HashMap::new()),
             events,
@@ -147,7 +98,7 @@ impl ProcessTable {
     }
 
     fn status(&self, sandbox_id: &str) -> Option<ProcessStatus> {
-        self.get(sandbox_id).map(|p| match *p.exit.borrow() {
+        self.get(sandbox_id).map(|p| match p.child.exited() {
             None => ProcessStatus::Running,
             Some(s) => ProcessStatus::Exited(s),
         })
@@ -158,7 +109,7 @@ impl ProcessTable {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         running
             .values()
-            .filter(|p| p.exit.borrow().is_none())
+            .filter(|p| p.child.exited().is_none())
             .count()
     }
 
@@ -167,7 +118,7 @@ impl ProcessTable {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
         let taken: std::collections::HashSet<u32> = running
             .iter()
-            .filter(|(id, p)| id.as_str() != sandbox_id && p.exit.borrow().is_none())
+            .filter(|(id, p)| id.as_str() != sandbox_id && p.child.exited().is_none())
             .map(|(_, p)| p.slot)
             .collect();
         let start = preferred_slot(sandbox_id);
@@ -188,46 +139,25 @@ impl ProcessTable {
                 "this sandbox's process is already running".into(),
             ));
         }
-        let (reply, rx) = oneshot::channel();
-        self.spawner
-            .send(SpawnJob { cmd, reply })
-            .map_err(|_| CapError::Failed("the spawner thread is gone".into()))?;
-        let child = rx
+        // Abandoned here, the spawner kills what nobody received; past this
+        // point there is no await before the table owns the child.
+        let child = self
+            .spawner
+            .spawn(cmd)
             .await
-            .map_err(|_| CapError::Failed("the spawner thread is gone".into()))?
             .map_err(|e| CapError::Failed(format!("cannot start the sandbox launcher: {e}")))?;
-        let pid = child.id() as i32;
-        let exit = watch_exit(
-            child,
-            sandbox_id,
-            "the sandbox process",
-            self.events.clone(),
-        );
+        child.report_exit(sandbox_id, "the sandbox process", self.events.clone());
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(sandbox_id.to_owned(), Arc::new(Proc { pid, slot, exit }));
+            .insert(sandbox_id.to_owned(), Arc::new(Proc { child, slot }));
         Ok(())
     }
 
     /// SIGTERM, up to `grace` for it to exit, then SIGKILL. Returns the
     /// exit status, or None if nothing ran.
     pub async fn stop(&self, sandbox_id: &str, grace: Duration) -> Option<i32> {
-        let p = self.get(sandbox_id)?;
-        let mut exit = p.exit.clone();
-        if exit.borrow().is_none() {
-            let _ = kill(Pid::from_raw(p.pid), Signal::SIGTERM);
-            if tokio::time::timeout(grace, exit.wait_for(Option::is_some))
-                .await
-                .is_err()
-            {
-                let _ = kill(Pid::from_raw(p.pid), Signal::SIGKILL);
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), exit.wait_for(Option::is_some))
-                        .await;
-            }
-        }
-        *exit.borrow()
+        self.get(sandbox_id)?.child.stop(grace).await
     }
 
     /// Removes the empty cgroups of sandboxes not in `keep` (left by
@@ -268,21 +198,9 @@ impl ProcessTable {
                 .join("openshell")
                 .join(sandbox_id);
             // Only empty cgroups can be removed; a missing one is fine.
-            let _ = std::fs::remove_dir(dir);
+            let _ = tokio::fs::remove_dir(dir).await;
         }
     }
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let _ = std::fs::remove_file(path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?
-        .write_all(bytes)
 }
 
 /// A workdir must be a plain relative path: no `..`, no root, no prefix.
@@ -375,24 +293,15 @@ impl CallState {
 }
 
 impl Host for CallState {
-    async fn spawn(
-        &mut self,
-        spec: SpawnSpec,
-    ) -> wasmtime::Result<Result<Resource<ProcessHandle>, CapError>> {
-        let id = match self.require_sandbox() {
-            Ok(id) => id.to_owned(),
-            Err(e) => return Ok(Err(e)),
-        };
+    async fn spawn(&mut self, spec: SpawnSpec) -> Result<Resource<ProcessHandle>, CapabilityError> {
+        let id = self.require_sandbox()?.to_owned();
+        limits::check_environment(&spec.environment)?;
+        limits::check_path_len("workdir", &spec.workdir)?;
         let slot = self.services.processes.free_slot(&id);
-        let cmd = match self.launch_command(&id, slot, &spec) {
-            Ok(c) => c,
-            Err(e) => return Ok(Err(e)),
-        };
+        let cmd = self.launch_command(&id, slot, &spec)?;
         let services = self.services.clone();
-        if let Err(e) = services.processes.spawn(&id, slot, cmd).await {
-            return Ok(Err(e));
-        }
-        Ok(Ok(self.table.push(ProcessHandle { sandbox_id: id })?))
+        services.processes.spawn(&id, slot, cmd).await?;
+        Ok(self.table.push(ProcessHandle { sandbox_id: id })?)
     }
 
     async fn current(&mut self) -> wasmtime::Result<Option<Resource<ProcessHandle>>> {
@@ -421,16 +330,13 @@ impl HostSandboxProcess for CallState {
         &mut self,
         h: Resource<ProcessHandle>,
         grace_ms: u32,
-    ) -> wasmtime::Result<Result<i32, CapError>> {
+    ) -> Result<i32, CapabilityError> {
         let id = self.table.get(&h)?.sandbox_id.clone();
         // Bounded: never longer than the capability I/O deadline.
         let grace = Duration::from_millis(grace_ms.into()).min(self.services.io_timeout);
         let services = self.services.clone();
-        Ok(services
-            .processes
-            .stop(&id, grace)
-            .await
-            .ok_or_else(|| CapError::Invalid("nothing is running".into())))
+        let status = services.processes.stop(&id, grace).await;
+        Ok(status.ok_or_else(|| CapError::Invalid("nothing is running".into()))?)
     }
 
     async fn drop(&mut self, h: Resource<ProcessHandle>) -> wasmtime::Result<()> {

@@ -1,55 +1,42 @@
-//! `openshell:compute/{network,rootfs,vm}`: microVMs and their networks.
+//! `openshell:compute/vm`: microVMs, and the table that owns everything a
+//! VM sandbox runs on the host (its VM, its network, its staged files),
+//! keyed by sandbox id so they outlive the plugin instance that started
+//! them. The network lives in [`super::network`], staging in
+//! [`super::rootfs`]; the backends themselves (QEMU's command line, the
+//! initramfs segment, gvproxy's confinement) in `openshell-vm`.
 //!
-//! The backends themselves (QEMU's command line, the libkrun plan, the
-//! initramfs segment, gvproxy's confinement) live in `openshell-vm`; this
-//! module owns the running things, keyed by sandbox id so they outlive the
-//! plugin instance that started them:
-//!
-//! - `network.start`: an empty network namespace with one loopback
-//!   listener, a forwarder task from it to the sandbox's supervisor socket,
-//!   and gvproxy inside the namespace (`<sandbox>/net.sock`, `gvproxy.log`).
-//! - `rootfs.stage`: files for the sandbox's initramfs segment.
-//! - `vm.launch`: QEMU (TCG or KVM, chosen by the host from the cached boot
-//!   probe), console in `<sandbox>/console.log`, a boot watchdog (no console
-//!   output within 3 s: kill and retry once), and a waiter that reports the
-//!   exit as a [`HostEvent`].
-//!
-//! Children are forked from one long-lived thread with a parent-death
-//! signal, so a gateway killed outright takes its VMs and gvproxies along.
+//! `launch` runs QEMU (TCG or KVM, chosen from the cached boot probe) with
+//! its console in `<sandbox>/console.log`, under a boot watchdog (no console
+//! output within 3 s: kill and retry once), then reports its exit as a
+//! [`HostEvent`]. Every child is a [`crate::children::HostChild`]: a launch
+//! abandoned at its deadline kills what it started.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
 use openshell_vm::VmError;
-use openshell_vm::initramfs::{self, Entry};
 use openshell_vm::net;
 use openshell_vm::qemu::{self, QemuLaunch};
 use openshell_vm::runtime::{Backend as VmBackend, BackendChoice, VmRuntime};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::mpsc;
 use wasmtime::component::Resource;
 
-use crate::bindings::openshell::compute::network::{self, HostVmNetwork};
-use crate::bindings::openshell::compute::rootfs::{self, HostStagedRootfs};
-use crate::bindings::openshell::compute::vm::{self, Backend, HostMicrovm, VmSpec, VmStatus};
+use crate::bindings::openshell::compute::vm::{Backend, Host, HostMicrovm, VmSpec, VmStatus};
 use crate::bindings::types::CapError;
-use crate::caps::{CallState, HostEvent};
+use crate::caps::network::Net;
+use crate::caps::rootfs::Staged;
+use crate::caps::{CallState, CapabilityError, HostEvent, limits};
+use crate::children::{HostChild, Spawner};
 
 /// No console output for this long after QEMU starts means a silent hang
 /// (about 1 boot in 30 under TCG): kill it and try once more.
 const BOOT_WATCHDOG: Duration = Duration::from_secs(3);
-/// How long gvproxy gets to create its socket.
-const NET_READY: Duration = Duration::from_secs(3);
 /// The host's floor on what a VM may ask for, whatever the driver says.
-const MAX_VCPUS: u32 = 8;
-const MEMORY_MIB: std::ops::RangeInclusive<u64> = 128..=8192;
-/// AF_UNIX paths longer than this do not fit `sockaddr_un` on Linux.
-const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_VCPUS: u32 = 8;
+pub const MEMORY_MIB: std::ops::RangeInclusive<u64> = 128..=8192;
 
 /// Where the VM capability finds its runtime.
 #[derive(Clone, Debug, Default)]
@@ -60,44 +47,24 @@ pub struct VmConfig {
 }
 
 #[derive(Debug)]
-pub struct NetworkHandle {
-    sandbox_id: String,
-}
-#[derive(Debug)]
-pub struct RootfsHandle {
-    sandbox_id: String,
-}
-#[derive(Debug)]
 pub struct VmHandle {
     sandbox_id: String,
 }
 
-struct Net {
-    port: u16,
-    gvproxy: i32,
-    forwarder: tokio::task::AbortHandle,
-    _netns: Arc<OwnedFd>,
-}
-
 struct Vm {
-    pid: i32,
+    /// QEMU; dropping the entry kills it.
+    child: HostChild,
     backend: VmBackend,
-    exit: watch::Receiver<Option<i32>>,
-}
-
-struct SpawnJob {
-    cmd: Command,
-    reply: oneshot::Sender<std::io::Result<Child>>,
 }
 
 /// Running VMs, their networks and staged files, by sandbox id.
 pub struct VmTable {
     pub config: VmConfig,
-    nets: Mutex<HashMap<String, Net>>,
+    pub(crate) nets: Mutex<HashMap<String, Net>>,
     vms: Mutex<HashMap<String, Arc<Vm>>>,
-    staged: Mutex<HashMap<String, Vec<Entry>>>,
+    pub(crate) staged: Mutex<HashMap<String, Staged>>,
     events: mpsc::UnboundedSender<HostEvent>,
-    spawner: std::sync::mpsc::Sender<SpawnJob>,
+    pub(crate) spawner: Arc<Spawner>,
 }
 
 impl std::fmt::Debug for VmTable {
@@ -106,11 +73,11 @@ impl std::fmt::Debug for VmTable {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn cap_error(e: VmError) -> CapError {
+pub(crate) fn cap_error(e: VmError) -> CapError {
     match e {
         VmError::Invalid(m) => CapError::Invalid(m),
         VmError::Unavailable(m) => CapError::Unavailable(m),
@@ -118,15 +85,24 @@ fn cap_error(e: VmError) -> CapError {
     }
 }
 
-fn log_file(path: &Path) -> Result<(Stdio, Stdio), CapError> {
+/// Runs blocking host work (files, namespaces) off the async workers.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CapError> + Send + 'static,
+) -> Result<T, CapError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(CapError::Failed(format!("host work panicked: {e}"))))
+}
+
+/// A child's stdout and stderr, appended to `path`.
+pub(crate) fn log_file(path: &Path) -> Result<(Stdio, Stdio), CapError> {
     let open = || {
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
     };
-    let (a, b) = (open(), open());
-    match (a, b) {
+    match (open(), open()) {
         (Ok(a), Ok(b)) => Ok((a.into(), b.into())),
         (Err(e), _) | (_, Err(e)) => Err(CapError::Failed(format!(
             "cannot open {}: {e}",
@@ -135,29 +111,32 @@ fn log_file(path: &Path) -> Result<(Stdio, Stdio), CapError> {
     }
 }
 
-fn check_socket_path(p: &Path) -> Result<(), CapError> {
-    if p.as_os_str().len() > MAX_SOCKET_PATH {
-        return Err(CapError::Unavailable(format!(
-            "{} is longer than {MAX_SOCKET_PATH} bytes, the limit for a unix socket path: use a shorter --state-dir (for example under /tmp)",
-            p.display()
+/// The shape a VM may have: bounded by the host whatever the driver says.
+fn check_spec(spec: &VmSpec) -> Result<(), CapError> {
+    if spec.vcpus > MAX_VCPUS {
+        return Err(CapError::Invalid(format!(
+            "{} vcpus: this host allows at most {MAX_VCPUS}",
+            spec.vcpus
         )));
     }
-    qemu::check_path(p).map_err(cap_error)
+    if !MEMORY_MIB.contains(&spec.memory_mib) {
+        return Err(CapError::Invalid(format!(
+            "{} MiB: a VM needs {}..={} MiB",
+            spec.memory_mib,
+            MEMORY_MIB.start(),
+            MEMORY_MIB.end()
+        )));
+    }
+    limits::check_environment(&spec.environment)
 }
 
 impl VmTable {
-    pub fn new(events: mpsc::UnboundedSender<HostEvent>, config: VmConfig) -> Self {
-        // Same reason as the process table: the parent-death signal is tied
-        // to the forking *thread*, so fork from one that lives as long as
-        // the gateway.
-        let (spawner, jobs) = std::sync::mpsc::channel::<SpawnJob>();
-        let _ = std::thread::Builder::new()
-            .name("vm-spawner".into())
-            .spawn(move || {
-                for mut job in jobs {
-                    let _ = job.reply.send(job.cmd.spawn());
-                }
-            });
+    /// VM children are forked by `spawner`, the host's one spawner thread.
+    pub fn new(
+        spawner: Arc<Spawner>,
+        events: mpsc::UnboundedSender<HostEvent>,
+        config: VmConfig,
+    ) -> Self {
         Self {
             config,
             nets: Mutex::new(HashMap::new()),
@@ -169,29 +148,14 @@ impl VmTable {
     }
 
     /// Read on every launch, so `just vm-setup` after gateway start counts.
-    fn runtime(&self) -> Result<VmRuntime, CapError> {
-        let dir = self.config.runtime_dir.as_ref().ok_or_else(|| {
+    pub(crate) async fn runtime(&self) -> Result<VmRuntime, CapError> {
+        let dir = self.config.runtime_dir.clone().ok_or_else(|| {
             CapError::Unavailable(
                 "this gateway has no VM runtime: run `just vm-setup` and `just vm-rootfs`, then start it with OPENSHELL_VM_RUNTIME=<repo>/runtime".into(),
             )
         })?;
-        VmRuntime::load(dir, self.config.backend).map_err(cap_error)
-    }
-
-    async fn spawn(&self, cmd: Command) -> Result<Child, CapError> {
-        let (reply, rx) = oneshot::channel();
-        let gone = || CapError::Failed("the VM spawner thread is gone".into());
-        self.spawner
-            .send(SpawnJob { cmd, reply })
-            .map_err(|_| gone())?;
-        rx.await
-            .map_err(|_| gone())?
-            .map_err(|e| CapError::Failed(format!("cannot start a VM process: {e}")))
-    }
-
-    /// The gateway's port inside the sandbox's network namespace.
-    fn port(&self, sandbox_id: &str) -> Option<u16> {
-        lock(&self.nets).get(sandbox_id).map(|n| n.port)
+        let choice = self.config.backend;
+        blocking(move || VmRuntime::load(&dir, choice).map_err(cap_error)).await
     }
 
     fn vm(&self, sandbox_id: &str) -> Option<Arc<Vm>> {
@@ -199,7 +163,7 @@ impl VmTable {
     }
 
     fn status(&self, sandbox_id: &str) -> Option<VmStatus> {
-        self.vm(sandbox_id).map(|v| match *v.exit.borrow() {
+        self.vm(sandbox_id).map(|v| match v.child.exited() {
             None => VmStatus::Running,
             Some(s) => VmStatus::Exited(s),
         })
@@ -209,15 +173,17 @@ impl VmTable {
     pub fn running(&self) -> usize {
         lock(&self.vms)
             .values()
-            .filter(|v| v.exit.borrow().is_none())
+            .filter(|v| v.child.exited().is_none())
             .count()
     }
 
     /// The pids of a sandbox's QEMU and gvproxy, for tests and diagnostics.
     pub fn pids(&self, sandbox_id: &str) -> (Option<i32>, Option<i32>) {
         (
-            self.vm(sandbox_id).map(|v| v.pid),
-            lock(&self.nets).get(sandbox_id).map(|n| n.gvproxy),
+            self.vm(sandbox_id).map(|v| v.child.pid() as i32),
+            lock(&self.nets)
+                .get(sandbox_id)
+                .map(|n| n.gvproxy.pid() as i32),
         )
     }
 
@@ -226,98 +192,27 @@ impl VmTable {
         self.vm(sandbox_id).map(|v| v.backend)
     }
 
-    async fn start_network(&self, id: &str, dir: &Path) -> Result<(), CapError> {
-        self.stop_network(id);
-        let rt = self.runtime()?;
-        let socket = dir.join("net.sock");
-        let target = dir.join("run/gateway.sock");
-        check_socket_path(&socket)?;
-        check_socket_path(&target)?;
-        let _ = std::fs::remove_file(&socket);
-        let confined = net::confined_loopback().map_err(cap_error)?;
-        let (out, err) = log_file(&dir.join("gvproxy.log"))?;
-        let mut cmd = Command::new(&rt.gvproxy);
-        cmd.args(net::gvproxy_args(&socket))
-            .env_clear()
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        net::confine_child(&mut cmd, Some(confined.netns.clone()));
-        let mut child = self.spawn(cmd).await?;
-        let gvproxy = child.id() as i32;
-        let started = Instant::now();
-        while !socket.exists() {
-            if started.elapsed() > NET_READY || matches!(child.try_wait(), Ok(Some(_))) {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(CapError::Failed(format!(
-                    "gvproxy did not create {} (see gvproxy.log)",
-                    socket.display()
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        // gvproxy exits when its VM disconnects; reap it.
-        let _ = std::thread::Builder::new()
-            .name("gvproxy-wait".into())
-            .stack_size(64 << 10)
-            .spawn(move || {
-                let _ = child.wait();
-            });
-        let port = confined.port;
-        let forwarder = tokio::spawn(net::forward(confined.listener, target)).abort_handle();
-        lock(&self.nets).insert(
-            id.to_owned(),
-            Net {
-                port,
-                gvproxy,
-                forwarder,
-                _netns: confined.netns,
-            },
-        );
-        Ok(())
-    }
-
-    fn stop_network(&self, id: &str) {
-        if let Some(n) = lock(&self.nets).remove(id) {
-            n.forwarder.abort();
-            let _ = kill(Pid::from_raw(n.gvproxy), Signal::SIGKILL);
-        }
-    }
-
     async fn launch(&self, id: &str, dir: &Path, spec: &VmSpec) -> Result<(), CapError> {
         if matches!(self.status(id), Some(VmStatus::Running)) {
             return Err(CapError::Invalid(
                 "this sandbox's VM is already running".into(),
             ));
         }
-        if spec.vcpus > MAX_VCPUS {
-            return Err(CapError::Invalid(format!(
-                "{} vcpus: this host allows at most {MAX_VCPUS}",
-                spec.vcpus
-            )));
-        }
-        if !MEMORY_MIB.contains(&spec.memory_mib) {
-            return Err(CapError::Invalid(format!(
-                "{} MiB: a VM needs {}..={} MiB",
-                spec.memory_mib,
-                MEMORY_MIB.start(),
-                MEMORY_MIB.end()
-            )));
-        }
+        check_spec(spec)?;
         if self.port(id).is_none() {
             return Err(CapError::Invalid(
                 "start the sandbox's network before launching its VM".into(),
             ));
         }
-        let rt = self.runtime()?;
+        let rt = self.runtime().await?;
         let initrd = dir.join("initrd.cpio");
         let console = dir.join("console.log");
         let net_socket = dir.join("net.sock");
         for p in [&initrd, &console, &net_socket] {
             qemu::check_path(p).map_err(cap_error)?;
         }
-        self.write_initrd(id, &rt, &initrd, &spec.environment)?;
+        self.write_initrd(id, &rt, &initrd, &spec.environment)
+            .await?;
         let launch = QemuLaunch {
             kvm: rt.backend == VmBackend::QemuKvm,
             vcpus: spec.vcpus,
@@ -328,9 +223,14 @@ impl VmTable {
             console: console.clone(),
             tsc_khz: rt.tsc_khz,
         };
-        let mut child = None;
+        let qemu_log = dir.join("qemu.log");
         for attempt in 1..=2 {
-            let (out, err) = log_file(&dir.join("qemu.log"))?;
+            let (log, con) = (qemu_log.clone(), console.clone());
+            let ((out, err), seen) = blocking(move || {
+                let seen = std::fs::metadata(&con).map_or(0, |m| m.len());
+                Ok((log_file(&log)?, seen))
+            })
+            .await?;
             let mut cmd = Command::new(&rt.qemu);
             cmd.args(launch.args())
                 .env_clear()
@@ -338,12 +238,23 @@ impl VmTable {
                 .stdout(out)
                 .stderr(err);
             net::confine_child(&mut cmd, None);
-            let seen = std::fs::metadata(&console).map_or(0, |m| m.len());
-            let mut c = self.spawn(cmd).await?;
-            match watch_boot(&mut c, &console, seen).await {
+            // Owned from here on: abandoned during the watchdog, it is killed.
+            let child = self
+                .spawner
+                .spawn(cmd)
+                .await
+                .map_err(|e| CapError::Failed(format!("cannot start QEMU: {e}")))?;
+            match watch_boot(&child, &console, seen).await {
                 Boot::Printed => {
-                    child = Some(c);
-                    break;
+                    child.report_exit(id, "the VM", self.events.clone());
+                    lock(&self.vms).insert(
+                        id.to_owned(),
+                        Arc::new(Vm {
+                            child,
+                            backend: rt.backend,
+                        }),
+                    );
+                    return Ok(());
                 }
                 Boot::Exited(status) => {
                     return Err(CapError::Failed(format!(
@@ -356,76 +267,21 @@ impl VmTable {
                         attempt,
                         "VM printed nothing within {BOOT_WATCHDOG:?}; killing it"
                     );
-                    let _ = c.kill();
-                    let _ = c.wait();
+                    // Gone before the retry appends to the same console.
+                    child.stop(Duration::ZERO).await;
                 }
             }
         }
-        let Some(child) = child else {
-            return Err(CapError::Timeout(format!(
-                "the VM printed nothing on its console within {BOOT_WATCHDOG:?}, twice"
-            )));
-        };
-        let pid = child.id() as i32;
-        let exit = super::process::watch_exit(child, id, "the VM", self.events.clone());
-        lock(&self.vms).insert(
-            id.to_owned(),
-            Arc::new(Vm {
-                pid,
-                backend: rt.backend,
-                exit,
-            }),
-        );
-        Ok(())
-    }
-
-    /// The base initramfs followed by this sandbox's segment.
-    fn write_initrd(
-        &self,
-        id: &str,
-        rt: &VmRuntime,
-        initrd: &Path,
-        env: &[(String, String)],
-    ) -> Result<(), CapError> {
-        let mut entries = lock(&self.staged).remove(id).unwrap_or_default();
-        entries.push(Entry {
-            path: initramfs::ENV_FILE.into(),
-            mode: 0o600,
-            contents: initramfs::env_file(env).map_err(cap_error)?,
-        });
-        let segment = initramfs::archive(&entries).map_err(cap_error)?;
-        let mut bytes = std::fs::read(&rt.base_initrd).map_err(|e| {
-            CapError::Failed(format!("cannot read {}: {e}", rt.base_initrd.display()))
-        })?;
-        // Each cpio segment starts 4-byte aligned.
-        bytes.resize(bytes.len().next_multiple_of(4), 0);
-        bytes.extend_from_slice(&segment);
-        std::fs::write(initrd, bytes)
-            .map_err(|e| CapError::Failed(format!("cannot write {}: {e}", initrd.display())))
+        Err(CapError::Timeout(format!(
+            "the VM printed nothing on its console within {BOOT_WATCHDOG:?}, twice"
+        )))
     }
 
     /// SIGTERM to QEMU, up to `grace` for it to exit, then SIGKILL; then the
     /// network goes. Returns the exit status, or None if nothing ran.
     pub async fn stop(&self, id: &str, grace: Duration) -> Option<i32> {
         let status = match self.vm(id) {
-            Some(v) => {
-                let mut exit = v.exit.clone();
-                if exit.borrow().is_none() {
-                    let _ = kill(Pid::from_raw(v.pid), Signal::SIGTERM);
-                    if tokio::time::timeout(grace, exit.wait_for(Option::is_some))
-                        .await
-                        .is_err()
-                    {
-                        let _ = kill(Pid::from_raw(v.pid), Signal::SIGKILL);
-                        let _ = tokio::time::timeout(
-                            Duration::from_secs(5),
-                            exit.wait_for(Option::is_some),
-                        )
-                        .await;
-                    }
-                }
-                *exit.borrow()
-            }
+            Some(v) => v.child.stop(grace).await,
             None => None,
         };
         self.stop_network(id);
@@ -447,14 +303,17 @@ enum Boot {
 }
 
 /// Waits for the console to grow past `seen` bytes.
-async fn watch_boot(child: &mut Child, console: &Path, seen: u64) -> Boot {
+async fn watch_boot(child: &HostChild, console: &Path, seen: u64) -> Boot {
     let started = Instant::now();
     loop {
-        if std::fs::metadata(console).is_ok_and(|m| m.len() > seen) {
+        if tokio::fs::metadata(console)
+            .await
+            .is_ok_and(|m| m.len() > seen)
+        {
             return Boot::Printed;
         }
-        if let Ok(Some(st)) = child.try_wait() {
-            return Boot::Exited(super::process::exit_code(st));
+        if let Some(status) = child.exited() {
+            return Boot::Exited(status);
         }
         if started.elapsed() > BOOT_WATCHDOG {
             return Boot::Silent;
@@ -464,7 +323,7 @@ async fn watch_boot(child: &mut Child, console: &Path, seen: u64) -> Boot {
 }
 
 impl CallState {
-    fn vm_scope(&self) -> Result<(String, PathBuf), CapError> {
+    pub(crate) fn vm_scope(&self) -> Result<(String, PathBuf), CapError> {
         let id = self.require_sandbox()?.to_owned();
         let dir = self
             .scope
@@ -475,104 +334,25 @@ impl CallState {
     }
 }
 
-impl network::Host for CallState {
-    async fn start(&mut self) -> wasmtime::Result<Result<Resource<NetworkHandle>, CapError>> {
-        let (id, dir) = match self.vm_scope() {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
-        };
-        let services = self.services.clone();
-        if let Err(e) = services.vms.start_network(&id, &dir).await {
-            return Ok(Err(e));
-        }
-        Ok(Ok(self.table.push(NetworkHandle { sandbox_id: id })?))
-    }
-}
-
-impl HostVmNetwork for CallState {
-    async fn guest_endpoint(&mut self, h: Resource<NetworkHandle>) -> wasmtime::Result<String> {
-        let id = &self.table.get(&h)?.sandbox_id;
-        Ok(match self.services.vms.port(id) {
-            Some(port) => format!("http://{}:{port}", net::GUEST_HOST_ADDR),
-            None => String::new(),
-        })
-    }
-
-    async fn drop(&mut self, h: Resource<NetworkHandle>) -> wasmtime::Result<()> {
-        // The host owns the network; dropping the handle keeps it.
-        self.table.delete(h)?;
-        Ok(())
-    }
-}
-
-impl rootfs::Host for CallState {
-    async fn stage(&mut self) -> wasmtime::Result<Result<Resource<RootfsHandle>, CapError>> {
-        let id = match self.require_sandbox() {
-            Ok(id) => id.to_owned(),
-            Err(e) => return Ok(Err(e)),
-        };
-        lock(&self.services.vms.staged).insert(id.clone(), Vec::new());
-        Ok(Ok(self.table.push(RootfsHandle { sandbox_id: id })?))
-    }
-}
-
-impl HostStagedRootfs for CallState {
-    async fn write_file(
-        &mut self,
-        h: Resource<RootfsHandle>,
-        path: String,
-        contents: Vec<u8>,
-        mode: u32,
-    ) -> wasmtime::Result<Result<(), CapError>> {
-        let id = self.table.get(&h)?.sandbox_id.clone();
-        if let Err(e) = initramfs::check_path(&path) {
-            return Ok(Err(CapError::AccessDenied(e.to_string())));
-        }
-        if path == initramfs::ENV_FILE {
-            return Ok(Err(CapError::AccessDenied(format!(
-                "{path} is written by the host from the VM spec's environment"
-            ))));
-        }
-        lock(&self.services.vms.staged)
-            .entry(id)
-            .or_default()
-            .push(Entry {
-                path,
-                mode,
-                contents,
-            });
-        Ok(Ok(()))
-    }
-
-    async fn drop(&mut self, h: Resource<RootfsHandle>) -> wasmtime::Result<()> {
-        self.table.delete(h)?;
-        Ok(())
-    }
-}
-
-impl vm::Host for CallState {
+impl Host for CallState {
     async fn launch(
         &mut self,
         spec: VmSpec,
-        root: Resource<RootfsHandle>,
-        net: Resource<NetworkHandle>,
-    ) -> wasmtime::Result<Result<Resource<VmHandle>, CapError>> {
-        let (id, dir) = match self.vm_scope() {
-            Ok(s) => s,
-            Err(e) => return Ok(Err(e)),
-        };
+        root: Resource<super::RootfsHandle>,
+        net: Resource<super::NetworkHandle>,
+    ) -> Result<Resource<VmHandle>, CapabilityError> {
+        let (id, dir) = self.vm_scope()?;
         // Both handles must be this sandbox's (they always are: handles are
         // per call and per sandbox, but the check is cheap).
         if self.table.get(&root)?.sandbox_id != id || self.table.get(&net)?.sandbox_id != id {
-            return Ok(Err(CapError::AccessDenied(
+            return Err(CapError::AccessDenied(
                 "the rootfs and network must be this sandbox's".into(),
-            )));
+            )
+            .into());
         }
         let services = self.services.clone();
-        if let Err(e) = services.vms.launch(&id, &dir, &spec).await {
-            return Ok(Err(e));
-        }
-        Ok(Ok(self.table.push(VmHandle { sandbox_id: id })?))
+        services.vms.launch(&id, &dir, &spec).await?;
+        Ok(self.table.push(VmHandle { sandbox_id: id })?)
     }
 
     async fn current(&mut self) -> wasmtime::Result<Option<Resource<VmHandle>>> {
@@ -602,24 +382,50 @@ impl HostMicrovm for CallState {
         Ok(self.services.vms.status(id).unwrap_or(VmStatus::Exited(-1)))
     }
 
-    async fn stop(
-        &mut self,
-        h: Resource<VmHandle>,
-        grace_ms: u32,
-    ) -> wasmtime::Result<Result<i32, CapError>> {
+    async fn stop(&mut self, h: Resource<VmHandle>, grace_ms: u32) -> Result<i32, CapabilityError> {
         let id = self.table.get(&h)?.sandbox_id.clone();
         let grace = Duration::from_millis(grace_ms.into()).min(self.services.io_timeout);
         let services = self.services.clone();
-        Ok(services
-            .vms
-            .stop(&id, grace)
-            .await
-            .ok_or_else(|| CapError::Invalid("no VM is running".into())))
+        let status = services.vms.stop(&id, grace).await;
+        Ok(status.ok_or_else(|| CapError::Invalid("no VM is running".into()))?)
     }
 
     async fn drop(&mut self, h: Resource<VmHandle>) -> wasmtime::Result<()> {
         // Dropping the handle never stops the VM: the host owns it.
         self.table.delete(h)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(vcpus: u32, memory_mib: u64, environment: Vec<(String, String)>) -> VmSpec {
+        VmSpec {
+            vcpus,
+            memory_mib,
+            environment,
+        }
+    }
+
+    #[test]
+    fn a_vm_spec_outside_the_hosts_bounds_is_invalid() {
+        check_spec(&spec(2, 512, vec![])).unwrap();
+        for bad in [
+            spec(MAX_VCPUS + 1, 512, vec![]),
+            spec(1, 64, vec![]),
+            spec(1, 1 << 20, vec![]),
+            spec(
+                1,
+                512,
+                vec![("A".into(), "x".repeat(limits::MAX_ENV_VALUE + 1))],
+            ),
+        ] {
+            assert!(
+                matches!(check_spec(&bad), Err(CapError::Invalid(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -1,0 +1,136 @@
+//! `openshell:compute/network`: a VM's network. `start` makes an empty
+//! network namespace with one loopback listener, a forwarder task from it
+//! to the sandbox's supervisor socket, and gvproxy inside the namespace
+//! (`<sandbox>/net.sock`, `gvproxy.log`). The VM table owns the result,
+//! keyed by sandbox id; the confinement argument is in `openshell_vm::net`.
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openshell_vm::net;
+use wasmtime::component::Resource;
+
+use crate::bindings::openshell::compute::network::{Host, HostVmNetwork};
+use crate::bindings::types::CapError;
+use crate::caps::vm::{VmTable, blocking, cap_error, lock, log_file};
+use crate::caps::{CallState, CapabilityError};
+use crate::children::HostChild;
+
+/// How long gvproxy gets to create its socket.
+const NET_READY: Duration = Duration::from_secs(3);
+
+#[derive(Debug)]
+pub struct NetworkHandle {
+    pub(crate) sandbox_id: String,
+}
+
+/// A running VM network; dropping it kills gvproxy.
+pub(crate) struct Net {
+    pub(crate) port: u16,
+    pub(crate) gvproxy: HostChild,
+    forwarder: tokio::task::AbortHandle,
+    _netns: Arc<OwnedFd>,
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        self.forwarder.abort();
+    }
+}
+
+fn check_socket_path(p: &Path) -> Result<(), CapError> {
+    openshell_vm::check_socket_path(p).map_err(cap_error)?;
+    openshell_vm::qemu::check_path(p).map_err(cap_error)
+}
+
+impl VmTable {
+    /// The gateway's port inside the sandbox's network namespace.
+    pub(crate) fn port(&self, sandbox_id: &str) -> Option<u16> {
+        lock(&self.nets).get(sandbox_id).map(|n| n.port)
+    }
+
+    pub(crate) async fn start_network(&self, id: &str, dir: &Path) -> Result<(), CapError> {
+        self.stop_network(id);
+        let rt = self.runtime().await?;
+        let socket = dir.join("net.sock");
+        let target = dir.join("run/gateway.sock");
+        check_socket_path(&socket)?;
+        check_socket_path(&target)?;
+        let log = dir.join("gvproxy.log");
+        let sock = socket.clone();
+        let (confined, (out, err)) = blocking(move || {
+            let _ = std::fs::remove_file(&sock);
+            let confined = net::confined_loopback().map_err(cap_error)?;
+            Ok((confined, log_file(&log)?))
+        })
+        .await?;
+        let mut cmd = Command::new(&rt.gvproxy);
+        cmd.args(net::gvproxy_args(&socket))
+            .env_clear()
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        net::confine_child(&mut cmd, Some(confined.netns.clone()));
+        // Owned from here on: abandoned at any await below, it is killed.
+        let gvproxy = self
+            .spawner
+            .spawn(cmd)
+            .await
+            .map_err(|e| CapError::Failed(format!("cannot start gvproxy: {e}")))?;
+        let started = Instant::now();
+        while !tokio::fs::try_exists(&socket).await.unwrap_or(false) {
+            if started.elapsed() > NET_READY || gvproxy.exited().is_some() {
+                return Err(CapError::Failed(format!(
+                    "gvproxy did not create {} (see gvproxy.log)",
+                    socket.display()
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let port = confined.port;
+        let forwarder = tokio::spawn(net::forward(confined.listener, target)).abort_handle();
+        lock(&self.nets).insert(
+            id.to_owned(),
+            Net {
+                port,
+                gvproxy,
+                forwarder,
+                _netns: confined.netns,
+            },
+        );
+        Ok(())
+    }
+
+    /// Stops the forwarder and kills gvproxy (by dropping them).
+    pub(crate) fn stop_network(&self, id: &str) {
+        drop(lock(&self.nets).remove(id));
+    }
+}
+
+impl Host for CallState {
+    async fn start(&mut self) -> Result<Resource<NetworkHandle>, CapabilityError> {
+        let (id, dir) = self.vm_scope()?;
+        let services = self.services.clone();
+        services.vms.start_network(&id, &dir).await?;
+        Ok(self.table.push(NetworkHandle { sandbox_id: id })?)
+    }
+}
+
+impl HostVmNetwork for CallState {
+    async fn guest_endpoint(&mut self, h: Resource<NetworkHandle>) -> wasmtime::Result<String> {
+        let id = &self.table.get(&h)?.sandbox_id;
+        Ok(match self.services.vms.port(id) {
+            Some(port) => format!("http://{}:{port}", net::GUEST_HOST_ADDR),
+            None => String::new(),
+        })
+    }
+
+    async fn drop(&mut self, h: Resource<NetworkHandle>) -> wasmtime::Result<()> {
+        // The host owns the network; dropping the handle keeps it.
+        self.table.delete(h)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,390 @@
+//! The plugin host: the engine and its epoch ticker, the compiled-code
+//! cache, and the loaded plugins. Calls are in [`call`], errors in
+//! [`error`].
+
+mod call;
+mod error;
+
+pub use call::Plugin;
+pub use error::{CallError, PluginError};
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Config, Engine};
+
+use openshell_core::{Event, Resources};
+
+use crate::bindings::{ComputeDriver, ComputeDriverPre};
+use crate::caps::{CallState, HostEvent, ProcessConfig, ProcessTable, Services, VmConfig, VmTable};
+use crate::children::Spawner;
+use crate::grants::{self, Capability};
+use crate::private_file::write_private;
+
+/// Largest state blob a driver may ask the host to keep.
+pub const MAX_STATE: usize = 64 * 1024;
+/// Largest component accepted.
+pub const MAX_COMPONENT: usize = 32 << 20;
+
+#[derive(Clone, Debug)]
+pub struct PluginHostConfig {
+    /// Where component bytes and the compiled-code cache live.
+    pub plugins_dir: PathBuf,
+    /// Parent of every sandbox's state directory.
+    pub sandboxes_dir: PathBuf,
+    /// Linear-memory cap per plugin instance.
+    pub memory_limit: usize,
+    /// Wall-clock deadline for one export call.
+    pub call_timeout: Duration,
+    /// Deadline for one capability call that does I/O.
+    pub io_timeout: Duration,
+    /// `openshell-sandbox-launch`, for process sandboxes.
+    pub launcher: Option<PathBuf>,
+    /// `openshell-supervisor`, run inside each process sandbox.
+    pub supervisor: Option<PathBuf>,
+    /// Host uid that a process sandbox's root maps to.
+    pub uid_base: u32,
+    /// The VM runtime and backend choice, for VM sandboxes.
+    pub vm: VmConfig,
+}
+
+impl PluginHostConfig {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            plugins_dir: state_dir.join("plugins"),
+            sandboxes_dir: state_dir.join("sandboxes"),
+            memory_limit: 64 << 20,
+            call_timeout: Duration::from_secs(10),
+            io_timeout: Duration::from_secs(5),
+            launcher: None,
+            supervisor: None,
+            uid_base: 100_000,
+            vm: VmConfig::default(),
+        }
+    }
+}
+
+/// What `describe()` reports.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DriverInfo {
+    pub name: String,
+    pub version: String,
+    pub description: String,
+    /// "process" or "vm".
+    pub isolation: &'static str,
+}
+
+/// A sandbox as a driver sees it.
+#[derive(Clone, Debug)]
+pub struct DriverSpec {
+    pub id: String,
+    pub name: String,
+    pub environment: Vec<(String, String)>,
+    pub resources: Resources,
+}
+
+/// What a driver returned: events for the state machine and its state blob.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    pub events: Vec<Event>,
+    pub state: Vec<u8>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: PluginHostConfig,
+    pub(crate) services: Arc<Services>,
+}
+
+/// Owns the engine, the loaded plugins and the host services.
+pub struct PluginHost {
+    engine: Engine,
+    linker: Linker<CallState>,
+    shared: Arc<Shared>,
+    plugins: RwLock<HashMap<String, Arc<Plugin>>>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Drop for PluginHost {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// How often the epoch advances. Each tick lets a running guest yield, so a
+/// runaway loop cannot pin an async worker for longer than this.
+const EPOCH_TICK: Duration = Duration::from_millis(10);
+
+impl PluginHost {
+    /// Builds the engine and starts its epoch ticker. Host events (process
+    /// exits) are sent to `events`.
+    pub fn new(
+        config: PluginHostConfig,
+        events: mpsc::UnboundedSender<HostEvent>,
+    ) -> Result<Self, PluginError> {
+        let mut wcfg = Config::new();
+        wcfg.epoch_interruption(true);
+        wcfg.max_wasm_stack(512 << 10);
+        let engine = Engine::new(&wcfg).map_err(|source| PluginError::Engine { source })?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(|source| PluginError::Engine { source })?;
+        ComputeDriver::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)
+            .map_err(|source| PluginError::Engine { source })?;
+
+        for dir in [&config.plugins_dir, &config.sandboxes_dir] {
+            std::fs::create_dir_all(dir).map_err(|source| PluginError::Io {
+                what: "cannot create",
+                path: dir.clone(),
+                source,
+            })?;
+        }
+
+        // A plain thread, not a tokio task: a runtime starved by a guest
+        // must still see the epoch advance.
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let (weak, stop) = (engine.weak(), ticker_stop.clone());
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })
+            .map_err(|source| PluginError::Io {
+                what: "cannot start the epoch thread for",
+                path: config.plugins_dir.clone(),
+                source,
+            })?;
+
+        let process_cfg = ProcessConfig {
+            launcher: config.launcher.clone(),
+            supervisor: config.supervisor.clone(),
+            uid_base: config.uid_base,
+        };
+        // One spawner thread forks every host child (process and VM).
+        let spawner = Arc::new(Spawner::new().map_err(|source| PluginError::Io {
+            what: "cannot start the host spawner thread for",
+            path: config.plugins_dir.clone(),
+            source,
+        })?);
+        let services = Arc::new(Services {
+            vms: VmTable::new(spawner.clone(), events.clone(), config.vm.clone()),
+            processes: ProcessTable::new(spawner, events, process_cfg),
+            io_timeout: config.io_timeout,
+        });
+        Ok(Self {
+            engine,
+            linker,
+            shared: Arc::new(Shared { config, services }),
+            plugins: RwLock::new(HashMap::new()),
+            ticker_stop,
+        })
+    }
+
+    pub fn config(&self) -> &PluginHostConfig {
+        &self.shared.config
+    }
+
+    pub fn processes(&self) -> &ProcessTable {
+        &self.shared.services.processes
+    }
+
+    pub fn vms(&self) -> &VmTable {
+        &self.shared.services.vms
+    }
+
+    /// Validates, grant-checks and compiles `bytes`, stores them under the
+    /// plugins dir and makes the plugin current under `name` (replacing an
+    /// older build). Returns the plugin and whether one was replaced.
+    pub async fn install(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        grants: &[Capability],
+    ) -> Result<(Arc<Plugin>, bool), PluginError> {
+        if bytes.len() > MAX_COMPONENT {
+            return Err(PluginError::TooLarge { len: bytes.len() });
+        }
+        let digest = hex::encode(Sha256::digest(bytes));
+        let dir = self.shared.config.plugins_dir.join(name);
+        let path = dir.join(format!("{digest}.wasm"));
+        if !path.exists() {
+            let io = |what, source| PluginError::Io {
+                what,
+                path: dir.clone(),
+                source,
+            };
+            std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", e))?;
+            write_private(&path, bytes).map_err(|e| io("cannot write into", e))?;
+        }
+        let plugin = self.load(name, &path, grants).await?;
+        let replaced = self.insert(plugin.clone());
+        Ok((plugin, replaced))
+    }
+
+    /// Loads a component already stored at `path` (gateway start-up) and
+    /// makes it current. Uses the compiled-code cache when it can.
+    pub async fn load_stored(
+        &self,
+        name: &str,
+        path: &Path,
+        grants: &[Capability],
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let plugin = self.load(name, path, grants).await?;
+        self.insert(plugin.clone());
+        Ok(plugin)
+    }
+
+    fn insert(&self, plugin: Arc<Plugin>) -> bool {
+        let mut map = self.plugins.write().unwrap_or_else(|p| p.into_inner());
+        map.insert(plugin.name.clone(), plugin).is_some()
+    }
+
+    async fn load(
+        &self,
+        name: &str,
+        path: &Path,
+        grants: &[Capability],
+    ) -> Result<Arc<Plugin>, PluginError> {
+        let bytes = std::fs::read(path).map_err(|source| PluginError::Io {
+            what: "cannot read",
+            path: path.to_owned(),
+            source,
+        })?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        let component = self.compile_cached(&bytes, &digest).await?;
+
+        let ty = component.component_type();
+        let import_names: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        let imports = grants::check(import_names.iter().map(String::as_str), grants)?;
+
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .and_then(ComputeDriverPre::new)
+            .map_err(|source| PluginError::WrongWorld { source })?;
+        let mut plugin = Plugin {
+            name: name.to_owned(),
+            digest,
+            grants: grants.to_vec(),
+            imports,
+            info: DriverInfo {
+                name: String::new(),
+                version: String::new(),
+                description: String::new(),
+                isolation: "process",
+            },
+            path: path.to_owned(),
+            pre,
+            shared: self.shared.clone(),
+        };
+        plugin.info = plugin.describe().await.map_err(PluginError::Describe)?;
+        Ok(Arc::new(plugin))
+    }
+
+    /// Compiles a component, or loads its compiled form from the on-disk
+    /// cache keyed by content digest and engine compatibility.
+    pub async fn compile_cached(
+        &self,
+        bytes: &[u8],
+        digest: &str,
+    ) -> Result<Component, PluginError> {
+        let mut h = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut h);
+        let cache_dir = self.shared.config.plugins_dir.join("cache");
+        let cached = cache_dir.join(format!("{digest}-{:016x}.cwasm", h.finish()));
+        // Read, not mmap: a cache file truncated under a live mapping would
+        // kill the gateway with SIGBUS.
+        if let Ok(bytes) = std::fs::read(&cached) {
+            // SAFETY: the file was written by `precompile_component` below,
+            // into a directory only the gateway writes, under a name that
+            // binds it to these exact bytes and this engine configuration;
+            // wasmtime still checks its header and version.
+            #[allow(unsafe_code, reason = "loading our own precompiled cache")]
+            let loaded = unsafe { Component::deserialize(&self.engine, &bytes) };
+            match loaded {
+                Ok(c) => return Ok(c),
+                Err(e) => {
+                    tracing::warn!(path = %cached.display(), "ignoring unusable compiled cache: {e:#}")
+                }
+            }
+        }
+        let engine = self.engine.clone();
+        let owned = bytes.to_vec();
+        let compiled = tokio::task::spawn_blocking(move || engine.precompile_component(&owned))
+            .await
+            .map_err(|e| PluginError::InvalidComponent {
+                source: wasmtime::Error::msg(e.to_string()),
+            })?
+            .map_err(|source| PluginError::InvalidComponent { source })?;
+        if let Err(e) =
+            std::fs::create_dir_all(&cache_dir).and_then(|_| write_private(&cached, &compiled))
+        {
+            tracing::warn!(path = %cached.display(), "cannot write compiled cache: {e}");
+        }
+        // SAFETY: `compiled` was produced by this engine's
+        // `precompile_component` a moment ago.
+        #[allow(unsafe_code, reason = "deserializing what this engine just compiled")]
+        let component = unsafe { Component::deserialize(&self.engine, &compiled) };
+        component.map_err(|source| PluginError::InvalidComponent { source })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Plugin>> {
+        let map = self.plugins.read().unwrap_or_else(|p| p.into_inner());
+        map.get(name).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Arc<Plugin>> {
+        let map = self.plugins.read().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = map.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    pub fn remove(&self, name: &str) -> Option<Arc<Plugin>> {
+        let mut map = self.plugins.write().unwrap_or_else(|p| p.into_inner());
+        map.remove(name)
+    }
+
+    /// The state directory of a sandbox (created on demand by calls).
+    pub fn sandbox_dir(&self, sandbox_id: &str) -> PathBuf {
+        self.shared.config.sandboxes_dir.join(sandbox_id)
+    }
+
+    /// Creates a sandbox's state dir (mode 0711: only the gateway can list
+    /// it) before anything else puts files in it.
+    pub fn ensure_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
+        let path = self.sandbox_dir(sandbox_id);
+        create_private_dir(&path)?;
+        Ok(path)
+    }
+
+    /// The unix socket a sandbox's supervisor dials; the process capability
+    /// mounts its directory at `/run/openshell` inside the sandbox.
+    pub fn supervisor_socket(&self, sandbox_id: &str) -> PathBuf {
+        self.sandbox_dir(sandbox_id).join("run/gateway.sock")
+    }
+}
+
+/// A sandbox's state dir: only the gateway may list it (the sandbox sees
+/// just the parts mounted into it).
+pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
+}
