@@ -12,6 +12,7 @@
 pub mod convert;
 pub mod error;
 pub mod exec;
+mod incoming;
 pub mod runtime;
 pub mod server;
 pub mod service;
@@ -20,4 +21,5 @@ pub mod supervisor;
 pub mod tls;
 pub mod watch;
 
+pub use incoming::{ConnectionLimits, IncomingError};
 pub use server::{ClientInfo, Gateway, GatewayConfig};

@@ -136,6 +136,8 @@ pub enum GatewayError {
     Recover(#[source] crate::error::ApiError),
     #[error("the gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("cannot set up the API listener: {0}")]
+    Incoming(#[from] crate::incoming::IncomingError),
 }
 
 /// How a client reaches this gateway.
@@ -260,6 +262,8 @@ impl Gateway {
         }
         runtime.recover().await.map_err(GatewayError::Recover)?;
 
+        // Before the first connection: the budget below is cut to fit.
+        let nofile = crate::incoming::raise_fd_limit();
         let addr = SocketAddr::new(cfg.bind, cfg.port);
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -308,26 +312,27 @@ impl Gateway {
             tonic::service::interceptor::InterceptedService::new(reflection, check.clone());
         let reflection_alpha =
             tonic::service::interceptor::InterceptedService::new(reflection_alpha, check);
+        // The gateway accepts and handshakes itself (`incoming`): tonic's
+        // own TLS has no handshake deadline and no connection limit.
+        let tls = pki
+            .as_ref()
+            .map(|p| crate::incoming::tls_acceptor(&p.cert_pem, &p.key_pem))
+            .transpose()?;
+        let incoming = crate::incoming::incoming(
+            listener,
+            tls,
+            crate::incoming::ConnectionLimits::default().within_fd_limit(nofile),
+        );
         let mut builder = tonic::transport::Server::builder();
-        if let Some(p) = &pki {
-            let identity = tonic::transport::Identity::from_pem(&p.cert_pem, &p.key_pem);
-            builder =
-                builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
-        }
         let mut stop = runtime.shutdown_signal();
         let task = tokio::spawn(async move {
             builder
                 .add_service(api)
                 .add_service(reflection)
                 .add_service(reflection_alpha)
-                .serve_with_incoming_shutdown(
-                    // Without TCP_NODELAY every small streaming frame (exec
-                    // output, watch events) waits ~40 ms for a delayed ACK.
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    async move {
-                        let _ = stop.wait_for(|s| *s).await;
-                    },
-                )
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                })
                 .await?;
             Ok(())
         });

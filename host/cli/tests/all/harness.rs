@@ -138,7 +138,7 @@ impl Gateway {
     pub fn start(dir: &Path, extra: &[&str]) -> Gateway {
         let mut args = vec!["--disable-tls", "--disable-gateway-auth"];
         args.extend_from_slice(extra);
-        Gateway::launch(dir, &args, None, &[])
+        Gateway::launch(dir, &args, None, &[], None)
     }
 
     /// [`Gateway::start`] with extra environment for the gateway process
@@ -146,13 +146,19 @@ impl Gateway {
     pub fn start_with_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> Gateway {
         let mut args = vec!["--disable-tls", "--disable-gateway-auth"];
         args.extend_from_slice(extra);
-        Gateway::launch(dir, &args, None, env)
+        Gateway::launch(dir, &args, None, env, None)
     }
 
     /// A gateway with the secure defaults (TLS and a token), whose client
     /// config goes to `DIR/config.json`.
     pub fn secure(dir: &Path, extra: &[&str]) -> Gateway {
-        Gateway::launch(dir, extra, Some(dir.join("config.json")), &[])
+        Gateway::launch(dir, extra, Some(dir.join("config.json")), &[], None)
+    }
+
+    /// [`Gateway::secure`] started with an RLIMIT_NOFILE of `(soft, hard)`,
+    /// as a service manager might start it (a soft limit of 1,024 is common).
+    pub fn secure_with_nofile(dir: &Path, extra: &[&str], nofile: (u64, u64)) -> Gateway {
+        Gateway::launch(dir, extra, Some(dir.join("config.json")), &[], Some(nofile))
     }
 
     fn launch(
@@ -160,6 +166,7 @@ impl Gateway {
         extra: &[&str],
         config: Option<PathBuf>,
         env: &[(&str, &str)],
+        nofile: Option<(u64, u64)>,
     ) -> Gateway {
         let log = (0..)
             .map(|n| dir.join(format!("gateway-{n}.log")))
@@ -171,9 +178,11 @@ impl Gateway {
             cmd.env("OPENSHELL_CONFIG", c);
         }
         cmd.envs(env.iter().copied());
+        cmd.arg(&state).args(extra);
+        if let Some((soft, hard)) = nofile {
+            cmd = with_nofile(cmd, soft, hard);
+        }
         let mut child = cmd
-            .arg(&state)
-            .args(extra)
             .stdout(Stdio::piped())
             .stderr(File::create(&log).expect("create the gateway log"))
             .spawn()
@@ -268,6 +277,26 @@ impl Gateway {
         }
         (status, rest)
     }
+}
+
+/// `cmd` run by `sh` after `ulimit -n`, with the same arguments and
+/// environment changes.
+fn with_nofile(cmd: Command, soft: u64, hard: u64) -> Command {
+    let mut sh = Command::new("/bin/sh");
+    sh.arg("-c")
+        .arg(format!(
+            "ulimit -S -n {soft} && ulimit -H -n {hard} && exec \"$0\" \"$@\""
+        ))
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .stdin(Stdio::null());
+    for (k, v) in cmd.get_envs() {
+        match v {
+            Some(v) => sh.env(k, v),
+            None => sh.env_remove(k),
+        };
+    }
+    sh
 }
 
 /// What a finished command did.

@@ -6,6 +6,7 @@
 //! parallel; [`harness::Gateway`] kills its process even when a test panics.
 
 mod crash;
+mod flood;
 mod gateway;
 mod harness;
 mod process;
