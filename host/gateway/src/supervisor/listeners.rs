@@ -1,20 +1,77 @@
 //! One unix-socket server per sandbox. The socket decides which sandbox a
 //! connection belongs to before any message is read.
+//!
+//! The socket is 0600 and owned by root until the process capability hands
+//! it to the sandbox's uid 0 (its supervisor); a VM's only client is the
+//! gateway's own forwarder, running as root. Sandbox code cannot connect.
+//! A compromised supervisor still can, so every socket has budgets
+//! ([`SocketLimits`]): connections (an accept loop that stops accepting at
+//! the cap and backs off when the gateway is out of file descriptors),
+//! an HTTP/2 handshake deadline, small messages and stream quotas (in
+//! [`super::service`]). Whatever it does then costs only its own sandbox.
 
 use std::collections::HashMap;
+use std::io;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use openshell_core::SandboxId;
 use openshell_proto::v1::supervisor_server::SupervisorServer;
-use tokio::sync::watch;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use super::Supervisors;
-use super::service::SupervisorService;
+use super::service::{SocketBudget, SupervisorService};
 
 /// AF_UNIX paths longer than this do not fit `sockaddr_un` on Linux.
 pub const MAX_SOCKET_PATH: usize = 107;
+
+/// What one sandbox's supervisor may use of the gateway through its socket.
+#[derive(Clone, Copy, Debug)]
+pub struct SocketLimits {
+    /// Open connections; a supervisor needs one, two while it reconnects.
+    pub connections: usize,
+    /// ConnectSupervisor streams: the session and a spare for a reconnect.
+    pub control_streams: usize,
+    /// RelayStream streams (exec, ssh), counted apart from control so
+    /// heartbeats never wait behind data.
+    pub relay_streams: usize,
+    /// A new connection must send the HTTP/2 preface and settings by then.
+    pub handshake: Duration,
+    /// A new stream must send its first message (hello, init) by then.
+    pub first_message: Duration,
+    /// Largest message decoded: a relay frame's 32 KiB chunk and framing.
+    /// A hello needs a few KiB (its fields are bounded by `check_hello`).
+    pub max_message: usize,
+    /// HTTP/2 receive window per stream; the connection's window is this
+    /// times the streams it may carry, so a stalled relay cannot take the
+    /// window the control stream needs.
+    pub stream_window: u32,
+}
+
+impl Default for SocketLimits {
+    fn default() -> Self {
+        Self {
+            connections: 4,
+            control_streams: 2,
+            relay_streams: 64,
+            handshake: Duration::from_secs(3),
+            first_message: Duration::from_secs(5),
+            max_message: 64 * 1024,
+            stream_window: 128 * 1024,
+        }
+    }
+}
+
+impl SocketLimits {
+    fn streams(&self) -> usize {
+        self.control_streams + self.relay_streams
+    }
+}
 
 /// One unix-socket server per sandbox.
 #[derive(Default)]
@@ -28,11 +85,13 @@ pub enum ListenError {
         "the supervisor socket path {path} is {len} bytes; unix sockets allow {MAX_SOCKET_PATH}: use a shorter --state-dir"
     )]
     PathTooLong { path: PathBuf, len: usize },
+    #[error("the supervisor socket's directory {path} is not a directory (a symlink?)")]
+    NotADirectory { path: PathBuf },
     #[error("cannot listen on {path}: {source}")]
     Io {
         path: PathBuf,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
     },
 }
 
@@ -44,8 +103,8 @@ impl Listeners {
         supervisors: Arc<Supervisors>,
         sandbox: SandboxId,
         path: &Path,
+        limits: SocketLimits,
     ) -> Result<(), ListenError> {
-        use std::os::unix::fs::PermissionsExt;
         let len = path.as_os_str().len();
         if len > MAX_SOCKET_PATH {
             return Err(ListenError::PathTooLong {
@@ -53,19 +112,7 @@ impl Listeners {
                 len,
             });
         }
-        let io = |source| ListenError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-            // The sandbox's unprivileged root must reach the socket.
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io)?;
-        }
-        let _ = std::fs::remove_file(path);
-        let listener = tokio::net::UnixListener::bind(path).map_err(io)?;
-        // The secret, not the file mode, authenticates the supervisor.
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(io)?;
+        let listener = bind_private(path)?;
 
         let (stop_tx, mut stop_rx) = watch::channel(false);
         if let Some(old) = self
@@ -76,20 +123,27 @@ impl Listeners {
         {
             let _ = old.send(true);
         }
+        let budget = Arc::new(SocketBudget::new(limits));
         let svc = SupervisorServer::new(SupervisorService {
             sandbox,
             supervisors,
-        });
+            budget: budget.clone(),
+        })
+        .max_decoding_message_size(limits.max_message);
+        let streams = u32::try_from(limits.streams()).unwrap_or(u32::MAX);
+        let incoming = accept_loop(listener, sandbox, limits, budget);
         tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(Duration::from_secs(15)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+                .max_concurrent_streams(streams)
+                .initial_stream_window_size(limits.stream_window)
+                .initial_connection_window_size(limits.stream_window.saturating_mul(streams + 1))
+                .http2_max_header_list_size(16 * 1024)
                 .add_service(svc)
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::UnixListenerStream::new(listener),
-                    async move {
-                        let _ = stop_rx.wait_for(|s| *s).await;
-                    },
-                )
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
                 .await;
             if let Err(e) = r {
                 tracing::warn!(sandbox = %sandbox, "supervisor listener failed: {e}");
@@ -119,5 +173,263 @@ impl Listeners {
         for (_, tx) in all {
             let _ = tx.send(true);
         }
+    }
+}
+
+/// Binds `path` as a socket only root can connect to (0600), in a
+/// root-owned directory nobody else can write or list (0711: the
+/// supervisor needs to pass through it). The process capability later
+/// hands the socket, not the directory, to the sandbox's root.
+fn bind_private(path: &Path) -> Result<UnixListener, ListenError> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let io = |source| ListenError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        match std::fs::create_dir(dir) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(io(e)),
+            _ => {}
+        }
+        // Never chmod through a symlink someone planted in place of the dir.
+        let meta = std::fs::symlink_metadata(dir).map_err(io)?;
+        if !meta.file_type().is_dir() {
+            return Err(ListenError::NotADirectory {
+                path: dir.to_owned(),
+            });
+        }
+        if meta.mode() & 0o7777 != 0o711 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
+        }
+    }
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
+    }
+    let listener = UnixListener::bind(path).map_err(io)?;
+    // Until this chmod the umask decides; no supervisor of this launch runs
+    // yet (the driver is called after `listen`), and connecting needs write
+    // permission, which a 022 umask already withholds from others.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+/// Connections accepted within the socket's budget. At the cap it stops
+/// accepting (the kernel's backlog, then the client, waits) instead of
+/// accepting and closing; out of file descriptors it backs off instead of
+/// spinning. Never yields an error: tonic would just poll again at once.
+fn accept_loop(
+    listener: UnixListener,
+    sandbox: SandboxId,
+    limits: SocketLimits,
+    budget: Arc<SocketBudget>,
+) -> impl futures::Stream<Item = Result<Guarded, io::Error>> + Send + 'static {
+    let slots = Arc::new(Semaphore::new(limits.connections));
+    futures::stream::unfold(
+        (listener, slots, budget),
+        move |(listener, slots, budget)| async move {
+            let mut backoff = Duration::from_millis(10);
+            loop {
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        if let Some(dropped) = budget.log.allow() {
+                            tracing::warn!(
+                                sandbox = %sandbox,
+                                limit = limits.connections,
+                                dropped,
+                                "supervisor socket at its connection limit; not accepting more"
+                            );
+                        }
+                        match slots.clone().acquire_owned().await {
+                            Ok(p) => p,
+                            Err(_) => return None,
+                        }
+                    }
+                };
+                match listener.accept().await {
+                    Ok((stream, _)) => {
+                        let conn = Guarded::new(stream, permit, limits.handshake);
+                        return Some((Ok(conn), (listener, slots, budget)));
+                    }
+                    Err(e) => {
+                        drop(permit);
+                        if let Some(dropped) = budget.log.allow() {
+                            tracing::warn!(sandbox = %sandbox, dropped, "supervisor socket accept failed: {e}");
+                        }
+                        // EMFILE and friends: the error repeats until a
+                        // descriptor frees up, so wait rather than spin.
+                        if is_resource_error(&e) {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                    }
+                }
+            }
+        },
+    )
+}
+
+fn is_resource_error(e: &io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12.
+    matches!(e.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// The HTTP/2 client preface (24 bytes) plus a SETTINGS frame header.
+const HANDSHAKE_BYTES: usize = 24 + 9;
+
+/// An accepted connection: holds its connection slot until dropped, and
+/// fails its reads if the client has not sent [`HANDSHAKE_BYTES`] by the
+/// handshake deadline (hyper has no such deadline for HTTP/2).
+pub struct Guarded {
+    inner: UnixStream,
+    _slot: OwnedSemaphorePermit,
+    /// Armed until the handshake bytes arrived.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    read: usize,
+}
+
+impl Guarded {
+    fn new(inner: UnixStream, slot: OwnedSemaphorePermit, handshake: Duration) -> Self {
+        Self {
+            inner,
+            _slot: slot,
+            deadline: Some(Box::pin(tokio::time::sleep(handshake))),
+            read: 0,
+        }
+    }
+}
+
+impl tonic::transport::server::Connected for Guarded {
+    type ConnectInfo = <UnixStream as tonic::transport::server::Connected>::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Some(deadline) = &mut this.deadline {
+            this.read += buf.filled().len() - before;
+            if this.read >= HANDSHAKE_BYTES {
+                this.deadline = None;
+            } else if r.is_pending() && deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no HTTP/2 handshake within the deadline",
+                )));
+            }
+        }
+        r
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn the_socket_is_private_to_root_in_a_directory_nobody_else_can_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let path = run.join("gateway.sock");
+        std::fs::write(&path, b"stale").unwrap();
+        let _l = bind_private(&path).unwrap();
+        let sock = std::fs::symlink_metadata(&path).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_socket(&sock.file_type()));
+        assert_eq!(sock.mode() & 0o7777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&run).unwrap().mode() & 0o7777,
+            0o711,
+            "the directory is not left world-writable"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_symlink_in_place_of_the_socket_directory_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let elsewhere = dir.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join("run")).unwrap();
+        let r = bind_private(&dir.path().join("run/gateway.sock"));
+        assert!(matches!(r, Err(ListenError::NotADirectory { .. })), "{r:?}");
+        assert_eq!(
+            std::fs::metadata(&elsewhere).unwrap().mode() & 0o7777,
+            0o755,
+            "the symlink's target was not chmodded"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_a_handshake_is_closed_at_the_deadline() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let mut g = Guarded::new(a, slot, Duration::from_millis(50));
+        use tokio::io::AsyncWriteExt;
+        b.write_all(b"PRI * HTTP/2.0").await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(n, 14);
+        let deadline = tokio::time::timeout(Duration::from_secs(10), g.read(&mut buf)).await;
+        let err = deadline.expect("the guard fires").unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    #[tokio::test]
+    async fn a_completed_handshake_disarms_the_deadline() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        let slot = Arc::new(Semaphore::new(1)).try_acquire_owned().unwrap();
+        let mut g = Guarded::new(a, slot, Duration::from_millis(50));
+        use tokio::io::AsyncWriteExt;
+        b.write_all(&[0u8; HANDSHAKE_BYTES]).await.unwrap();
+        let mut buf = [0u8; HANDSHAKE_BYTES];
+        g.read_exact(&mut buf).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        b.write_all(b"later").await.unwrap();
+        let n = g.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"later");
     }
 }

@@ -26,7 +26,7 @@ use subtle::ConstantTimeEq;
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-pub use listeners::{ListenError, MAX_SOCKET_PATH};
+pub use listeners::{ListenError, MAX_SOCKET_PATH, SocketLimits};
 pub use relay::{RelayConn, RelayError, RelayLimits, RelayTable};
 pub use sessions::{SessionHandle, SessionObserver, SessionRegistry};
 
@@ -58,6 +58,7 @@ pub struct Supervisors {
     sessions: SessionRegistry,
     relays: RelayTable,
     listeners: listeners::Listeners,
+    socket_limits: SocketLimits,
     /// The launch secret each listening sandbox's supervisor must present.
     credentials: Mutex<HashMap<SandboxId, SecretDigest>>,
     heartbeat: Duration,
@@ -77,6 +78,78 @@ pub enum Rejection {
     WrongSandbox,
     #[error("wrong or missing secret")]
     WrongSecret,
+    #[error("the hello's {field} is {len} bytes; the limit is {limit}")]
+    HelloFieldTooLong {
+        field: &'static str,
+        len: usize,
+        limit: usize,
+    },
+}
+
+/// Upper bounds on a hello's fields, checked before any other work: a
+/// sandbox id is a 36-byte UUID, a secret 64 hex digits, an instance id a
+/// short label, a host key one OpenSSH line.
+const HELLO_LIMITS: [(&str, usize); 4] = [
+    ("sandbox_id", 64),
+    ("instance_id", 256),
+    ("secret", 128),
+    ("ssh_host_key", service::MAX_HOST_KEY),
+];
+
+/// Refuses a hello with an oversized field.
+pub fn check_hello(hello: &pb::SupervisorHello) -> Result<(), Rejection> {
+    let lens = [
+        hello.sandbox_id.len(),
+        hello.instance_id.len(),
+        hello.secret.len(),
+        hello.ssh_host_key.len(),
+    ];
+    for ((field, limit), len) in HELLO_LIMITS.into_iter().zip(lens) {
+        if len > limit {
+            return Err(Rejection::HelloFieldTooLong { field, len, limit });
+        }
+    }
+    Ok(())
+}
+
+/// At most [`LogThrottle::BURST`] lines per [`LogThrottle::WINDOW`] for one
+/// socket's complaints, so a hostile supervisor cannot flood the gateway's
+/// log; the next allowed line says how many were dropped.
+#[derive(Debug, Default)]
+pub struct LogThrottle {
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    window_start: Option<std::time::Instant>,
+    lines: u32,
+    suppressed: u64,
+}
+
+impl LogThrottle {
+    const BURST: u32 = 10;
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    /// `Some(lines suppressed since the last allowed one)` if a line may
+    /// be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = std::time::Instant::now();
+        if s.window_start
+            .is_none_or(|t| now.duration_since(t) >= Self::WINDOW)
+        {
+            s.window_start = Some(now);
+            s.lines = 0;
+        }
+        if s.lines < Self::BURST {
+            s.lines += 1;
+            Some(std::mem::take(&mut s.suppressed))
+        } else {
+            s.suppressed += 1;
+            None
+        }
+    }
 }
 
 impl Supervisors {
@@ -91,6 +164,7 @@ impl Supervisors {
             sessions,
             relays: RelayTable::new(opts.relays),
             listeners: listeners::Listeners::default(),
+            socket_limits: SocketLimits::default(),
             credentials: Mutex::default(),
             heartbeat: opts.heartbeat,
             shutdown,
@@ -123,7 +197,8 @@ impl Supervisors {
         secret: &str,
     ) -> Result<(), ListenError> {
         self.expect_secret(sandbox, secret);
-        self.listeners.start(self.clone(), sandbox, path)
+        self.listeners
+            .start(self.clone(), sandbox, path, self.socket_limits)
     }
 
     /// From now on, `sandbox`'s supervisor must present `secret` (only its
@@ -142,6 +217,7 @@ impl Supervisors {
         sandbox: SandboxId,
         hello: &pb::SupervisorHello,
     ) -> Result<(), Rejection> {
+        check_hello(hello)?;
         if hello.sandbox_id != sandbox.to_string() {
             return Err(Rejection::WrongSandbox);
         }
@@ -268,6 +344,49 @@ mod tests {
             "a stopped sandbox has no credential"
         );
         sup.stop_all();
+    }
+
+    #[test]
+    fn a_hello_with_an_oversized_field_is_refused_before_the_secret_is_checked() {
+        let id = SandboxId::new();
+        assert_eq!(check_hello(&hello(id, "s")), Ok(()));
+        let mut h = hello(id, "s");
+        h.instance_id = "i".repeat(1 << 20);
+        assert_eq!(
+            check_hello(&h),
+            Err(Rejection::HelloFieldTooLong {
+                field: "instance_id",
+                len: 1 << 20,
+                limit: 256
+            })
+        );
+        let sup = Supervisors::new(
+            SupervisorOptions::default(),
+            Arc::new(Quiet),
+            watch::channel(false).1,
+        );
+        let long = hello(id, &"s".repeat(129));
+        assert!(matches!(
+            sup.authenticate(id, &long),
+            Err(Rejection::HelloFieldTooLong {
+                field: "secret",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_log_throttle_allows_a_burst_then_counts_what_it_drops() {
+        let t = LogThrottle::default();
+        for _ in 0..LogThrottle::BURST {
+            assert_eq!(t.allow(), Some(0));
+        }
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        // A new window reports the two it dropped.
+        t.state.lock().unwrap().window_start =
+            Some(std::time::Instant::now() - LogThrottle::WINDOW);
+        assert_eq!(t.allow(), Some(2));
     }
 
     #[tokio::test]

@@ -1,9 +1,13 @@
 //! The supervisor gRPC service, one instance per sandbox socket: the
 //! control session (hello, heartbeats, relay requests) and relay streams.
+//!
+//! Each socket has a [`SocketBudget`]: control and relay streams draw on
+//! separate quotas (a flood of relay streams cannot keep the session from
+//! reconnecting), a stream over its quota is refused at once, and every
+//! complaint about the socket's peer goes through one log throttle.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::Stream;
 use openshell_core::SandboxId;
@@ -11,26 +15,61 @@ use openshell_proto::v1 as pb;
 use openshell_proto::v1::supervisor_server::Supervisor;
 use pb::gateway_message::Msg as Out;
 use pb::supervisor_message::Msg as In;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::Supervisors;
 use super::relay::RelayConn;
-use crate::error::{ApiError, to_status};
-
-/// How long a new stream has for its first message.
-const FIRST_MESSAGE: Duration = Duration::from_secs(10);
+use super::{LogThrottle, SocketLimits, Supervisors};
+use crate::error::{ApiError, echo, to_status};
 
 type Frames<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// What one socket's peer may hold at once, and its log allowance.
+#[derive(Debug)]
+pub struct SocketBudget {
+    pub limits: SocketLimits,
+    control: Arc<Semaphore>,
+    relays: Arc<Semaphore>,
+    pub log: LogThrottle,
+}
+
+impl SocketBudget {
+    pub fn new(limits: SocketLimits) -> Self {
+        Self {
+            limits,
+            control: Arc::new(Semaphore::new(limits.control_streams)),
+            relays: Arc::new(Semaphore::new(limits.relay_streams)),
+            log: LogThrottle::default(),
+        }
+    }
+
+    fn take(&self, quota: &Arc<Semaphore>, what: &str) -> Result<OwnedSemaphorePermit, Status> {
+        quota.clone().try_acquire_owned().map_err(|_| {
+            to_status(ApiError::Busy {
+                message: format!("this sandbox already has its limit of {what} streams open"),
+                retry_after: std::time::Duration::from_secs(1),
+            })
+        })
+    }
+}
 
 pub struct SupervisorService {
     pub sandbox: SandboxId,
     pub supervisors: Arc<Supervisors>,
+    pub budget: Arc<SocketBudget>,
 }
 
 fn msg(m: Out) -> pb::GatewayMessage {
     pb::GatewayMessage { msg: Some(m) }
+}
+
+/// Ends when the inner stream does; holds its quota permit until dropped.
+fn holding<T: Send + 'static>(rx: mpsc::Receiver<T>, permit: OwnedSemaphorePermit) -> Frames<T> {
+    Box::pin(futures::StreamExt::map(ReceiverStream::new(rx), move |m| {
+        let _ = &permit;
+        Ok(m)
+    }))
 }
 
 #[tonic::async_trait]
@@ -42,38 +81,50 @@ impl Supervisor for SupervisorService {
         &self,
         req: Request<Streaming<pb::SupervisorMessage>>,
     ) -> Result<Response<Self::ConnectSupervisorStream>, Status> {
+        let permit = self.budget.take(&self.budget.control, "control")?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(32);
         let supervisors = self.supervisors.clone();
         let sandbox = self.sandbox;
+        let budget = self.budget.clone();
         tokio::spawn(async move {
-            let hello = match tokio::time::timeout(FIRST_MESSAGE, inbound.message()).await {
+            let within = budget.limits.first_message;
+            let first = tokio::time::timeout(within, inbound.message()).await;
+            let hello = match first {
                 Ok(Ok(Some(pb::SupervisorMessage {
                     msg: Some(In::Hello(h)),
                 }))) => h,
-                _ => {
-                    let _ = tx
-                        .send(Ok(msg(Out::Rejected(pb::SessionRejected {
-                            reason: "the first message must be hello".into(),
-                        }))))
-                        .await;
+                other => {
+                    let why = match other {
+                        Err(_) => format!("no hello within {} s", within.as_secs()),
+                        Ok(Err(s)) => format!("unreadable hello: {}", echo(s.message())),
+                        Ok(Ok(_)) => "the first message was not a hello".to_owned(),
+                    };
+                    if let Some(dropped) = budget.log.allow() {
+                        tracing::warn!(sandbox = %sandbox, dropped, "supervisor rejected: {why}");
+                    }
+                    reject(
+                        &tx,
+                        "the first message must be a hello (within the size limit)",
+                    )
+                    .await;
                     return;
                 }
             };
             if let Err(reason) = supervisors.authenticate(sandbox, &hello) {
-                tracing::warn!(
-                    sandbox = %sandbox,
-                    claimed = %crate::error::echo(&hello.sandbox_id),
-                    "supervisor rejected: {reason}"
-                );
-                let _ = tx
-                    .send(Ok(msg(Out::Rejected(pb::SessionRejected {
-                        reason: reason.to_string(),
-                    }))))
-                    .await;
+                if let Some(dropped) = budget.log.allow() {
+                    tracing::warn!(
+                        sandbox = %sandbox,
+                        claimed = %echo(&hello.sandbox_id),
+                        dropped,
+                        "supervisor rejected: {reason}"
+                    );
+                }
+                reject(&tx, &reason.to_string()).await;
                 return;
             }
-            run_session(supervisors, sandbox, hello, inbound, tx).await;
+            run_session(supervisors, &budget, sandbox, hello, inbound, tx).await;
+            drop(permit);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -82,13 +133,15 @@ impl Supervisor for SupervisorService {
         &self,
         req: Request<Streaming<pb::RelayFrame>>,
     ) -> Result<Response<Self::RelayStreamStream>, Status> {
+        let permit = self.budget.take(&self.budget.relays, "relay")?;
+        let within = self.budget.limits.first_message;
         let mut inbound = req.into_inner();
-        let first = tokio::time::timeout(FIRST_MESSAGE, inbound.message())
+        let first = tokio::time::timeout(within, inbound.message())
             .await
             .map_err(|_| {
                 to_status(ApiError::FirstMessageTimeout {
                     expected: "init",
-                    within: FIRST_MESSAGE,
+                    within,
                 })
             })?
             .map_err(|s| to_status(s.into()))?;
@@ -115,13 +168,20 @@ impl Supervisor for SupervisorService {
                 channel: init.channel_id,
             }));
         }
-        let out = ReceiverStream::new(rx);
-        Ok(Response::new(Box::pin(futures::StreamExt::map(out, Ok))))
+        Ok(Response::new(holding(rx, permit)))
     }
+}
+
+async fn reject(tx: &mpsc::Sender<Result<pb::GatewayMessage, Status>>, reason: &str) {
+    let rejected = Out::Rejected(pb::SessionRejected {
+        reason: reason.to_owned(),
+    });
+    let _ = tx.send(Ok(msg(rejected))).await;
 }
 
 async fn run_session(
     supervisors: Arc<Supervisors>,
+    budget: &SocketBudget,
     sandbox: SandboxId,
     hello: pb::SupervisorHello,
     mut inbound: Streaming<pb::SupervisorMessage>,
@@ -133,7 +193,7 @@ async fn run_session(
         supervisors
             .sessions()
             .register(sandbox, control_tx, ssh_host_key(&hello.ssh_host_key));
-    let instance_id = crate::error::echo(&hello.instance_id);
+    let instance_id = echo(&hello.instance_id);
     tracing::info!(sandbox = %sandbox, instance_id, session = handle.session_id, "supervisor connected");
     let accepted = Out::Accepted(pb::SessionAccepted {
         session_id: handle.session_id.to_string(),
@@ -147,12 +207,15 @@ async fn run_session(
             tokio::select! {
                 m = inbound.message() => match m {
                     Ok(Some(pb::SupervisorMessage { msg: Some(In::RelayFailed(f)) })) => {
-                        tracing::warn!(
-                            sandbox = %sandbox,
-                            channel = %crate::error::echo(&f.channel_id),
-                            "supervisor could not open a relay: {}",
-                            crate::error::echo(&f.message)
-                        );
+                        if let Some(dropped) = budget.log.allow() {
+                            tracing::warn!(
+                                sandbox = %sandbox,
+                                channel = %echo(&f.channel_id),
+                                dropped,
+                                "supervisor could not open a relay: {}",
+                                echo(&f.message)
+                            );
+                        }
                         // Only this sandbox's own pending relays can be failed.
                         supervisors.relays().cancel_for(sandbox, &f.channel_id);
                         last_heard = tokio::time::Instant::now();
@@ -203,7 +266,7 @@ fn ssh_host_key(reported: &str) -> String {
 }
 
 /// Longer than any OpenSSH public key of a sane size (RSA-16384 is ~2.8 KB).
-const MAX_HOST_KEY: usize = 4096;
+pub(crate) const MAX_HOST_KEY: usize = 4096;
 
 #[cfg(test)]
 mod tests {

@@ -10,3 +10,4 @@ mod relays;
 mod sandboxes;
 mod ssh;
 mod structure;
+mod supervisor_socket;

@@ -219,6 +219,24 @@ fn check_relative(path: &str) -> Result<(), CapError> {
     }
 }
 
+/// The gateway serves the sandbox's supervisor socket at `run/gateway.sock`
+/// (mode 0600, root's): only the sandbox's uid 0, its supervisor, may
+/// connect; sandbox code (uid 1000) may not. Not following a symlink; a
+/// socket the gateway does not serve (no gateway, as in plugin tests) is
+/// nothing to hand over.
+fn hand_socket_to_sandbox_root(state: &Path, uid_base: u32) -> Result<(), CapError> {
+    match std::os::unix::fs::lchown(
+        state.join("run/gateway.sock"),
+        Some(uid_base),
+        Some(uid_base),
+    ) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CapError::Failed(format!(
+            "cannot hand the supervisor socket to the sandbox: {e}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 impl CallState {
     fn launch_command(&self, id: &str, slot: u32, spec: &SpawnSpec) -> Result<Command, CapError> {
         let cfg = &self.services.processes.config;
@@ -243,6 +261,8 @@ impl CallState {
             .state_path
             .clone()
             .ok_or_else(|| CapError::AccessDenied("no sandbox state directory".into()))?;
+        let uid_base = self.services.processes.uid_base(slot);
+        hand_socket_to_sandbox_root(&state, uid_base)?;
         let mut env = spec.environment.clone();
         // Host floor: sandbox code never runs as the sandbox's root.
         env.retain(|(k, _)| k != "OPENSHELL_SANDBOX_UID");
@@ -259,7 +279,7 @@ impl CallState {
             program: supervisor.clone(),
             args: Vec::new(),
             env,
-            uid_base: self.services.processes.uid_base(slot),
+            uid_base,
             isolate_network: c.isolate_network,
             memory_mib: c.memory_mib,
             max_processes: c.max_processes.into(),
