@@ -44,6 +44,7 @@ fn spec() -> DriverSpec {
         name: "bench".into(),
         environment: vec![],
         resources: Resources::default(),
+        uid_slot: Some(7),
     }
 }
 

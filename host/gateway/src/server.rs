@@ -421,3 +421,73 @@ async fn load_bundled(
     tracing::info!(driver = name, path = %path.display(), "bundled driver loaded");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> GatewayConfig {
+        GatewayConfig {
+            bind: "127.0.0.1".parse().unwrap(),
+            port: 0,
+            db_url: Some("sqlite::memory:".into()),
+            state_dir: std::env::temp_dir(),
+            drivers: vec![],
+            driver_dir: None,
+            disable_tls: true,
+            disable_auth: true,
+            plugin_call_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(15),
+            relays: Default::default(),
+            tls_sans: vec![],
+            vm: Default::default(),
+            launcher: None,
+            supervisor: None,
+            limits: Default::default(),
+        }
+    }
+
+    /// Regression, issue 12 bug 7: zero intervals panicked a timer and a
+    /// zero call timeout failed every call; now the config is refused.
+    #[test]
+    fn issue_12_zero_durations_and_limits_are_refused_whoever_builds_the_config() {
+        assert_eq!(config().validate(), Ok(()));
+        type Break = fn(&mut GatewayConfig);
+        let cases: [(&str, Break); 7] = [
+            ("heartbeat", |c| c.heartbeat = Duration::ZERO),
+            ("plugin call timeout", |c| {
+                c.plugin_call_timeout = Duration::ZERO
+            }),
+            ("relay idle timeout", |c| {
+                c.relays.idle_timeout = Duration::ZERO
+            }),
+            ("relay claim timeout", |c| {
+                c.relays.claim_timeout = Duration::from_millis(1)
+            }),
+            ("relays per sandbox", |c| c.relays.per_sandbox = 0),
+            ("max sandboxes", |c| c.limits.max_sandboxes = 0),
+            ("max concurrent launches", |c| {
+                c.limits.max_concurrent_launches = 0
+            }),
+        ];
+        for (what, break_it) in cases {
+            let mut c = config();
+            break_it(&mut c);
+            let err = c.validate().unwrap_err();
+            assert!(err.to_string().contains(what), "{what}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_gateway_with_a_zero_heartbeat_does_not_start() {
+        let mut c = config();
+        c.heartbeat = Duration::ZERO;
+        match Gateway::start(c).await {
+            Err(GatewayError::Config(ConfigError::TooShort { what, .. })) => {
+                assert_eq!(what, "heartbeat")
+            }
+            Err(e) => panic!("wrong error: {e}"),
+            Ok(_) => panic!("a zero heartbeat was accepted"),
+        }
+    }
+}

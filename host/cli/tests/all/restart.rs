@@ -119,3 +119,51 @@ fn a_sigkilled_gateway_restarts_with_every_sandbox_ready_and_its_files() {
     let (status, _) = gw.terminate(Duration::from_secs(10));
     assert!(status.success(), "{status}");
 }
+
+/// Regression, issue 12 bug 4: a gateway on a fresh state dir over a shared
+/// database (the machine it ran on is gone: its processes and its recorded
+/// plugin files) must load its bundled drivers before it settles stored
+/// sandboxes, so they resume instead of going to Error with DriverMissing.
+#[test]
+fn issue_12_a_fresh_state_dir_on_a_shared_database_resumes_instead_of_driver_missing() {
+    let db = TempDir::new().unwrap();
+    let url = format!("sqlite://{}", db.path().join("shared.db").display());
+    let drivers = wasm("openshell_driver_process");
+    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
+    let args = [
+        "--drivers",
+        "process",
+        "--driver-dir",
+        &driver_dir,
+        "--db-url",
+        &url,
+    ];
+    let first = TempDir::new().unwrap();
+    let gw = Gateway::start(first.path(), &args);
+    gw.ok(["sandbox", "create", "--name", "moved", "--", "true"]);
+    let id = get(&gw, "moved")["id"].as_str().unwrap().to_owned();
+    // Killed outright: its launchers die with it (parent-death signal) and
+    // nothing is recorded about them.
+    sigkill(gw.pid());
+    drop(gw);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !pids_of(&id).is_empty() {
+        assert!(Instant::now() < deadline, "the old run's processes live on");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(first);
+
+    let second = TempDir::new().unwrap();
+    let gw = Gateway::start(second.path(), &args);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sb = loop {
+        let sb = get(&gw, "moved");
+        if sb["phase"] == "Ready" || sb["phase"] == "Error" {
+            break sb;
+        }
+        assert!(Instant::now() < deadline, "never settled: {sb}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(sb["phase"], "Ready", "{sb}");
+    assert_eq!(sb["id"], id.as_str());
+}

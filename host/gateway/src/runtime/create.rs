@@ -205,15 +205,20 @@ impl ComputeRuntime {
 
 /// What a driver is told about a stored sandbox.
 pub fn driver_spec(sb: &Sandbox) -> DriverSpec {
-    driver_spec_of(&sb.id.to_string(), sb.name.as_str(), &sb.spec)
+    DriverSpec {
+        uid_slot: sb.uid_slot,
+        ..driver_spec_of(&sb.id.to_string(), sb.name.as_str(), &sb.spec)
+    }
 }
 
+/// What a driver is told about a sandbox not yet stored (validate).
 fn driver_spec_of(id: &str, name: &str, spec: &SandboxSpec) -> DriverSpec {
     DriverSpec {
         id: id.to_owned(),
         name: name.to_owned(),
         environment: spec.environment.clone().into_iter().collect(),
         resources: spec.resources,
+        uid_slot: None,
     }
 }
 

@@ -249,48 +249,6 @@ async fn issue_12_a_half_closed_exec_stream_still_gets_all_output_and_the_code()
     gw.stop().await;
 }
 
-/// Regression, issue 12 bug 4: a gateway on a fresh state dir over a shared
-/// database (its recorded plugin files gone) must load its bundled drivers
-/// before it settles stored sandboxes, so they resume instead of going to
-/// Error with DriverMissing.
-#[tokio::test]
-async fn issue_12_a_fresh_state_dir_on_a_shared_database_resumes_instead_of_driver_missing() {
-    let db = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}", db.path().join("shared.db").display());
-    let driver_dir = crate::harness::wasm("openshell-driver-process")
-        .parent()
-        .unwrap()
-        .to_owned();
-    let config = |state: &std::path::Path| {
-        let mut cfg = TestGateway::config(state, Some(&url));
-        cfg.drivers = vec!["process".into()];
-        cfg.driver_dir = Some(driver_dir.clone());
-        cfg
-    };
-    let first = tempfile::tempdir().unwrap();
-    let mut gw = TestGateway::start_with(config(first.path())).await;
-    let sb = ready(&mut gw, "moved", 0).await;
-    // What a machine that is gone leaves behind: no processes, no files.
-    gw.runtime().plugins().processes().kill(&sb.id).await;
-    gw.stop().await;
-    drop(first);
-
-    let second = tempfile::tempdir().unwrap();
-    let mut gw = TestGateway::start_with(config(second.path())).await;
-    let sb = gw
-        .wait_for("moved", "Ready again", |s| {
-            phase(s) == pb::SandboxPhase::Ready || phase(s) == pb::SandboxPhase::Error
-        })
-        .await;
-    assert_eq!(
-        phase(&sb),
-        pb::SandboxPhase::Ready,
-        "{:?}",
-        condition(&sb, "Ready")
-    );
-    gw.stop().await;
-}
-
 #[tokio::test]
 async fn exec_on_a_sandbox_that_is_not_ready_fails_precondition() {
     let mut gw = process_gateway().await;

@@ -64,6 +64,9 @@ pub struct SandboxScope {
     pub sandbox_name: String,
     /// Host path of the sandbox's state directory (for launch configs).
     pub state_path: Option<std::path::PathBuf>,
+    /// The sandbox's stored host uid slot, if the call is about a stored
+    /// sandbox.
+    pub uid_slot: Option<u32>,
     /// The sandbox's state directory; `None` where the call has no sandbox.
     pub dir: Option<Arc<cap_std::fs::Dir>>,
 }

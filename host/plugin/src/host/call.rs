@@ -100,6 +100,7 @@ impl Plugin {
                 sandbox_id: String::new(),
                 sandbox_name: String::new(),
                 state_path: None,
+                uid_slot: None,
                 dir: None,
             });
         };
@@ -121,6 +122,7 @@ impl Plugin {
             sandbox_id: id.to_owned(),
             sandbox_name: spec.name.clone(),
             state_path: Some(path),
+            uid_slot: spec.uid_slot,
             dir: Some(Arc::new(dir)),
         })
     }

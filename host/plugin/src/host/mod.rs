@@ -88,6 +88,9 @@ pub struct DriverSpec {
     pub name: String,
     pub environment: Vec<(String, String)>,
     pub resources: Resources,
+    /// The host uid range the gateway allocated to this sandbox (None for
+    /// calls not about a stored sandbox, such as validate).
+    pub uid_slot: Option<u32>,
 }
 
 /// What a driver returned: events for the state machine and its state blob.

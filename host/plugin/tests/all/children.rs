@@ -223,6 +223,7 @@ async fn vm_host(
         name: "vm1".into(),
         environment: vec![],
         resources: Resources::default(),
+        uid_slot: Some(7),
     };
     (host, plugin, spec)
 }

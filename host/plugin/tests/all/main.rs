@@ -38,6 +38,7 @@ fn spec(id: &str) -> DriverSpec {
         name: "sb".into(),
         environment: vec![],
         resources: Resources::default(),
+        uid_slot: Some(7),
     }
 }
 
