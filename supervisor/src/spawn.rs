@@ -93,7 +93,7 @@ pub fn winsize(rows: u32, cols: u32) -> nix::pty::Winsize {
     }
 }
 
-nix::ioctl_write_ptr_bad!(set_winsize, libc::TIOCSWINSZ, nix::pty::Winsize);
+nix::ioctl_write_ptr_bad!(set_winsize, nix::libc::TIOCSWINSZ, nix::pty::Winsize);
 
 /// Resizes the terminal behind a pty master (the kernel tells the
 /// foreground process group with SIGWINCH).
@@ -156,7 +156,7 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
         cmd.pre_exec(move || {
             if tty {
                 nix::unistd::setsid()?;
-                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
+                if nix::libc::ioctl(0, nix::libc::TIOCSCTTY as _, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }

@@ -51,20 +51,10 @@ pub fn load() -> anyhow::Result<Option<ClientConfig>> {
 
 /// Saves the config readable by this user only.
 pub fn save(cfg: &ClientConfig, to: &Path) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     if let Some(dir) = to.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
-    let tmp = to.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(serde_json::to_string_pretty(cfg)?.as_bytes())?;
-    std::fs::rename(&tmp, to).with_context(|| format!("cannot write {}", to.display()))?;
-    Ok(())
+    let text = serde_json::to_string_pretty(cfg)?;
+    openshell_plugin::write_private(to, text.as_bytes())
+        .with_context(|| format!("cannot write {}", to.display()))
 }

@@ -17,6 +17,8 @@ use crate::runtime::ComputeRuntime;
 use crate::supervisor::relay::{Activity, Next, SandboxFrames};
 
 pub const MAX_ARGV_BYTES: usize = 128 * 1024;
+/// Linux's PATH_MAX: no longer workdir can be opened.
+pub const MAX_WORKDIR_BYTES: usize = 4096;
 /// How long a client has to send `start`.
 const FIRST_MESSAGE: Duration = Duration::from_secs(30);
 
@@ -46,6 +48,14 @@ fn check_start(s: &pb::ExecStart) -> Result<(), ApiError> {
     }
     let env = s.environment.clone().into_iter().collect();
     validate::environment(&env)?;
+    if s.workdir.len() > MAX_WORKDIR_BYTES {
+        return Err(ApiError::TooLarge {
+            what: "workdir",
+            len: s.workdir.len(),
+            limit: MAX_WORKDIR_BYTES,
+            hint: "",
+        });
+    }
     if !s.workdir.is_empty() && (!s.workdir.starts_with('/') || s.workdir.contains('\0')) {
         return Err(ApiError::BadField(format!(
             "workdir {} must be an absolute path inside the sandbox",
@@ -206,6 +216,9 @@ mod tests {
         let mut s = start(&["pwd"]);
         s.workdir = "relative".into();
         assert!(check_start(&s).is_err());
+        let mut s = start(&["pwd"]);
+        s.workdir = format!("/{}", "d".repeat(MAX_WORKDIR_BYTES));
+        assert!(matches!(check_start(&s), Err(ApiError::TooLarge { .. })));
         let big = "x".repeat(MAX_ARGV_BYTES + 1);
         assert!(matches!(
             check_start(&start(&["echo", &big])),

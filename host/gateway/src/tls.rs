@@ -57,21 +57,24 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> TlsErro
     move |source| TlsError::Io { what, path, source }
 }
 
-/// Writes a file only the gateway's user can read.
+/// Writes a file only the gateway's user can read (the host's one
+/// private-file writer).
 pub fn write_private(path: &Path, contents: &[u8]) -> Result<(), TlsError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(io("create", &tmp))?;
-    f.write_all(contents).map_err(io("write", &tmp))?;
-    f.sync_all().map_err(io("sync", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(io("rename", path))
+    openshell_plugin::write_private(path, contents).map_err(io("write", path))
+}
+
+/// How long the CA is valid; see SECURITY.md for rotating it.
+const CA_VALIDITY: time::Duration = time::Duration::days(3650);
+/// How long a server certificate is valid: a fresh one is issued at every
+/// start, so this bounds how long a stolen server key is useful.
+const SERVER_VALIDITY: time::Duration = time::Duration::days(90);
+/// Allowance for clocks a little behind ours.
+const SKEW: time::Duration = time::Duration::hours(1);
+
+fn validity(p: &mut CertificateParams, lasts: time::Duration) {
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - SKEW;
+    p.not_after = now + lasts;
 }
 
 fn ca_params() -> CertificateParams {
@@ -80,6 +83,7 @@ fn ca_params() -> CertificateParams {
         .push(DnType::CommonName, "openshell gateway CA");
     p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut p, CA_VALIDITY);
     p
 }
 
@@ -129,6 +133,7 @@ pub fn ensure_pki(state_dir: &Path, sans: &[String], bind: IpAddr) -> Result<Pki
     p.distinguished_name.push(DnType::CommonName, SERVER_NAME);
     p.subject_alt_names = names;
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut p, SERVER_VALIDITY);
     let key = KeyPair::generate()?;
     let cert = p.signed_by(&key, &issuer)?;
     write_private(&dir.join("server.key"), key.serialize_pem().as_bytes())?;
@@ -160,6 +165,47 @@ pub fn ensure_token(state_dir: &Path) -> Result<String, TlsError> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// Whether `cert` is still valid `days` from now, as openssl reads it.
+    fn valid_in(cert: &Path, days: i64) -> bool {
+        let seconds = (days * 86_400).to_string();
+        std::process::Command::new("openssl")
+            .args(["x509", "-noout", "-checkend", &seconds, "-in"])
+            .arg(cert)
+            .status()
+            .expect("openssl runs")
+            .success()
+    }
+
+    #[test]
+    fn the_ca_lasts_ten_years_and_each_server_certificate_ninety_days() {
+        if std::process::Command::new("openssl")
+            .arg("version")
+            .output()
+            .is_err()
+        {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIPPED certificate validity: no openssl binary"
+            );
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        ensure_pki(dir.path(), &[], "127.0.0.1".parse().unwrap()).unwrap();
+        let (ca, server) = (
+            dir.path().join("tls/ca.crt"),
+            dir.path().join("tls/server.crt"),
+        );
+        assert!(
+            valid_in(&ca, 3640) && !valid_in(&ca, 3651),
+            "the CA lasts ten years"
+        );
+        assert!(
+            valid_in(&server, 89) && !valid_in(&server, 91),
+            "a server certificate lasts 90 days"
+        );
+    }
 
     #[test]
     fn the_ca_and_token_persist_and_every_secret_file_is_private() {

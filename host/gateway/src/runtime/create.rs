@@ -93,6 +93,7 @@ impl ComputeRuntime {
                 source,
             })?;
 
+        admit_host_pids(&read_host_tasks().await)?;
         let admission = self.admit()?;
         let (stored, fresh) = self.insert(name, spec, request_id).await?;
         if !fresh {
@@ -228,4 +229,74 @@ fn new_secret() -> String {
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     hex::encode(bytes)
+}
+
+/// Above this share of `pid_max` in use on the host, creates are refused:
+/// every sandbox may fork up to its pids limit (512 by default), and 256 of
+/// them exceed a common `pid_max` of 32768, so the host would run out first.
+const MAX_HOST_TASK_SHARE: f64 = 0.85;
+
+/// Tasks on the host and the host's `pid_max`, if procfs tells.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct HostTasks {
+    running: Option<u64>,
+    pid_max: Option<u64>,
+}
+
+async fn read_host_tasks() -> HostTasks {
+    let loadavg = tokio::fs::read_to_string("/proc/loadavg").await.ok();
+    let pid_max = tokio::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .await
+        .ok();
+    HostTasks {
+        // "0.15 0.10 0.05 2/345 6789": the fourth field is running/total.
+        running: loadavg
+            .as_deref()
+            .and_then(|l| l.split_whitespace().nth(3)?.split('/').nth(1)?.parse().ok()),
+        pid_max: pid_max.and_then(|p| p.trim().parse().ok()),
+    }
+}
+
+/// Refuses a create, with a retry hint, when the host's pid space is
+/// nearly used up; unknown numbers admit (the sandbox's own pids limit
+/// still applies).
+fn admit_host_pids(t: &HostTasks) -> Result<(), ApiError> {
+    let (Some(running), Some(pid_max)) = (t.running, t.pid_max) else {
+        return Ok(());
+    };
+    if running as f64 > pid_max as f64 * MAX_HOST_TASK_SHARE {
+        return Err(ApiError::Busy {
+            message: format!(
+                "the host runs {running} tasks of its pid_max {pid_max}; delete some sandboxes or retry later"
+            ),
+            retry_after: RETRY_AFTER,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn creates_are_refused_when_the_hosts_pid_space_is_nearly_used() {
+        let t = |running, pid_max| HostTasks {
+            running: Some(running),
+            pid_max: Some(pid_max),
+        };
+        assert!(admit_host_pids(&t(1_000, 32_768)).is_ok());
+        assert!(matches!(
+            admit_host_pids(&t(30_000, 32_768)),
+            Err(ApiError::Busy { .. })
+        ));
+        assert!(admit_host_pids(&HostTasks::default()).is_ok());
+    }
+
+    #[tokio::test]
+    async fn this_hosts_task_count_and_pid_max_are_read() {
+        let t = read_host_tasks().await;
+        assert!(t.running.is_some_and(|n| n > 0), "{t:?}");
+        assert!(t.pid_max.is_some_and(|n| n >= 301), "{t:?}");
+    }
 }
