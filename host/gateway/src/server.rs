@@ -209,6 +209,15 @@ impl Gateway {
         if !(cfg.bind.is_loopback() || secure) {
             return Err(GatewayError::InsecureBind { bind: cfg.bind });
         }
+        // Umask 077 and a 0700 state dir before anything is created in it:
+        // the database, its -wal and -shm, logs and a VM's initrd are
+        // nobody else's (issue 13 item 2).
+        openshell_plugin::secure_state_dir(&cfg.state_dir).map_err(|source| {
+            GatewayError::StateDir {
+                path: cfg.state_dir.clone(),
+                source,
+            }
+        })?;
         std::fs::create_dir_all(&cfg.state_dir).map_err(|source| GatewayError::StateDir {
             path: cfg.state_dir.clone(),
             source,

@@ -26,6 +26,7 @@ pub use caps::{HostEvent, ProcessConfig, ProcessTable, VmConfig, VmTable};
 pub use grants::{Capability, GrantError};
 pub use host::{
     CallError, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost, PluginHostConfig,
+    secure_state_dir,
 };
 pub use openshell_vm::runtime::{Backend as VmBackend, BackendChoice as VmBackendChoice};
 pub use private_file::write_private;

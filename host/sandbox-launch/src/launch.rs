@@ -12,8 +12,8 @@
 
 use std::fs::{self, DirBuilder, File};
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
 use crate::cgroup::Cgroups;
 use crate::config::{ID_RANGE, LaunchConfig};
@@ -75,13 +75,25 @@ fn namespaces(config: &LaunchConfig) -> libc::c_int {
 
 /// Checks the host paths and prepares what init will need: the mount point
 /// of the new root, and a workdir the sandbox user owns.
+///
+/// The workdir is the one host directory sandbox code may write, so it is
+/// opened without following any symlink, through directories only root can
+/// change ([`open_owned_path`]), and chowned through that descriptor: a
+/// symlink planted by sandbox code never redirects the chown to a host path
+/// (issue 13 item 3).
 fn prepare_host(config: &LaunchConfig) -> Result<(), LaunchError> {
     let state_dir = &config.state_dir;
-    let meta = fs::symlink_metadata(state_dir)
+    let state = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(state_dir)
+        .map_err(os(format!("cannot open state_dir {state_dir:?}")))?;
+    let meta = state
+        .metadata()
         .map_err(os(format!("cannot inspect state_dir {state_dir:?}")))?;
     // The new root is mounted on a path under it as host root: nobody else
     // may be able to swap that path for a symlink.
-    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
         return Err(LaunchError::Host(format!(
             "state_dir {state_dir:?} must be a directory owned by root and writable only by it"
         )));
@@ -100,14 +112,23 @@ fn prepare_host(config: &LaunchConfig) -> Result<(), LaunchError> {
     }
 
     require_dir("run_dir", &config.run_dir)?;
-    require_dir("workdir", &config.workdir)?;
+    let workdir = &config.workdir;
+    // `.` of the state dir, or anything holding the run dir or the root,
+    // would hand host-owned entries to sandbox code.
+    if [state_dir, &config.run_dir, &new_root]
+        .iter()
+        .any(|p| p.starts_with(workdir))
+    {
+        return Err(LaunchError::Host(format!(
+            "workdir {workdir:?} must not be or contain state_dir, run_dir or the new root"
+        )));
+    }
+    let dir = open_owned_path(workdir)?;
     let owner = config.uid_base + SANDBOX_USER;
-    std::os::unix::fs::chown(&config.workdir, Some(owner), Some(owner)).map_err(os(format!(
-        "cannot chown workdir {:?} to {owner}",
-        config.workdir
-    )))?;
-    fs::set_permissions(&config.workdir, fs::Permissions::from_mode(0o755))
-        .map_err(os(format!("cannot chmod workdir {:?}", config.workdir)))?;
+    std::os::unix::fs::fchown(&dir, Some(owner), Some(owner))
+        .map_err(os(format!("cannot chown workdir {workdir:?} to {owner}")))?;
+    dir.set_permissions(fs::Permissions::from_mode(0o755))
+        .map_err(os(format!("cannot chmod workdir {workdir:?}")))?;
 
     let program = fs::metadata(&config.program)
         .map_err(os(format!("cannot inspect program {:?}", config.program)))?;
@@ -118,6 +139,43 @@ fn prepare_host(config: &LaunchConfig) -> Result<(), LaunchError> {
         )));
     }
     Ok(())
+}
+
+/// Opens the directory `path` from `/` one component at a time, following
+/// no symlink, where every directory that holds the next component is
+/// root's and writable by nobody else (or sticky, like `/tmp`, for all
+/// but the last): nobody but root can have swapped any part of the path.
+fn open_owned_path(path: &std::path::Path) -> Result<File, LaunchError> {
+    use std::path::Component;
+    let unsafe_path = |why: &str| LaunchError::Host(format!("workdir {path:?}: {why}"));
+    let mut dir = File::open("/").map_err(os("cannot open /"))?;
+    let names: Vec<_> = path
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(Ok(n)),
+            Component::RootDir => None,
+            _ => Some(Err(())),
+        })
+        .collect::<Result<_, _>>()
+        .map_err(|()| unsafe_path("must be absolute and without . or .."))?;
+    for (i, name) in names.iter().enumerate() {
+        let meta = dir
+            .metadata()
+            .map_err(os(format!("cannot inspect {path:?}")))?;
+        let last = i + 1 == names.len();
+        let others_write = meta.mode() & 0o022 != 0;
+        let sticky = meta.mode() & 0o1000 != 0;
+        if meta.uid() != 0 || (others_write && (last || !sticky)) {
+            return Err(unsafe_path(
+                "a directory on the way is not root's or is writable by others",
+            ));
+        }
+        let next = sys::open_dir_at(dir.as_fd(), name).map_err(os(format!(
+            "cannot inspect workdir {path:?} (no symlink is followed)"
+        )))?;
+        dir = File::from(next);
+    }
+    Ok(dir)
 }
 
 fn require_dir(field: &str, path: &std::path::Path) -> Result<(), LaunchError> {

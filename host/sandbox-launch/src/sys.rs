@@ -227,6 +227,22 @@ pub fn set_umask(mask: libc::mode_t) {
     unsafe { libc::umask(mask) };
 }
 
+/// Opens the directory `name` directly in `dir`, never through a symlink
+/// (the last component; `name` must be a single component).
+pub fn open_dir_at(dir: BorrowedFd<'_>, name: &std::ffi::OsStr) -> io::Result<OwnedFd> {
+    let name = CString::new(name.as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL in a path"))?;
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is a NUL-terminated string that outlives the call, and
+    // `dir` is an open descriptor; the result is owned at once.
+    let fd = unsafe { libc::openat(dir.as_raw_fd(), name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: openat just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Becomes uid 0 / gid 0 of the current user namespace, with no
 /// supplementary groups. The capabilities in the namespace are kept.
 pub fn become_namespace_root() -> io::Result<()> {

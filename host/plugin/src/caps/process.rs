@@ -5,7 +5,7 @@
 //! the plugin instance that spawned them.
 
 use std::collections::HashMap;
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -203,20 +203,69 @@ impl ProcessTable {
     }
 }
 
-/// A workdir must be a plain relative path: no `..`, no root, no prefix.
-fn check_relative(path: &str) -> Result<(), CapError> {
-    let p = Path::new(path);
-    let ok = !path.is_empty()
-        && !path.contains('\0')
-        && p.components()
-            .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-    if ok {
+/// Names in a sandbox's state dir that belong to the host (the run dir and
+/// the new root's mount point); files the host keeps there all have a dot
+/// in their name (`launch.json`, `supervisor.log`, `initrd.cpio`, ...).
+const RESERVED: [&str; 2] = ["run", "root"];
+
+/// A workdir is one plain name directly in the state dir: letters, digits,
+/// `-` and `_`, not a name the host uses. The launcher hands it to sandbox
+/// code, so it must never be the state dir itself (`.`, ``), outside it
+/// (`..`, `/abs`), below something the sandbox once owned (`w/x`, where
+/// `x` may be a symlink it planted), or one of the host's own entries.
+fn check_workdir(path: &str) -> Result<(), CapError> {
+    let plain = !path.is_empty()
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain && !RESERVED.contains(&path) {
         Ok(())
     } else {
         Err(CapError::AccessDenied(format!(
-            "workdir {path:?} must be a relative path inside the sandbox's state directory"
+            "workdir {path:?} must be one plain name (letters, digits, '-', '_') directly in the sandbox's state directory, other than {RESERVED:?}"
         )))
     }
+}
+
+/// Creates the workdir in the state dir (relative to its handle, so no
+/// symlink is followed) and checks it is a real directory.
+fn create_workdir(dir: &cap_std::fs::Dir, name: &str) -> Result<(), CapError> {
+    let failed = |e: std::io::Error| CapError::Failed(format!("cannot create the workdir: {e}"));
+    match dir.create_dir(name) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(failed(e)),
+        _ => {}
+    }
+    let meta = dir.symlink_metadata(name).map_err(failed)?;
+    if meta.is_dir() {
+        Ok(())
+    } else {
+        Err(CapError::Failed(format!(
+            "the workdir {name:?} is not a directory"
+        )))
+    }
+}
+
+/// Opens `supervisor.log` for appending: never through a symlink, only a
+/// regular file, and 0600 even if an older gateway made it 0644.
+fn open_supervisor_log(state: &Path) -> Result<std::fs::File, CapError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let failed =
+        |e: std::io::Error| CapError::Failed(format!("cannot open the supervisor log: {e}"));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(state.join("supervisor.log"))
+        .map_err(failed)?;
+    if !log.metadata().map_err(failed)?.is_file() {
+        return Err(CapError::Failed(
+            "the supervisor log is not a regular file".into(),
+        ));
+    }
+    log.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(failed)?;
+    Ok(log)
 }
 
 /// The gateway serves the sandbox's supervisor socket at `run/gateway.sock`
@@ -245,7 +294,7 @@ impl CallState {
                 "process sandboxes need openshell-sandbox-launch and openshell-supervisor installed next to the gateway".into(),
             ));
         };
-        check_relative(&spec.workdir)?;
+        check_workdir(&spec.workdir)?;
         for (k, _) in &spec.environment {
             if !openshell_core::validate::is_env_key(k) {
                 return Err(CapError::Invalid(format!(
@@ -254,8 +303,7 @@ impl CallState {
             }
         }
         let dir = self.dir()?;
-        dir.create_dir_all(&spec.workdir)
-            .map_err(|e| CapError::Failed(format!("cannot create the workdir: {e}")))?;
+        create_workdir(&dir, &spec.workdir)?;
         let state = self
             .scope
             .state_path
@@ -293,11 +341,7 @@ impl CallState {
         let config_path = state.join("launch.json");
         write_private(&config_path, json.as_bytes())
             .map_err(|e| CapError::Failed(format!("cannot write the launch config: {e}")))?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(state.join("supervisor.log"))
-            .map_err(|e| CapError::Failed(format!("cannot open the supervisor log: {e}")))?;
+        let log = open_supervisor_log(&state)?;
         let log2 = log
             .try_clone()
             .map_err(|e| CapError::Failed(format!("cannot open the supervisor log: {e}")))?;
@@ -383,11 +427,73 @@ mod tests {
     }
 
     #[test]
-    fn workdirs_must_stay_inside_the_state_dir() {
-        assert!(check_relative("workdir").is_ok());
-        assert!(check_relative("a/b").is_ok());
-        for bad in ["", "/abs", "../up", "a/../../b", "a\0b"] {
-            assert!(check_relative(bad).is_err(), "{bad:?}");
+    fn a_workdir_is_one_plain_name_directly_in_the_state_dir() {
+        for good in ["workdir", "w", "my-work_2"] {
+            assert!(check_workdir(good).is_ok(), "{good:?}");
         }
+        let bad = [
+            "",
+            ".",
+            "..",
+            "./",
+            "./w",
+            "w/.",
+            "w/..",
+            "a/b",
+            "/abs",
+            "../up",
+            "a/../../b",
+            "a\0b",
+            "run",
+            "root",
+            "launch.json",
+            "supervisor.log",
+            "initrd.cpio",
+            ".tmp-x",
+            "w ",
+            "w\n",
+        ];
+        for bad in bad {
+            assert!(
+                matches!(check_workdir(bad), Err(CapError::AccessDenied(_))),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_supervisor_log_is_never_opened_through_a_symlink_and_is_made_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let (state, elsewhere) = (tmp.path().join("state"), tmp.path().join("elsewhere"));
+        std::fs::create_dir(&state).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, state.join("supervisor.log")).unwrap();
+        assert!(open_supervisor_log(&state).is_err());
+        assert!(!elsewhere.exists(), "the append followed the symlink");
+
+        std::fs::remove_file(state.join("supervisor.log")).unwrap();
+        std::fs::write(state.join("supervisor.log"), "old\n").unwrap();
+        let open = std::fs::Permissions::from_mode(0o644);
+        std::fs::set_permissions(state.join("supervisor.log"), open).unwrap();
+        open_supervisor_log(&state).unwrap();
+        let mode = std::fs::metadata(state.join("supervisor.log"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_workdir_that_is_a_symlink_is_refused_and_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (state, elsewhere) = (tmp.path().join("state"), tmp.path().join("elsewhere"));
+        std::fs::create_dir_all(&elsewhere).unwrap();
+        std::fs::create_dir(&state).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, state.join("w")).unwrap();
+        let dir = cap_std::fs::Dir::open_ambient_dir(&state, cap_std::ambient_authority()).unwrap();
+        assert!(create_workdir(&dir, "w").is_err());
+        create_workdir(&dir, "fresh").unwrap();
+        create_workdir(&dir, "fresh").unwrap();
+        assert!(state.join("fresh").is_dir());
     }
 }

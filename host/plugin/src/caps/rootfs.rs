@@ -104,7 +104,8 @@ impl VmTable {
             // Each cpio segment starts 4-byte aligned.
             bytes.resize(bytes.len().next_multiple_of(4), 0);
             bytes.extend_from_slice(&segment);
-            std::fs::write(&initrd, bytes)
+            // It carries the launch secret and the environment: 0600.
+            crate::private_file::write_private(&initrd, &bytes)
                 .map_err(|e| CapError::Failed(format!("cannot write {}: {e}", initrd.display())))
         })
         .await

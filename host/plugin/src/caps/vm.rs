@@ -97,9 +97,13 @@ pub(crate) async fn blocking<T: Send + 'static>(
 /// A child's stdout and stderr, appended to `path`.
 pub(crate) fn log_file(path: &Path) -> Result<(Stdio, Stdio), CapError> {
     let open = || {
+        use std::os::unix::fs::OpenOptionsExt;
+        // Private, and never through a symlink in its place.
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
             .open(path)
     };
     match (open(), open()) {

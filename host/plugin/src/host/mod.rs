@@ -4,9 +4,11 @@
 
 mod call;
 mod error;
+mod state_dir;
 
 pub use call::Plugin;
 pub use error::{CallError, PluginError};
+pub use state_dir::secure_state_dir;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
@@ -143,7 +145,7 @@ impl PluginHost {
             .map_err(|source| PluginError::Engine { source })?;
 
         for dir in [&config.plugins_dir, &config.sandboxes_dir] {
-            std::fs::create_dir_all(dir).map_err(|source| PluginError::Io {
+            create_private_dir(dir).map_err(|source| PluginError::Io {
                 what: "cannot create",
                 path: dir.clone(),
                 source,
@@ -229,7 +231,7 @@ impl PluginHost {
                 path: dir.clone(),
                 source,
             };
-            std::fs::create_dir_all(&dir).map_err(|e| io("cannot create", e))?;
+            create_private_dir(&dir).map_err(|e| io("cannot create", e))?;
             write_private(&path, bytes).map_err(|e| io("cannot write into", e))?;
         }
         let plugin = self.load(name, &path, grants).await?;
@@ -336,7 +338,7 @@ impl PluginHost {
             })?
             .map_err(|source| PluginError::InvalidComponent { source })?;
         if let Err(e) =
-            std::fs::create_dir_all(&cache_dir).and_then(|_| write_private(&cached, &compiled))
+            create_private_dir(&cache_dir).and_then(|_| write_private(&cached, &compiled))
         {
             tracing::warn!(path = %cached.display(), "cannot write compiled cache: {e}");
         }
@@ -369,8 +371,8 @@ impl PluginHost {
         self.shared.config.sandboxes_dir.join(sandbox_id)
     }
 
-    /// Creates a sandbox's state dir (mode 0711: only the gateway can list
-    /// it) before anything else puts files in it.
+    /// Creates a sandbox's state dir (0700, root's: see
+    /// [`create_private_dir`]) before anything else puts files in it.
     pub fn ensure_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
         let path = self.sandbox_dir(sandbox_id);
         create_private_dir(&path)?;
@@ -384,10 +386,61 @@ impl PluginHost {
     }
 }
 
-/// A sandbox's state dir: only the gateway may list it (the sandbox sees
-/// just the parts mounted into it).
-pub(crate) fn create_private_dir(path: &Path) -> std::io::Result<()> {
+/// A directory only the gateway's user may enter (0700): a sandbox's state
+/// dir, `sandboxes/`, `plugins/` and what is under it. Nothing of a sandbox
+/// needs to traverse these on the host: its launcher's init opens what it
+/// binds while its file access is still root's, and a VM's QEMU and
+/// gvproxy run as root. An existing directory is tightened (an older
+/// gateway made them 0755 or 0711); a symlink in its place is refused,
+/// never chmodded through.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if !meta.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("{} is not a directory (a symlink?)", path.display()),
+        ));
+    }
+    if meta.mode() & 0o7777 != 0o700 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o711))
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn private_dirs_are_created_0700_and_older_open_ones_are_tightened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let fresh = tmp.path().join("a/b");
+        create_private_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        std::fs::set_permissions(&fresh, std::fs::Permissions::from_mode(0o755)).unwrap();
+        create_private_dir(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+    }
+
+    #[test]
+    fn a_symlink_in_place_of_a_private_dir_is_refused_and_its_target_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let target = tmp.path().join("elsewhere");
+        std::fs::create_dir(&target).unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(create_private_dir(&link).is_err());
+        assert_eq!(mode(&target), 0o755);
+    }
 }

@@ -10,4 +10,5 @@ mod harness;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod symlinks;
 mod v2_vm;
