@@ -15,4 +15,5 @@ mod sandbox;
 mod security;
 mod shell;
 mod ssh;
+mod state_dir;
 mod vm;

@@ -83,7 +83,7 @@ fn gvproxy_of(sandbox_dir: &Path) -> Option<u32> {
 /// A gateway with only the vm driver, on a short state path (unix socket
 /// paths are limited to 108 bytes), or None, said loudly, when no VM can
 /// boot here. CI stages the runtime first; there a missing VM is a failure.
-fn vm_gateway(test: &str) -> Option<(PathBuf, tempfile::TempDir, Gateway)> {
+pub(crate) fn vm_gateway(test: &str) -> Option<(PathBuf, tempfile::TempDir, Gateway)> {
     let rt = match bootable() {
         Ok(rt) => rt,
         Err(why) => {
