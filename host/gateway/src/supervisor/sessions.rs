@@ -37,6 +37,9 @@ pub struct SessionHandle {
 pub struct SessionRegistry {
     sessions: Mutex<HashMap<SandboxId, SessionHandle>>,
     next_id: Mutex<u64>,
+    /// Sessions replaced by a newer one of the same sandbox: a supervisor
+    /// and an imposter holding the same secret would show up here.
+    superseded: std::sync::atomic::AtomicU64,
     observer: OnceLock<Arc<dyn SessionObserver>>,
 }
 
@@ -77,6 +80,17 @@ impl SessionRegistry {
             map.insert(sandbox, handle.clone())
         };
         if let Some(old) = old {
+            let total = self
+                .superseded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            tracing::warn!(
+                sandbox = %sandbox,
+                old = old.session_id,
+                new = session_id,
+                superseded_total = total,
+                "a new supervisor session replaced a live one"
+            );
             let _ = old.superseded.send(true);
         }
         if let Some(o) = self.observer.get() {
@@ -127,6 +141,11 @@ impl SessionRegistry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .len()
+    }
+
+    /// How many sessions were replaced by a newer one (a counter).
+    pub fn superseded(&self) -> u64 {
+        self.superseded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -194,6 +213,7 @@ mod tests {
         let (old, old_rx) = reg.register(id, chan(), String::new());
         let (new, _) = reg.register(id, chan(), String::new());
         assert!(*old_rx.borrow(), "the old session is told to close");
+        assert_eq!(reg.superseded(), 1, "a supersede is counted");
         assert!(!reg.remove_if_current(id, old.session_id));
         assert_eq!(reg.get(id).unwrap().session_id, new.session_id);
         assert_eq!(
