@@ -14,6 +14,7 @@ use tonic::{Status, Streaming};
 
 use crate::error::{ApiError, to_status};
 use crate::runtime::ComputeRuntime;
+use crate::streams::first_message;
 use crate::supervisor::relay::{Activity, Next, SandboxFrames};
 
 pub const MAX_ARGV_BYTES: usize = 128 * 1024;
@@ -77,18 +78,10 @@ pub async fn exec(
     runtime: Arc<ComputeRuntime>,
     mut inbound: Streaming<pb::ExecClientMessage>,
 ) -> Result<ReceiverStream<Result<pb::ExecServerMessage, Status>>, Status> {
-    let first = tokio::time::timeout(FIRST_MESSAGE, inbound.message())
-        .await
-        .map_err(|_| {
-            to_status(ApiError::FirstMessageTimeout {
-                expected: "start",
-                within: FIRST_MESSAGE,
-            })
-        })?
-        .map_err(|s| to_status(s.into()))?;
-    let Some(pb::ExecClientMessage {
+    let first = first_message(&mut inbound, "ExecSandbox", "start", FIRST_MESSAGE).await?;
+    let pb::ExecClientMessage {
         msg: Some(C::Start(start)),
-    }) = first
+    } = first
     else {
         return Err(to_status(ApiError::FirstMessage {
             rpc: "ExecSandbox",

@@ -17,6 +17,7 @@ pub mod runtime;
 pub mod server;
 pub mod service;
 pub mod ssh;
+pub mod streams;
 pub mod supervisor;
 pub mod tls;
 pub mod watch;

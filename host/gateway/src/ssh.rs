@@ -14,6 +14,7 @@ use tonic::{Status, Streaming};
 
 use crate::error::{ApiError, to_status};
 use crate::runtime::ComputeRuntime;
+use crate::streams::first_message;
 use crate::supervisor::relay::{Activity, Next, SandboxFrames};
 
 /// How long a client has to name the sandbox.
@@ -29,18 +30,10 @@ pub async fn tunnel(
     runtime: Arc<ComputeRuntime>,
     mut inbound: Streaming<pb::SshTunnelFrame>,
 ) -> Result<ReceiverStream<Result<pb::SshTunnelFrame, Status>>, Status> {
-    let first = tokio::time::timeout(FIRST_FRAME_TIMEOUT, inbound.message())
-        .await
-        .map_err(|_| {
-            to_status(ApiError::FirstMessageTimeout {
-                expected: "sandbox",
-                within: FIRST_FRAME_TIMEOUT,
-            })
-        })?
-        .map_err(|s| to_status(s.into()))?;
-    let Some(pb::SshTunnelFrame {
+    let first = first_message(&mut inbound, "SshTunnel", "sandbox", FIRST_FRAME_TIMEOUT).await?;
+    let pb::SshTunnelFrame {
         frame: Some(T::Sandbox(sandbox)),
-    }) = first
+    } = first
     else {
         return Err(to_status(ApiError::FirstMessage {
             rpc: "SshTunnel",

@@ -22,6 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::relay::RelayConn;
 use super::{LogThrottle, SocketLimits, Supervisors};
 use crate::error::{ApiError, echo, to_status};
+use crate::streams::first_message;
 
 type Frames<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -136,18 +137,10 @@ impl Supervisor for SupervisorService {
         let permit = self.budget.take(&self.budget.relays, "relay")?;
         let within = self.budget.limits.first_message;
         let mut inbound = req.into_inner();
-        let first = tokio::time::timeout(within, inbound.message())
-            .await
-            .map_err(|_| {
-                to_status(ApiError::FirstMessageTimeout {
-                    expected: "init",
-                    within,
-                })
-            })?
-            .map_err(|s| to_status(s.into()))?;
-        let Some(pb::RelayFrame {
+        let first = first_message(&mut inbound, "RelayStream", "init", within).await?;
+        let pb::RelayFrame {
             frame: Some(pb::relay_frame::Frame::Init(init)),
-        }) = first
+        } = first
         else {
             return Err(to_status(ApiError::FirstMessage {
                 rpc: "RelayStream",

@@ -149,6 +149,19 @@ impl TestGateway {
         }
     }
 
+    /// Loads the bundled process driver with its documented grants.
+    pub async fn load_process(&mut self) {
+        let wasm = std::fs::read(wasm("openshell-driver-process")).unwrap();
+        self.client
+            .load_plugin(pb::LoadPluginRequest {
+                name: "process".into(),
+                component: wasm,
+                grants: vec!["log".into(), "files".into(), "process".into()],
+            })
+            .await
+            .unwrap();
+    }
+
     pub async fn load(&mut self, name: &str, fixture: &str, grants: &[&str]) -> pb::Plugin {
         self.try_load(name, fixture, grants)
             .await

@@ -175,15 +175,7 @@ async fn two_hundred_clients_create_exec_and_delete_with_backpressure_and_nothin
         max_concurrent_launches: MAX_LAUNCHES,
     };
     let mut gw = TestGateway::start_alone(cfg).await;
-    let wasm = std::fs::read(crate::harness::wasm("openshell-driver-process")).unwrap();
-    gw.client
-        .load_plugin(pb::LoadPluginRequest {
-            name: "process".into(),
-            component: wasm,
-            grants: vec!["log".into(), "files".into(), "process".into()],
-        })
-        .await
-        .unwrap();
+    gw.load_process().await;
     let rt = gw.runtime();
     let fds_before = open_fds();
 

@@ -83,15 +83,7 @@ pub async fn exec(
 
 pub async fn process_gateway() -> TestGateway {
     let mut gw = TestGateway::start().await;
-    let wasm = std::fs::read(crate::harness::wasm("openshell-driver-process")).unwrap();
-    gw.client
-        .load_plugin(pb::LoadPluginRequest {
-            name: "process".into(),
-            component: wasm,
-            grants: vec!["log".into(), "files".into(), "process".into()],
-        })
-        .await
-        .unwrap();
+    gw.load_process().await;
     gw
 }
 

@@ -58,15 +58,7 @@ impl Siege {
         let state = tempfile::tempdir().unwrap();
         let cfg = TestGateway::config(state.path(), Some("sqlite::memory:"));
         let mut gw = TestGateway::start_alone(cfg).await;
-        let wasm = std::fs::read(crate::harness::wasm("openshell-driver-process")).unwrap();
-        gw.client
-            .load_plugin(pb::LoadPluginRequest {
-                name: "process".into(),
-                component: wasm,
-                grants: vec!["log".into(), "files".into(), "process".into()],
-            })
-            .await
-            .unwrap();
+        gw.load_process().await;
         ready(&mut gw, "bystander", 0).await;
         gw.load("echo", "fixture-echo", &["log", "files"]).await;
         let sb = gw.create("target", "echo").await.unwrap();
