@@ -78,6 +78,7 @@ impl BenchGateway {
                 ..Default::default()
             },
             limits: Default::default(),
+            uid_base: None,
         })
         .await?;
         let url = format!("http://{}", gw.addr);

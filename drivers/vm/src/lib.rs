@@ -29,8 +29,10 @@ impl Guest for VmDriver {
         DriverInfo {
             name: "vm".into(),
             version: env!("CARGO_PKG_VERSION").into(),
-            description: "Runs the sandbox supervisor in a microVM with its own kernel \
-                          (libkrun or QEMU), networked only to the gateway through gvproxy."
+            // Only what the host does today: the libkrun backend is not wired.
+            description: "Runs the sandbox supervisor in a QEMU microVM with its own kernel \
+                          (KVM where the host can boot guests, TCG emulation otherwise), \
+                          networked only to the gateway through gvproxy."
                 .into(),
             isolation: Isolation::Vm,
         }

@@ -119,6 +119,11 @@ pub struct GatewayStart {
     /// Driver launches that may run at once; more wait their turn.
     #[arg(long, default_value_t = 32)]
     pub max_concurrent_launches: usize,
+    /// Host uid where sandboxes' id ranges start (65536 ids each, 16384
+    /// slots); default: what the state dir recorded, 2^31 for a new one.
+    /// Refused if it overlaps /etc/subuid or /etc/subgid.
+    #[arg(long, env = "OPENSHELL_UID_BASE")]
+    pub uid_base: Option<u32>,
     /// The process-sandbox launcher; default: next to this binary.
     #[arg(long, env = "OPENSHELL_LAUNCHER")]
     pub launcher: Option<PathBuf>,

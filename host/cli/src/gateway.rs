@@ -35,19 +35,20 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!("--vm-backend: {e}"))?,
         },
         plugin_call_timeout: std::time::Duration::from_secs(a.plugin_call_timeout_secs),
-        heartbeat: std::time::Duration::from_millis(a.heartbeat_ms.max(100)),
+        heartbeat: std::time::Duration::from_millis(a.heartbeat_ms),
         relays: openshell_gateway::supervisor::RelayLimits {
-            per_sandbox: a.max_pending_relays_per_sandbox.max(1),
-            total: a.max_pending_relays.max(1),
-            claim_timeout: std::time::Duration::from_millis(a.relay_claim_timeout_ms.max(1)),
-            idle_timeout: std::time::Duration::from_secs(a.relay_idle_timeout_secs.max(1)),
+            per_sandbox: a.max_pending_relays_per_sandbox,
+            total: a.max_pending_relays,
+            claim_timeout: std::time::Duration::from_millis(a.relay_claim_timeout_ms),
+            idle_timeout: std::time::Duration::from_secs(a.relay_idle_timeout_secs),
         },
         launcher: a.launcher,
         supervisor: a.supervisor,
         limits: openshell_gateway::runtime::SandboxLimits {
             max_sandboxes: a.max_sandboxes,
-            max_concurrent_launches: a.max_concurrent_launches.max(1),
+            max_concurrent_launches: a.max_concurrent_launches,
         },
+        uid_base: a.uid_base,
     })
     .await?;
     if gw.client.ca_pem.is_some() || gw.client.token.is_some() {

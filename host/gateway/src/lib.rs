@@ -20,6 +20,7 @@ pub mod ssh;
 pub mod streams;
 pub mod supervisor;
 pub mod tls;
+pub mod uid_range;
 pub mod watch;
 
 pub use incoming::{ConnectionLimits, IncomingError};

@@ -45,6 +45,9 @@ pub struct GatewayConfig {
     pub supervisor: Option<PathBuf>,
     /// Backpressure: how many sandboxes may exist, how many launch at once.
     pub limits: SandboxLimits,
+    /// Host uid where the sandboxes' id table starts; default: what the
+    /// state dir recorded, or [`crate::uid_range::DEFAULT_BASE`] for a new one.
+    pub uid_base: Option<u32>,
 }
 
 impl GatewayConfig {
@@ -96,6 +99,8 @@ pub enum ConfigError {
 pub enum GatewayError {
     #[error("invalid gateway configuration: {0}")]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    UidRange(#[from] crate::uid_range::UidRangeError),
     #[error(
         "refusing to serve on {bind} without TLS and authentication: drop --disable-tls and --disable-gateway-auth, or bind 127.0.0.1"
     )]
@@ -229,6 +234,11 @@ impl Gateway {
                 path: cfg.state_dir.clone(),
                 source,
             })?;
+        let uid_base = crate::uid_range::resolve(&cfg.state_dir, cfg.uid_base)?;
+        crate::uid_range::check_subordinate(
+            uid_base,
+            &[Path::new("/etc/subuid"), Path::new("/etc/subgid")],
+        )?;
         let db_url = cfg.db_url.clone().unwrap_or_else(|| {
             format!("sqlite://{}", cfg.state_dir.join("openshell.db").display())
         });
@@ -237,6 +247,7 @@ impl Gateway {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let mut host_cfg = PluginHostConfig::new(&cfg.state_dir);
         host_cfg.call_timeout = cfg.plugin_call_timeout;
+        host_cfg.uid_base = uid_base;
         host_cfg.launcher = cfg
             .launcher
             .clone()
@@ -453,6 +464,7 @@ mod tests {
             launcher: None,
             supervisor: None,
             limits: Default::default(),
+            uid_base: None,
         }
     }
 

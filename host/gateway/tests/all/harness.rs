@@ -125,6 +125,7 @@ impl TestGateway {
             launcher: Some(bin("openshell-sandbox-launch")),
             supervisor: Some(bin("openshell-supervisor")),
             limits: Default::default(),
+            uid_base: None,
         }
     }
 

@@ -241,6 +241,39 @@ async fn issue_12_a_half_closed_exec_stream_still_gets_all_output_and_the_code()
     gw.stop().await;
 }
 
+/// Identities (issue 12): each sandbox launches on the host uid range the
+/// gateway allocated and stored with its record, distinct per sandbox, above
+/// every range useradd hands out.
+#[tokio::test]
+async fn each_sandbox_launches_on_its_own_stored_uid_range() {
+    let mut gw = process_gateway().await;
+    let mut bases = Vec::new();
+    for name in ["u1", "u2"] {
+        let sb = ready(&mut gw, name, 0).await;
+        let id = openshell_core::SandboxId::parse(&sb.id).unwrap();
+        let stored = gw.runtime().store().get_sandbox(id).await.unwrap().unwrap();
+        let slot = stored.uid_slot.expect("a slot is stored at create");
+        let launch = gw
+            .runtime()
+            .plugins()
+            .sandbox_dir(&sb.id)
+            .join("launch.json");
+        let cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&launch).unwrap()).unwrap();
+        let base = cfg["uid_base"].as_u64().unwrap();
+        let expected = u64::from(openshell_gateway::uid_range::DEFAULT_BASE)
+            + u64::from(slot) * openshell_gateway::uid_range::IDS_PER_SLOT;
+        assert_eq!(base, expected, "{name} runs on its stored slot {slot}");
+        bases.push(base);
+        let r = exec(&mut gw, name, &["sh", "-c", "stat -c %u /sandbox"], None)
+            .await
+            .unwrap();
+        assert_eq!(r.exit, 0, "{r:?}");
+    }
+    assert_ne!(bases[0], bases[1], "two sandboxes never share a range");
+    gw.stop().await;
+}
+
 #[tokio::test]
 async fn exec_on_a_sandbox_that_is_not_ready_fails_precondition() {
     let mut gw = process_gateway().await;

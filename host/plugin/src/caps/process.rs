@@ -46,21 +46,6 @@ pub struct ProcessConfig {
 struct Proc {
     /// The launcher; dropping the entry kills it.
     child: HostChild,
-    /// Which 65536-uid range on the host this sandbox's users map to.
-    slot: u32,
-}
-
-/// Number of uid ranges sandboxes are spread over.
-const UID_SLOTS: u32 = 16_384;
-
-/// A sandbox's preferred uid range: stable across gateway restarts, so a
-/// resumed sandbox still owns the files in its workdir.
-fn preferred_slot(sandbox_id: &str) -> u32 {
-    // FNV-1a: tiny, and stable across Rust versions (unlike DefaultHasher).
-    let h = sandbox_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    (h % u64::from(UID_SLOTS)) as u32
 }
 
 /// Running sandbox processes by sandbox id.
@@ -113,27 +98,12 @@ impl ProcessTable {
             .count()
     }
 
-    /// A uid range no other running sandbox uses, preferring the stable one.
-    fn free_slot(&self, sandbox_id: &str) -> u32 {
-        let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        let taken: std::collections::HashSet<u32> = running
-            .iter()
-            .filter(|(id, p)| id.as_str() != sandbox_id && p.child.exited().is_none())
-            .map(|(_, p)| p.slot)
-            .collect();
-        let start = preferred_slot(sandbox_id);
-        (0..UID_SLOTS)
-            .map(|i| (start + i) % UID_SLOTS)
-            .find(|s| !taken.contains(s))
-            .unwrap_or(start)
-    }
-
     /// The host uid a sandbox's root maps to for a slot.
     pub fn uid_base(&self, slot: u32) -> u32 {
         self.config.uid_base + slot * 65_536
     }
 
-    async fn spawn(&self, sandbox_id: &str, slot: u32, cmd: Command) -> Result<(), CapError> {
+    async fn spawn(&self, sandbox_id: &str, cmd: Command) -> Result<(), CapError> {
         if matches!(self.status(sandbox_id), Some(ProcessStatus::Running)) {
             return Err(CapError::Invalid(
                 "this sandbox's process is already running".into(),
@@ -150,7 +120,7 @@ impl ProcessTable {
         self.running
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(sandbox_id.to_owned(), Arc::new(Proc { child, slot }));
+            .insert(sandbox_id.to_owned(), Arc::new(Proc { child }));
         Ok(())
     }
 
@@ -361,10 +331,17 @@ impl Host for CallState {
         let id = self.require_sandbox()?.to_owned();
         limits::check_environment(&spec.environment)?;
         limits::check_path_len("workdir", &spec.workdir)?;
-        let slot = self.services.processes.free_slot(&id);
+        // The gateway allocated and stored it: unique among live records,
+        // so no two sandboxes (running or not) ever share a range.
+        let slot = self.scope.uid_slot.ok_or_else(|| {
+            CapError::Invalid("this sandbox has no uid range assigned by the gateway".into())
+        })?;
+        if slot >= openshell_core::uid_slot::UID_SLOTS {
+            return Err(CapError::Invalid(format!("uid slot {slot} is out of range")).into());
+        }
         let cmd = self.launch_command(&id, slot, &spec)?;
         let services = self.services.clone();
-        services.processes.spawn(&id, slot, cmd).await?;
+        services.processes.spawn(&id, cmd).await?;
         Ok(self.table.push(ProcessHandle { sandbox_id: id })?)
     }
 
@@ -415,11 +392,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_sandboxes_uid_range_is_stable_and_in_bounds() {
-        let id = "6f7f19ca-3a63-4af4-a9e0-0947594016c7";
-        assert_eq!(preferred_slot(id), preferred_slot(id));
-        assert_ne!(preferred_slot(id), preferred_slot("another-id"));
-        let max_base = 100_000u64 + u64::from(UID_SLOTS) * 65_536;
+    fn every_uid_range_fits_in_a_uid() {
+        let max_base =
+            u64::from(1u32 << 31) + u64::from(openshell_core::uid_slot::UID_SLOTS) * 65_536;
         assert!(
             max_base + 65_536 < u64::from(u32::MAX),
             "ranges fit in a uid"
