@@ -1,6 +1,7 @@
 //! Test driver: `create` tries to reach outside its sandbox's state
-//! directory through the `files` capability, and reports any attempt the host
-//! did not refuse. The host test plants `link`, a symlink pointing outside,
+//! directory through the `files` capability, and through the `process`
+//! capability's workdir (the directory the launcher hands to sandbox code),
+//! and reports any attempt the host did not refuse. The host test plants `link`, a symlink pointing outside,
 //! and names an absolute path outside the sandbox in `ESCAPE_ABSOLUTE` (a
 //! directory the test owns; `/tmp/escape.txt` if unset).
 //!
@@ -15,8 +16,8 @@ mod bindings {
 use bindings::exports::openshell::compute::driver::{
     DriverError, DriverInfo, Guest, HostEvent, LaunchContext, Outcome, SandboxSpec,
 };
-use bindings::openshell::compute::files;
 use bindings::openshell::compute::types::{CapError, DriverEvent, Failure, Isolation};
+use bindings::openshell::compute::{files, process};
 
 struct Escape;
 
@@ -60,6 +61,29 @@ impl Guest for Escape {
                 files::read_file("link/passwd").map(drop),
             ),
         ];
+        // Workdirs that would hand sandbox code the state dir itself (where
+        // the gateway keeps its socket and logs) or a host path.
+        let workdirs = [".", "", "..", "../x", "a/../..", "/etc", "run"];
+        let spawns = workdirs.map(|w| {
+            let spec = process::SpawnSpec {
+                environment: vec![],
+                workdir: w.into(),
+                confinement: process::Confinement {
+                    isolate_network: true,
+                    memory_mib: 0,
+                    max_processes: 0,
+                    cpu_millis: 0,
+                },
+            };
+            (
+                format!("spawn(workdir {w:?})"),
+                process::spawn(&spec).map(drop),
+            )
+        });
+        let attempts = attempts
+            .into_iter()
+            .map(|(a, r)| (a.to_string(), r))
+            .chain(spawns);
         let mut succeeded = Vec::new();
         let mut not_denied = Vec::new();
         for (attempt, result) in attempts {

@@ -258,13 +258,14 @@ fn hand_socket_to_sandbox_root(state: &Path, uid_base: u32) -> Result<(), CapErr
 
 impl CallState {
     fn launch_command(&self, id: &str, slot: u32, spec: &SpawnSpec) -> Result<Command, CapError> {
+        // What the plugin asked is checked before anything the host has.
+        check_workdir(&spec.workdir)?;
         let cfg = &self.services.processes.config;
         let (Some(launcher), Some(supervisor)) = (&cfg.launcher, &cfg.supervisor) else {
             return Err(CapError::Unavailable(
                 "process sandboxes need openshell-sandbox-launch and openshell-supervisor installed next to the gateway".into(),
             ));
         };
-        check_workdir(&spec.workdir)?;
         for (k, _) in &spec.environment {
             if !openshell_core::validate::is_env_key(k) {
                 return Err(CapError::Invalid(format!(
