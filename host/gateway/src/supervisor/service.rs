@@ -187,7 +187,7 @@ async fn run_session(
             .sessions()
             .register(sandbox, control_tx, ssh_host_key(&hello.ssh_host_key));
     let instance_id = echo(&hello.instance_id);
-    tracing::info!(sandbox = %sandbox, instance_id, session = handle.session_id, "supervisor connected");
+    tracing::info!(sandbox = %sandbox, instance_id = %instance_id, session = handle.session_id, "supervisor connected");
     let accepted = Out::Accepted(pb::SessionAccepted {
         session_id: handle.session_id.to_string(),
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
