@@ -152,9 +152,17 @@ async fn issue_13_a_flood_of_idle_connections_takes_few_descriptors_and_no_servi
             Err(_) => refused += 1,
         }
     }
-    // Give the gateway time to accept whatever it will accept.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let server_side = open_fds().saturating_sub(before + held.len());
+    // Let the gateway accept whatever it will: wait until its descriptor
+    // count holds still (ten polls in a row), with a generous deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut last, mut still) = (open_fds(), 0);
+    while still < 10 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = open_fds();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let server_side = last.saturating_sub(before + held.len());
     eprintln!(
         "idle connections: {} open, {refused} refused by the kernel, {server_side} descriptors on the gateway's side",
         held.len()
