@@ -622,3 +622,112 @@ impl tracing::Subscriber for Counting {
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
 }
+
+/// The same flood from where a compromised supervisor really sits: inside
+/// a process sandbox, as its uid 0 (the supervisor's own uid), through the
+/// socket path the sandbox sees. `nsenter` joins the supervisor's user and
+/// mount namespaces, which makes the flood uid 0 of the sandbox, as the
+/// supervisor is.
+#[tokio::test]
+async fn issue_13_a_flood_from_inside_a_sandbox_as_its_supervisors_uid_is_bounded() {
+    let state = tempfile::tempdir().unwrap();
+    let cfg = TestGateway::config(state.path(), Some("sqlite::memory:"));
+    let mut gw = TestGateway::start_alone(cfg).await;
+    gw.load_process().await;
+    ready(&mut gw, "bystander", 0).await;
+    let victim = ready(&mut gw, "victim", 0).await;
+    let supervisor = crate::process::sandbox_pids(&victim.id)
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("openshell-supervisor"))
+        .map(|(pid, _)| pid)
+        .expect("the victim's supervisor runs");
+
+    let script = "import socket, sys\n\
+        held, refused = [], 0\n\
+        for _ in range(1100):\n\
+        \x20   s = socket.socket(socket.AF_UNIX)\n\
+        \x20   try:\n\
+        \x20       s.connect('/run/openshell/gateway.sock'); held.append(s)\n\
+        \x20   except OSError:\n\
+        \x20       refused += 1\n\
+        print('uid', __import__('os').getuid(), 'held', len(held), 'refused', refused, flush=True)\n\
+        sys.stdin.read()\n";
+    let before = open_fds();
+    let mut flood = tokio::process::Command::new("nsenter")
+        .args([
+            "-t",
+            &supervisor.to_string(),
+            "-U",
+            "-m",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("nsenter runs");
+    let mut out = tokio::io::BufReader::new(flood.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line),
+    )
+    .await
+    .expect("the flood reports")
+    .unwrap();
+    eprintln!("flood from inside the sandbox: {}", line.trim());
+    assert!(
+        line.starts_with("uid 0 "),
+        "the flood runs as the supervisor's uid: {line}"
+    );
+
+    // The gateway holds few descriptors for it and keeps serving.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut last, mut still) = (open_fds(), 0);
+    while still < 10 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = open_fds();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    let server_side = last.saturating_sub(before);
+    assert!(
+        server_side < 50,
+        "the gateway holds {server_side} descriptors for the flood"
+    );
+    let mut other = TestGateway::client_for(&gw).await;
+    for i in 0..5 {
+        let call = other.client.health(pb::HealthRequest {});
+        tokio::time::timeout(Duration::from_secs(2), call)
+            .await
+            .unwrap_or_else(|_| panic!("health call {i} hung under the flood"))
+            .unwrap();
+    }
+    let ran = tokio::time::timeout(
+        Duration::from_secs(10),
+        exec(&mut gw, "bystander", &["/bin/echo", "still here"], None),
+    )
+    .await
+    .expect("the bystander's exec finished")
+    .unwrap();
+    assert_eq!(ran.out(), "still here\n");
+
+    // The flood ends; the victim's own supervisor still serves it.
+    drop(flood.stdin.take());
+    let _ = tokio::time::timeout(Duration::from_secs(10), flood.wait()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match exec(&mut gw, "victim", &["/bin/echo", "victim ok"], None).await {
+            Ok(r) if r.out() == "victim ok\n" => break,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "the victim never served again: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    gw.stop().await;
+}
