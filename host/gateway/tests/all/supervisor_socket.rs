@@ -136,6 +136,20 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
 
+/// This process's descriptor count once the gateway has accepted whatever
+/// it will: it holds still for ten polls in a row (20 s at most).
+async fn settled_fds() -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (mut last, mut still) = (open_fds(), 0);
+    while still < 10 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = open_fds();
+        still = if now == last { still + 1 } else { 0 };
+        last = now;
+    }
+    last
+}
+
 const MB: u64 = 1 << 20;
 
 #[tokio::test]
@@ -152,17 +166,7 @@ async fn issue_13_a_flood_of_idle_connections_takes_few_descriptors_and_no_servi
             Err(_) => refused += 1,
         }
     }
-    // Let the gateway accept whatever it will: wait until its descriptor
-    // count holds still (ten polls in a row), with a generous deadline.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let (mut last, mut still) = (open_fds(), 0);
-    while still < 10 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = open_fds();
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    let server_side = last.saturating_sub(before + held.len());
+    let server_side = settled_fds().await.saturating_sub(before + held.len());
     eprintln!(
         "idle connections: {} open, {refused} refused by the kernel, {server_side} descriptors on the gateway's side",
         held.len()
@@ -178,8 +182,9 @@ async fn issue_13_a_flood_of_idle_connections_takes_few_descriptors_and_no_servi
     log.assert_quiet();
 }
 
-#[tokio::test]
-async fn issue_13_unfinished_4_mb_streams_do_not_grow_the_gateways_memory() {
+/// Four connections stream `streams` copies of `message` each to `path`;
+/// the gateway's RSS must grow by less than `bound` while it keeps serving.
+async fn memory_attack(what: &str, path: &'static str, streams: u32, message: Message, bound: u64) {
     let log = LogCounter::install();
     let siege = Siege::start().await;
     let (health, stop) = siege.watch_health().await;
@@ -189,23 +194,23 @@ async fn issue_13_unfinished_4_mb_streams_do_not_grow_the_gateways_memory() {
         .map(|_| {
             tokio::spawn(raw_streams(
                 siege.socket.clone(),
-                "/openshell.v1.Supervisor/RelayStream",
-                100,
-                Message::unfinished(4 * MB as usize),
+                path,
+                streams,
+                message.clone(),
                 sent.clone(),
             ))
         })
         .collect();
     let peak = watch_rss_until_quiet(&sent).await;
     eprintln!(
-        "unfinished streams: {} MB sent, RSS {} MB before, peak {} MB",
+        "{what}: {} MB sent, RSS {} MB before, peak {} MB",
         sent.load(Ordering::SeqCst) / MB,
         before / MB,
         peak / MB
     );
     assert!(
-        peak.saturating_sub(before) < 200 * MB,
-        "RSS grew from {} MB to {} MB",
+        peak.saturating_sub(before) < bound,
+        "{what}: RSS grew from {} MB to {} MB",
         before / MB,
         peak / MB
     );
@@ -219,45 +224,29 @@ async fn issue_13_unfinished_4_mb_streams_do_not_grow_the_gateways_memory() {
 }
 
 #[tokio::test]
+async fn issue_13_unfinished_4_mb_streams_do_not_grow_the_gateways_memory() {
+    memory_attack(
+        "unfinished streams",
+        "/openshell.v1.Supervisor/RelayStream",
+        100,
+        Message::unfinished(4 * MB as usize),
+        200 * MB,
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn issue_13_hellos_with_a_1_mb_id_cost_neither_memory_nor_log() {
-    let log = LogCounter::install();
-    let siege = Siege::start().await;
-    let (health, stop) = siege.watch_health().await;
-    let before = rss_bytes();
-    let sent = Arc::new(AtomicU64::new(0));
-    let attacks: Vec<_> = (0..4)
-        .map(|_| {
-            tokio::spawn(raw_streams(
-                siege.socket.clone(),
-                "/openshell.v1.Supervisor/ConnectSupervisor",
-                25,
-                Message::hello_with_id(MB as usize),
-                sent.clone(),
-            ))
-        })
-        .collect();
-    let peak = watch_rss_until_quiet(&sent).await;
-    eprintln!(
-        "1 MB hellos: {} MB sent, RSS {} MB before, peak {} MB",
-        sent.load(Ordering::SeqCst) / MB,
-        before / MB,
-        peak / MB
-    );
     // Each hello is refused at its length prefix, before it is buffered
     // (the old gateway decoded all 100 MB).
-    assert!(
-        peak.saturating_sub(before) < 50 * MB,
-        "RSS grew from {} MB to {} MB",
-        before / MB,
-        peak / MB
-    );
-    let mut siege = siege;
-    siege.bystander_exec_works().await;
-    for a in attacks {
-        a.abort();
-    }
-    siege.finish(health, stop).await;
-    log.assert_quiet();
+    memory_attack(
+        "1 MB hellos",
+        "/openshell.v1.Supervisor/ConnectSupervisor",
+        25,
+        Message::hello_with_id(MB as usize),
+        50 * MB,
+    )
+    .await;
 }
 
 /// The highest RSS seen until no attack byte was sent for a second (at
@@ -685,15 +674,7 @@ async fn issue_13_a_flood_from_inside_a_sandbox_as_its_supervisors_uid_is_bounde
     );
 
     // The gateway holds few descriptors for it and keeps serving.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    let (mut last, mut still) = (open_fds(), 0);
-    while still < 10 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let now = open_fds();
-        still = if now == last { still + 1 } else { 0 };
-        last = now;
-    }
-    let server_side = last.saturating_sub(before);
+    let server_side = settled_fds().await.saturating_sub(before);
     assert!(
         server_side < 50,
         "the gateway holds {server_side} descriptors for the flood"
