@@ -40,7 +40,7 @@ pub struct BenchGateway {
     pub gw: Gateway,
     pub url: String,
     pub client: Client,
-    _state: tempfile::TempDir,
+    state: tempfile::TempDir,
 }
 
 impl BenchGateway {
@@ -87,7 +87,7 @@ impl BenchGateway {
             gw,
             url,
             client,
-            _state: state,
+            state,
         })
     }
 
@@ -128,6 +128,11 @@ impl BenchGateway {
                 }),
         );
         client(&format!("http://{addr}")).await
+    }
+
+    /// The gateway's state dir (sandboxes' sockets are under it).
+    pub fn state_dir(&self) -> &Path {
+        self.state.path()
     }
 
     pub async fn stop(self) -> anyhow::Result<()> {

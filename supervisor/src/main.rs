@@ -11,6 +11,7 @@
 mod exec;
 mod relay;
 mod report;
+mod seccomp;
 mod session;
 mod spawn;
 mod ssh;
@@ -104,6 +105,10 @@ fn main() -> ExitCode {
         unsafe {
             std::env::remove_var(k)
         };
+    }
+    if let Err(e) = seccomp::program() {
+        eprintln!("openshell-supervisor: {}", report::chain(e));
+        return ExitCode::from(2);
     }
     let ssh = match ssh::SshServer::generate() {
         Ok(s) => std::sync::Arc::new(s),

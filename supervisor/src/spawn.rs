@@ -3,9 +3,10 @@
 //!
 //! A command runs in its own process group (so a timeout or a vanished
 //! client kills the whole tree), as the sandbox's unprivileged uid with
-//! `no_new_privs`, with our environment minus the secret, in /sandbox unless
-//! told otherwise. With a pseudo-terminal, it leads a new session whose
-//! controlling terminal is the pty, and its output arrives as one stream.
+//! `no_new_privs` and the system-call filter ([`crate::seccomp`]), with our
+//! environment minus the secret, in /sandbox unless told otherwise. With a
+//! pseudo-terminal, it leads a new session whose controlling terminal is the
+//! pty, and its output arrives as one stream.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -30,6 +31,8 @@ pub enum SpawnError {
     Pty(#[source] nix::Error),
     #[error("cannot share the pseudo-terminal")]
     PtyClone(#[source] std::io::Error),
+    #[error("no system-call filter for sandbox code")]
+    Filter(#[source] &'static crate::seccomp::SeccompError),
     #[error("cannot run {program}")]
     Start {
         program: String,
@@ -45,7 +48,11 @@ impl SpawnError {
         match self {
             Self::NoWorkdir { .. } => 127,
             Self::Start { source, .. } if source.kind() == std::io::ErrorKind::NotFound => 127,
-            Self::NoCommand | Self::Pty(_) | Self::PtyClone(_) | Self::Start { .. } => 126,
+            Self::NoCommand
+            | Self::Pty(_)
+            | Self::PtyClone(_)
+            | Self::Filter(_)
+            | Self::Start { .. } => 126,
         }
     }
 }
@@ -115,6 +122,8 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
     let Some((program, args)) = c.argv.split_first() else {
         return Err(SpawnError::NoCommand);
     };
+    // Compiled before the fork: the child may not allocate.
+    let filter = crate::seccomp::program().map_err(SpawnError::Filter)?;
     let mut cmd = tokio::process::Command::new(program);
     cmd.args(args)
         .env_clear()
@@ -151,7 +160,8 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
         reason = "session and privilege setup between fork and exec"
     )]
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (setsid, ioctl, prctl).
+    // only async-signal-safe functions (setsid, ioctl, prctl, seccomp); the
+    // filter was compiled before the fork.
     unsafe {
         cmd.pre_exec(move || {
             if tty {
@@ -161,6 +171,8 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
                 }
             }
             nix::sys::prctl::set_no_new_privs()?;
+            // Last: the filter also applies to the exec that follows.
+            crate::seccomp::install(filter)?;
             Ok(())
         });
     }

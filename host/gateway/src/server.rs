@@ -338,12 +338,12 @@ impl Gateway {
             .as_ref()
             .map(|p| crate::incoming::tls_acceptor(&p.cert_pem, &p.key_pem))
             .transpose()?;
-        let incoming = crate::incoming::incoming(
+        let (incoming, track) = crate::incoming::incoming(
             listener,
             tls,
             crate::incoming::ConnectionLimits::default().within_fd_limit(nofile),
         );
-        let mut builder = tonic::transport::Server::builder();
+        let mut builder = tonic::transport::Server::builder().layer(track);
         let mut stop = runtime.shutdown_signal();
         let task = tokio::spawn(async move {
             builder

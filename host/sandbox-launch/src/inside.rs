@@ -4,7 +4,8 @@
 //! its new user namespace, and still with host root's uid for file access.
 //! [`init`] runs the steps in an order that each depends on:
 //!
-//! 1. wait for *go* (the launcher has written the id maps and the cgroups);
+//! 1. wait for *go* (the launcher has written the id maps and moved init
+//!    into the cgroups), then root a cgroup namespace at those cgroups;
 //! 2. while file access is still host root's, open the bind sources and
 //!    mount the new root's tmpfs (paths under root-only 0700 directories are
 //!    reachable only now);
@@ -93,6 +94,9 @@ fn start(
     if go.read(&mut byte).map_err(os("cannot read the go pipe"))? == 0 {
         return Err(launcher_gone());
     }
+    // Init is in the sandbox's cgroups now: root a cgroup namespace there,
+    // so no host cgroup path shows inside.
+    sys::unshare_cgroup_namespace().map_err(os("cannot make a cgroup namespace"))?;
 
     let sources = rootfs::Sources::open(config)?;
     rootfs::mount_new_root(&config.new_root())?;

@@ -61,30 +61,66 @@ fn launch_from_args() -> Result<u8, LaunchError> {
     // reach it.
     sys::close_from(3).map_err(os("cannot close inherited descriptors"))?;
 
-    let path = config_path(std::env::args_os().skip(1))?;
-    let json = fs::read_to_string(&path).map_err(|source| LaunchError::ReadConfig {
+    let args = parse_args(std::env::args_os().skip(1))?;
+    let path = args.config;
+    let json = if path.as_os_str() == "-" {
+        read_config_from_stdin()
+    } else {
+        fs::read_to_string(&path)
+    }
+    .map_err(|source| LaunchError::ReadConfig {
         path: path.clone(),
         source,
     })?;
     let config = config::parse(&json).map_err(|source| LaunchError::Config { path, source })?;
+    if let Some(label) = args.sandbox.filter(|l| *l != config.sandbox_id) {
+        return Err(LaunchError::Usage(format!(
+            "--sandbox {label:?} is not the config's sandbox {:?}",
+            config.sandbox_id
+        )));
+    }
     launch::run(&config)
 }
 
-/// `--config <path>` or `--config=<path>`, and nothing else.
-fn config_path(mut args: impl Iterator<Item = OsString>) -> Result<PathBuf, LaunchError> {
-    let first = args.next();
-    let second = args.next();
-    if let Some(extra) = args.next() {
-        return Err(LaunchError::Usage(format!("unexpected argument {extra:?}")));
+/// The whole of stdin, which is then replaced by /dev/null: init (a copy of
+/// this process) must not keep the config's descriptor.
+fn read_config_from_stdin() -> std::io::Result<String> {
+    use std::io::Read;
+    let mut json = String::new();
+    std::io::stdin().lock().read_to_string(&mut json)?;
+    sys::replace_stdin(&fs::File::open("/dev/null")?)?;
+    Ok(json)
+}
+
+/// The command line: `--config <path>` or `--config=<path>` (`-`: read
+/// stdin), and optionally `--sandbox <id>`, a label that names the sandbox
+/// in `ps` (the config path no longer does) and must match the config's id.
+#[derive(Debug, PartialEq, Eq)]
+struct Args {
+    config: PathBuf,
+    sandbox: Option<String>,
+}
+
+fn parse_args(mut args: impl Iterator<Item = OsString>) -> Result<Args, LaunchError> {
+    let (mut config, mut sandbox) = (None, None);
+    while let Some(flag) = args.next() {
+        let unexpected = || LaunchError::Usage(format!("unexpected argument {flag:?}"));
+        let inline = flag.to_str().and_then(|f| f.strip_prefix("--config="));
+        match (flag.to_str(), inline) {
+            (_, Some(path)) if !path.is_empty() && config.is_none() => config = Some(path.into()),
+            (Some("--config"), None) if config.is_none() => {
+                config = Some(args.next().ok_or_else(unexpected)?.into());
+            }
+            (Some("--sandbox"), None) if sandbox.is_none() => {
+                let id = args.next().ok_or_else(unexpected)?;
+                sandbox = Some(id.into_string().map_err(|_| unexpected())?);
+            }
+            _ => return Err(unexpected()),
+        }
     }
-    match (first, second) {
-        (Some(flag), Some(path)) if flag == "--config" => Ok(path.into()),
-        (Some(flag), None) => match flag.to_str().and_then(|f| f.strip_prefix("--config=")) {
-            Some(path) if !path.is_empty() => Ok(path.into()),
-            _ => Err(LaunchError::Usage(format!("unexpected argument {flag:?}"))),
-        },
-        (Some(flag), Some(_)) => Err(LaunchError::Usage(format!("unexpected argument {flag:?}"))),
-        (None, _) => Err(LaunchError::Usage("missing --config".into())),
+    match config {
+        Some(config) => Ok(Args { config, sandbox }),
+        None => Err(LaunchError::Usage("missing --config".into())),
     }
 }
 
@@ -93,13 +129,28 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<PathBuf, String> {
-        config_path(args.iter().map(OsString::from)).map_err(|e| e.to_string())
+        parse_args(args.iter().map(OsString::from))
+            .map(|a| a.config)
+            .map_err(|e| e.to_string())
     }
 
     #[test]
     fn the_config_path_comes_from_the_config_flag_in_either_form() {
         assert_eq!(parse(&["--config", "/x.json"]), Ok("/x.json".into()));
         assert_eq!(parse(&["--config=/x.json"]), Ok("/x.json".into()));
+        assert_eq!(parse(&["--config", "-"]), Ok("-".into()));
+        let labelled = parse_args(
+            ["--config", "-", "--sandbox", "s1"]
+                .iter()
+                .map(OsString::from),
+        );
+        assert_eq!(
+            labelled.unwrap(),
+            Args {
+                config: "-".into(),
+                sandbox: Some("s1".into())
+            }
+        );
     }
 
     #[test]
@@ -111,6 +162,9 @@ mod tests {
             &["/x.json"],
             &["--cfg", "/x.json"],
             &["--config", "/x.json", "more"],
+            &["--config", "/x.json", "--config", "/y.json"],
+            &["--config", "-", "--sandbox"],
+            &["--sandbox", "s1"],
         ] {
             let err = parse(args).unwrap_err();
             assert!(

@@ -129,6 +129,20 @@ fn close_range(first: u32, flags: u32) -> io::Result<()> {
     check(ret as c_int).map(drop)
 }
 
+/// Points stdin at `file` (dup2 onto descriptor 0).
+pub fn replace_stdin(file: &std::fs::File) -> io::Result<()> {
+    // SAFETY: dup2 takes two descriptors; `file` is open for this call's
+    // duration and descriptor 0 is ours to replace.
+    check(unsafe { libc::dup2(file.as_raw_fd(), 0) }).map(drop)
+}
+
+/// Moves the calling process into a new cgroup namespace rooted at its
+/// current cgroups, so `/proc/self/cgroup` shows `/` instead of host paths.
+pub fn unshare_cgroup_namespace() -> io::Result<()> {
+    // SAFETY: unshare takes a flag set.
+    check(unsafe { libc::unshare(libc::CLONE_NEWCGROUP) }).map(drop)
+}
+
 /// `mount(2)`.
 pub fn mount(
     source: &Path,

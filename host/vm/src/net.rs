@@ -127,9 +127,20 @@ pub fn confine_child(cmd: &mut Command, netns: Option<Arc<OwnedFd>>) {
     }
 }
 
-/// Relays every connection on the namespace's listener to the sandbox's
-/// supervisor socket, until the task is aborted.
-pub async fn forward(listener: std::net::TcpListener, target: PathBuf) {
+/// Guest connections the forwarder relays at once. The supervisor socket
+/// serves four (its `SocketLimits::connections`); more would only hold two
+/// gateway descriptors each while they wait in its backlog. At the cap the
+/// forwarder stops accepting, so a guest's flood waits in the kernel's
+/// listen queue (no gateway descriptor) instead of in the gateway.
+pub const FORWARD_CONNECTIONS: usize = 8;
+
+/// How long the forwarder sleeps after a resource error (EMFILE, ENFILE,
+/// ENOBUFS) instead of retrying at once, which would spin a core.
+const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Relays each connection on the namespace's listener to the sandbox's
+/// supervisor socket, at most `max` at a time, until the task is aborted.
+pub async fn forward(listener: std::net::TcpListener, target: PathBuf, max: usize) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -137,24 +148,89 @@ pub async fn forward(listener: std::net::TcpListener, target: PathBuf) {
             return;
         }
     };
+    let budget = Arc::new(tokio::sync::Semaphore::new(max.max(1)));
+    let unreachable = Arc::new(RateLimited::default());
     loop {
-        let Ok((mut tcp, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = budget.clone().acquire_owned().await else {
+            return;
+        };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                if is_resource_error(&e) {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+                continue;
+            }
         };
         let target = target.clone();
+        let unreachable = unreachable.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             match tokio::net::UnixStream::connect(&target).await {
-                Ok(mut unix) => {
-                    let _ = tokio::io::copy_bidirectional(&mut tcp, &mut unix).await;
-                }
-                Err(e) => tracing::warn!("VM forwarder: cannot reach {}: {e}", target.display()),
+                Ok(unix) => relay(tcp, unix).await,
+                Err(e) => unreachable.warn(|n| {
+                    tracing::warn!(
+                        "VM forwarder: cannot reach {} ({n} times since the last line): {e}",
+                        target.display()
+                    )
+                }),
             }
         });
     }
 }
 
+/// Copies both ways until the gateway's side ends: a server that closed
+/// (a missed handshake deadline, say) ends the relay and frees its slot
+/// even if the guest never closes its side.
+async fn relay(mut tcp: tokio::net::TcpStream, mut unix: tokio::net::UnixStream) {
+    use tokio::io::AsyncWriteExt;
+    let (mut from_guest, mut to_guest) = tcp.split();
+    let (mut from_gateway, mut to_gateway) = unix.split();
+    let up = async {
+        let _ = tokio::io::copy(&mut from_guest, &mut to_gateway).await;
+        // The guest half-closed: pass that on, then wait for the answer.
+        let _ = to_gateway.shutdown().await;
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        _ = tokio::io::copy(&mut from_gateway, &mut to_guest) => {}
+        () = up => {}
+    }
+}
+
+fn is_resource_error(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+    )
+}
+
+/// One log line per [`RateLimited::INTERVAL`] at most, saying how many
+/// were held back: a guest cannot grow the gateway's log by failing fast.
+#[derive(Default)]
+struct RateLimited {
+    state: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimited {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn warn(&self, log: impl FnOnce(u64)) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.1 += 1;
+        if s.0.is_none_or(|t| t.elapsed() >= Self::INTERVAL) {
+            log(s.1);
+            *s = (Some(std::time::Instant::now()), 0);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     #[test]
@@ -165,6 +241,45 @@ mod tests {
             .collect();
         assert_eq!(a, ["-listen-qemu", "unix:///s/net.sock", "-ssh-port", "-1"]);
         assert!(!a.iter().any(|s| s == "-listen"));
+    }
+
+    /// Issue 13, item 1 through a VM guest's path: a guest's connection
+    /// flood costs the gateway at most `max` relays (two descriptors each);
+    /// the rest wait in the listen queue, and each relay that ends lets
+    /// exactly one more in.
+    #[tokio::test]
+    async fn the_forwarder_relays_at_most_its_budget_of_guest_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("supervisor.sock");
+        let supervisor = tokio::net::UnixListener::bind(&target).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let max = 3;
+        let task = tokio::spawn(forward(listener, target, max));
+
+        // Forty guest connections, all completed by the kernel (the listen
+        // queue takes them); the forwarder must pass on only three.
+        let mut guests = Vec::new();
+        for _ in 0..40 {
+            guests.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut relayed = Vec::new();
+        while relayed.len() < max {
+            relayed.push(supervisor.accept().await.unwrap().0);
+        }
+        // Nothing more arrives while those three are held.
+        let extra = tokio::time::timeout(Duration::from_millis(500), supervisor.accept()).await;
+        assert!(extra.is_err(), "a fourth connection was relayed at once");
+
+        // One relay ends: exactly one more is let in.
+        drop(relayed.remove(0));
+        let next = tokio::time::timeout(Duration::from_secs(5), supervisor.accept()).await;
+        relayed.push(next.expect("a freed slot is used").unwrap().0);
+        let extra = tokio::time::timeout(Duration::from_millis(300), supervisor.accept()).await;
+        assert!(extra.is_err(), "a freed slot let in more than one");
+        task.abort();
+        drop(guests);
     }
 
     #[test]

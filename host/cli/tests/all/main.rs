@@ -12,6 +12,7 @@ mod harness;
 mod process;
 mod restart;
 mod sandbox;
+mod seccomp;
 mod security;
 mod shell;
 mod ssh;

@@ -228,3 +228,70 @@ fn a_full_run_logs_none_of_the_secrets_it_generated() {
         }
     }
 }
+
+/// Issue 14, item 8: sandbox code finds no host path where it used to: PID
+/// 1's command line (init is a copy of the launcher, which was started with
+/// `--config <state dir>/…/launch.json`), `/proc/self/cgroup` (the host's
+/// cgroup tree), and `/proc/net/unix`.
+#[test]
+fn issue_14_sandbox_code_sees_no_host_path_in_ps_cgroups_or_sockets() {
+    let dir = TempDir::new().unwrap();
+    let drivers = wasm("openshell_driver_process");
+    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
+    let gw = Gateway::start(
+        dir.path(),
+        &[
+            "--db-url",
+            "sqlite::memory:",
+            "--drivers",
+            "process",
+            "--driver-dir",
+            &driver_dir,
+        ],
+    );
+    gw.ok(["sandbox", "create", "--name", "p", "--", "true"]);
+    let look = gw.ok([
+        "sandbox",
+        "exec",
+        "p",
+        "--",
+        "sh",
+        "-c",
+        "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done; \
+         echo @@$((1+1)); cat /proc/self/cgroup /proc/1/cgroup; echo @@$((1+2)); cat /proc/net/unix",
+    ]);
+    let out = &look.stdout;
+    // The launcher and supervisor binaries sit beside the CLI's.
+    let bin = std::path::Path::new(crate::harness::OPENSHELL);
+    let target = bin.parent().unwrap().to_string_lossy().into_owned();
+    let state = dir.path().to_string_lossy().into_owned();
+    for needle in [
+        state.as_str(),
+        target.as_str(),
+        "launch.json",
+        "openshell-sandbox-launch",
+    ] {
+        assert!(
+            !out.contains(needle),
+            "sandbox code sees {needle:?}:\n{out}"
+        );
+    }
+    assert!(
+        out.contains("openshell-sandbox-init"),
+        "PID 1 is listed: {out}"
+    );
+    // Markers the shell computes, so the command line above holds neither.
+    let cgroups = out
+        .split("@@2\n")
+        .nth(1)
+        .unwrap()
+        .split("@@3\n")
+        .next()
+        .unwrap();
+    for line in cgroups.lines().filter(|l| !l.is_empty()) {
+        assert!(
+            line.ends_with(":/"),
+            "a host cgroup path shows: {line}\n{out}"
+        );
+    }
+}

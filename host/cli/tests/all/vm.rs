@@ -70,7 +70,7 @@ fn socket_inodes(pid: u32) -> HashSet<String> {
 }
 
 /// The gvproxy serving `sandbox_dir`, found by its socket path argument.
-fn gvproxy_of(sandbox_dir: &Path) -> Option<u32> {
+pub(crate) fn gvproxy_of(sandbox_dir: &Path) -> Option<u32> {
     let needle = sandbox_dir.join("net.sock").to_string_lossy().into_owned();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;

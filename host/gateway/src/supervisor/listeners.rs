@@ -202,15 +202,38 @@ fn bind_private(path: &Path) -> Result<UnixListener, ListenError> {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711)).map_err(io)?;
         }
     }
-    match std::fs::remove_file(path) {
+    // Bound through a handle on the directory: the kernel records the name
+    // a socket was bound with and lists it in /proc/net/unix, where sandbox
+    // code can read it, so the host path must not be that name. The handle
+    // (no symlink followed) also pins the directory just checked.
+    let (dir, name) = match (path.parent(), path.file_name()) {
+        (Some(dir), Some(name)) => (dir, name),
+        _ => {
+            return Err(ListenError::NotADirectory {
+                path: path.to_owned(),
+            });
+        }
+    };
+    let handle = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_PATH | nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
+            .open(dir)
+            .map_err(io)?
+    };
+    let via = Path::new("/proc/self/fd")
+        .join(std::os::fd::AsRawFd::as_raw_fd(&handle).to_string())
+        .join(name);
+    match std::fs::remove_file(&via) {
         Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io(e)),
         _ => {}
     }
-    let listener = UnixListener::bind(path).map_err(io)?;
+    let listener = UnixListener::bind(&via).map_err(io)?;
     // Until this chmod the umask decides; no supervisor of this launch runs
     // yet (the driver is called after `listen`), and connecting needs write
     // permission, which a 022 umask already withholds from others.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    std::fs::set_permissions(&via, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok(listener)
 }
 

@@ -143,7 +143,7 @@ fn launcher_pids(id: &str) -> Vec<i32> {
         };
         let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("openshell-sandbox-launch") && cmd.contains(id) {
+        if cmd.contains("openshell-sandbox-init") && cmd.contains(id) {
             out.push(pid);
         }
     }

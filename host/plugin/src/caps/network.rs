@@ -91,7 +91,12 @@ impl VmTable {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let port = confined.port;
-        let forwarder = tokio::spawn(net::forward(confined.listener, target)).abort_handle();
+        let forwarder = tokio::spawn(net::forward(
+            confined.listener,
+            target,
+            net::FORWARD_CONNECTIONS,
+        ))
+        .abort_handle();
         lock(&self.nets).insert(
             id.to_owned(),
             Net {

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -131,26 +131,10 @@ impl ProcessTable {
     }
 
     /// Removes the empty cgroups of sandboxes not in `keep` (left by
-    /// launchers that died with an earlier gateway). Non-empty ones stay.
+    /// launchers that died with an earlier gateway), on cgroup v1 or v2.
+    /// Non-empty ones stay.
     pub fn sweep_stale_cgroups(&self, keep: &std::collections::HashSet<String>) -> usize {
-        let mut removed = 0;
-        for controller in ["memory", "pids", "cpu"] {
-            let root = Path::new("/sys/fs/cgroup")
-                .join(controller)
-                .join("openshell");
-            for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
-                let name = e.file_name().to_string_lossy().into_owned();
-                // A launcher (of another gateway on this host, say) creates
-                // its cgroup a moment before moving into it: leave young ones.
-                let young = e.metadata().and_then(|m| m.modified()).map_or(true, |t| {
-                    t.elapsed().unwrap_or_default() < Duration::from_secs(60)
-                });
-                if !young && !keep.contains(&name) && std::fs::remove_dir(e.path()).is_ok() {
-                    removed += 1;
-                }
-            }
-        }
-        removed
+        sweep_stale_cgroups_in(&sandbox_cgroup_parents(), keep)
     }
 
     /// Stops a sandbox's process at once and forgets it. Also removes the
@@ -162,15 +146,44 @@ impl ProcessTable {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(sandbox_id);
-        for controller in ["memory", "pids", "cpu"] {
-            let dir = Path::new("/sys/fs/cgroup")
-                .join(controller)
-                .join("openshell")
-                .join(sandbox_id);
+        for parent in sandbox_cgroup_parents() {
             // Only empty cgroups can be removed; a missing one is fine.
-            let _ = tokio::fs::remove_dir(dir).await;
+            let _ = tokio::fs::remove_dir(parent.join(sandbox_id)).await;
         }
     }
+}
+
+/// Where this host's launchers put sandbox cgroups (v1 or v2), read from
+/// the gateway's own mountinfo and cgroup: its launchers are born there.
+fn sandbox_cgroup_parents() -> Vec<std::path::PathBuf> {
+    let read = |p| std::fs::read_to_string(p).unwrap_or_default();
+    openshell_sandbox_launch::cgroup_plan::sandbox_parents(
+        &read("/proc/self/mountinfo"),
+        &read("/proc/self/cgroup"),
+        Path::new("/"),
+    )
+}
+
+/// [`ProcessTable::sweep_stale_cgroups`] over the given parent directories.
+fn sweep_stale_cgroups_in(
+    parents: &[std::path::PathBuf],
+    keep: &std::collections::HashSet<String>,
+) -> usize {
+    let mut removed = 0;
+    for root in parents {
+        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            // A launcher (of another gateway on this host, say) creates
+            // its cgroup a moment before moving into it: leave young ones.
+            let young = e.metadata().and_then(|m| m.modified()).map_or(true, |t| {
+                t.elapsed().unwrap_or_default() < Duration::from_secs(60)
+            });
+            if !young && !keep.contains(&name) && std::fs::remove_dir(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
 }
 
 /// Names in a sandbox's state dir that belong to the host (the run dir and
@@ -316,11 +329,16 @@ impl CallState {
         let log2 = log
             .try_clone()
             .map_err(|e| CapError::Failed(format!("cannot open the supervisor log: {e}")))?;
+        // The config arrives on stdin and argv[0] is a plain name: the
+        // sandbox's init is a copy of the launcher, so its command line is
+        // what `ps` shows sandbox code, and it must name no host path.
+        let config_file = std::fs::File::open(&config_path)
+            .map_err(|e| CapError::Failed(format!("cannot open the launch config: {e}")))?;
         let mut cmd = Command::new(launcher);
-        cmd.arg("--config")
-            .arg(&config_path)
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "openshell-sandbox-init");
+        cmd.args(["--config", "-", "--sandbox", &config.sandbox_id])
             .env_clear()
-            .stdin(Stdio::null())
+            .stdin(config_file)
             .stdout(log)
             .stderr(log2);
         Ok(cmd)

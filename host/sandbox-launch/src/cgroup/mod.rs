@@ -23,7 +23,7 @@
 //! waits for the go-ahead, so everything it forks is counted. Dropping
 //! [`Cgroups`] kills whatever is left in them and removes the directories.
 
-pub mod plan;
+use openshell_sandbox_launch::cgroup_plan as plan;
 
 use std::collections::BTreeSet;
 use std::fs;

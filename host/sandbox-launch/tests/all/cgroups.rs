@@ -183,7 +183,7 @@ fn on_cgroup_v2_a_limit_whose_controller_is_not_delegated_fails_closed() {
 
 /// Runs the launcher from inside `cgroup` (a directory of the mounted
 /// unified hierarchy), as a gateway started there would.
-fn run_from(sandbox: &Sandbox, cgroup: &Path) -> Outcome {
+fn run_from(sandbox: &Sandbox, cgroup: &Path) -> (String, Outcome) {
     let launcher = sandbox.command();
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.arg("-c")
@@ -192,16 +192,15 @@ fn run_from(sandbox: &Sandbox, cgroup: &Path) -> Outcome {
         .arg(cgroup)
         .arg(launcher.get_program())
         .args(launcher.get_args());
-    sandbox.run_command(cmd)
+    sandbox.host_view_of_cgroup(&mut cmd)
 }
 
-/// The sandbox's cgroup as the sandbox sees it: `0::<path>`.
-fn unified_line(outcome: &Outcome) -> &str {
-    outcome
-        .stdout
-        .iter()
+/// The sandbox's cgroup as the host sees it (`0::<path>` of
+/// [`Sandbox::host_view_of_cgroup`]; inside, a cgroup namespace shows `/`).
+fn unified_line(view: &str) -> &str {
+    view.lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .unwrap_or_else(|| panic!("no unified line in {outcome:?}"))
+        .unwrap_or_else(|| panic!("no unified line in {view:?}"))
 }
 
 /// Removes `dirs` (cgroups, innermost first) if they exist.
@@ -227,11 +226,10 @@ fn on_cgroup_v2_sandboxes_live_under_the_gateways_own_cgroup() {
     // Started in the gateway's cgroup, and in the leaf an earlier launch
     // moved the gateway into: the same place either way.
     for start in [&base, &leaf] {
-        let sandbox = sandbox_under(v2.path(), "cat /proc/self/cgroup");
-        let outcome = run_from(&sandbox, start);
-        assert_eq!(outcome.code, Some(0), "{outcome:?}");
+        let sandbox = sandbox_under(v2.path(), "echo up; exec sleep 30");
+        let (view, _) = run_from(&sandbox, start);
         assert_eq!(
-            unified_line(&outcome),
+            unified_line(&view),
             format!("/{gateway}/openshell/{}", sandbox.id)
         );
         let dir = base.join("openshell").join(&sandbox.id);
@@ -242,15 +240,14 @@ fn on_cgroup_v2_sandboxes_live_under_the_gateways_own_cgroup() {
 #[test]
 fn on_cgroup_v2_a_sandbox_without_limits_gets_its_own_cgroup_which_is_removed_after() {
     let v2 = Mount::new("cgroup2", "");
-    let sandbox = sandbox_under(v2.path(), "cat /proc/self/cgroup");
+    let sandbox = sandbox_under(v2.path(), "echo up; exec sleep 30");
     // No limits, so no controller to enable and nothing to move: the
     // sandbox goes under this test's own cgroup.
-    let outcome = sandbox.run();
-    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    let (view, _) = sandbox.host_view_of_cgroup(&mut sandbox.command());
     let own = fs::read_to_string("/proc/self/cgroup").unwrap();
     let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
     let expected = Path::new(own).join("openshell").join(&sandbox.id);
-    assert_eq!(Path::new(unified_line(&outcome)), expected);
+    assert_eq!(Path::new(unified_line(&view)), expected);
     let dir = v2.path().join(expected.strip_prefix("/").unwrap());
     assert!(!dir.exists(), "{dir:?} is left behind");
 }

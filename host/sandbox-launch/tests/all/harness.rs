@@ -135,7 +135,7 @@ impl Sandbox {
         self.start_command(self.command().stdin(Stdio::null()))
     }
 
-    fn start_command(&self, cmd: &mut Command) -> Running {
+    pub fn start_command(&self, cmd: &mut Command) -> Running {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -164,6 +164,22 @@ impl Sandbox {
             stderr,
             seen: Vec::new(),
         }
+    }
+
+    /// Runs `cmd` (this sandbox's launcher, maybe wrapped) whose program
+    /// must print `up` and then wait; returns the program's
+    /// `/proc/<pid>/cgroup` as the host sees it (inside, the cgroup
+    /// namespace shows `/`), then stops it and returns its outcome too.
+    pub fn host_view_of_cgroup(&self, cmd: &mut Command) -> (String, Outcome) {
+        let mut running = self.start_command(cmd.stdin(Stdio::null()));
+        running.wait_for_line("up");
+        let program = processes_with_uid(self.uid_base);
+        let view = program
+            .iter()
+            .find_map(|pid| fs::read_to_string(format!("/proc/{pid}/cgroup")).ok())
+            .unwrap_or_default();
+        running.signal("TERM");
+        (view, running.wait())
     }
 
     /// The cgroup directories this sandbox gets, one per controller.

@@ -63,15 +63,20 @@ fn sigkill_to_the_launcher_kills_everything_inside() {
 
 #[test]
 fn the_sandbox_runs_in_its_own_cgroups_which_are_removed_after_exit() {
-    let sandbox = Sandbox::new("cat /proc/self/cgroup");
-    let outcome = sandbox.run();
-    assert_eq!(outcome.code, Some(0), "{outcome:?}");
+    // Inside, a cgroup namespace rooted at the sandbox's cgroups shows `/`;
+    // the host sees where they are.
+    let sandbox = Sandbox::new("cat /proc/self/cgroup; echo up; exec sleep 30");
+    let (host_view, outcome) = sandbox.host_view_of_cgroup(&mut sandbox.command());
+    assert!(outcome.stdout.iter().any(|l| l == "0::/"), "{outcome:?}");
+    assert!(
+        !outcome.stdout.iter().any(|l| l.contains("openshell")),
+        "a host cgroup path shows inside: {outcome:?}"
+    );
     for controller in ["memory", "pids", "cpu"] {
         let line = format!(":{controller}:/openshell/{}", sandbox.id);
         assert!(
-            outcome.stdout.iter().any(|l| l.ends_with(&line)),
-            "{line} in {:?}",
-            outcome.stdout
+            host_view.lines().any(|l| l.ends_with(&line)),
+            "{line} in {host_view:?}"
         );
     }
     for dir in sandbox.cgroup_dirs() {

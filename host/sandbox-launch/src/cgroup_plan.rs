@@ -1,7 +1,8 @@
 //! The pure half of the cgroup code: which hierarchy, which directories,
 //! which writes. Everything here takes text the kernel gave (mountinfo,
 //! `/proc/self/cgroup`, `cgroup.controllers`) and returns a decision, so every
-//! rule is a unit test; [`super`] does the reads and writes.
+//! rule is a unit test; the launcher's `cgroup` module does the reads and
+//! writes, and the gateway uses [`sandbox_parents`] to find leftovers.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -19,6 +20,31 @@ pub const SANDBOXES: &str = "openshell";
 /// the base may hand controllers to the sandboxes (the "no internal
 /// processes" rule). Launchers started by the gateway are born in it.
 pub const GATEWAY_LEAF: &str = "openshell-gateway";
+
+/// Where every sandbox's cgroup lives, as the launcher lays them out for a
+/// launcher born in the cgroup `proc_self_cgroup` describes (the gateway's
+/// children are born in the gateway's): `<mount>/openshell` for each v1
+/// controller mounted, or `<base>/openshell` on v2. Empty when there is no
+/// hierarchy under `under`.
+pub fn sandbox_parents(mountinfo: &str, proc_self_cgroup: &str, under: &Path) -> Vec<PathBuf> {
+    let mounts = parse_mountinfo(mountinfo);
+    let mut parents: Vec<PathBuf> = match choose(&mounts, under) {
+        Hierarchy::V1 { mounts } => mounts
+            .into_iter()
+            .map(|(_, mount)| mount.join(SANDBOXES))
+            .collect(),
+        Hierarchy::V2 { mount_point, root } => own_v2_cgroup(proc_self_cgroup)
+            .and_then(|own| v2_base(&mount_point, &root, &own).ok())
+            .map(|base| base.join(SANDBOXES))
+            .into_iter()
+            .collect(),
+        Hierarchy::Absent => Vec::new(),
+    };
+    // Controllers mounted together (cpu,cpuacct) share one directory.
+    parents.sort();
+    parents.dedup();
+    parents
+}
 
 /// The controllers a sandbox's limits use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -591,6 +617,49 @@ mod tests {
         assert_eq!(own_v2_cgroup(hybrid), Some("/user.slice/a.scope".into()));
         assert_eq!(own_v2_cgroup("0::/\n"), Some("/".into()));
         assert_eq!(own_v2_cgroup("4:memory:/x\n"), None);
+    }
+
+    /// Issue 13: the gateway finds leftover sandbox cgroups where the
+    /// launcher made them, on v2 as on v1, even after the first launch moved
+    /// the gateway into its leaf.
+    #[test]
+    fn the_gateway_sweeps_where_launchers_put_sandbox_cgroups() {
+        let root = Path::new("/");
+        for own in [
+            "/system.slice/os.service",
+            "/system.slice/os.service/openshell-gateway",
+        ] {
+            assert_eq!(
+                sandbox_parents(UNIFIED, &format!("0::{own}\n"), root),
+                [PathBuf::from(
+                    "/sys/fs/cgroup/system.slice/os.service/openshell"
+                )],
+                "from {own}"
+            );
+        }
+        assert_eq!(
+            sandbox_parents(COMOUNTED, "", root),
+            [
+                PathBuf::from("/sys/fs/cgroup/cpu,cpuacct/openshell"),
+                PathBuf::from("/sys/fs/cgroup/memory/openshell"),
+            ]
+        );
+        let hybrid = sandbox_parents(HYBRID, "0::/user.slice\n", root);
+        assert!(
+            hybrid.contains(&PathBuf::from("/sys/fs/cgroup/pids/openshell")),
+            "{hybrid:?}"
+        );
+        assert!(
+            !hybrid
+                .iter()
+                .any(|p| p.starts_with("/sys/fs/cgroup/unified")),
+            "{hybrid:?}"
+        );
+        assert!(sandbox_parents("", "0::/\n", root).is_empty());
+        assert!(
+            sandbox_parents(UNIFIED, "4:memory:/x\n", root).is_empty(),
+            "no v2 line, no guess"
+        );
     }
 
     #[test]
