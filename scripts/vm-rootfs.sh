@@ -22,14 +22,17 @@ OUT=$RT/rootfs/base.cpio
 [[ -x "$SUPERVISOR" ]] || { echo "vm-rootfs: no supervisor at $SUPERVISOR (cargo build -p openshell-supervisor --target x86_64-unknown-linux-musl)" >&2; exit 1; }
 file "$SUPERVISOR" 2>/dev/null | grep -q 'static' || { echo "vm-rootfs: $SUPERVISOR is not statically linked" >&2; exit 1; }
 
-if [[ -f "$OUT" && "$OUT" -nt "$SUPERVISOR" && "$OUT" -nt "$INIT" && "$OUT" -nt "$RT/bin/busybox" ]]; then
+if [[ -f "$OUT" && "$OUT" -nt "$SUPERVISOR" && "$OUT" -nt "$INIT" && "$OUT" -nt "$RT/bin/busybox" && "$OUT" -nt "$RT/kernel/modules" && "$OUT" -nt "$0" ]]; then
     echo "vm-rootfs: $OUT is up to date"
     exit 0
 fi
 
 stage=$(mktemp -d)
 trap 'rm -rf "$stage"' EXIT
-mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,sandbox,etc/openshell,lib/modules}
+# mktemp's 0700 would become the guest's / and lock sandbox code (uid 1000)
+# out of everything.
+chmod 0755 "$stage"
+mkdir -p "$stage"/{bin,sbin,dev,proc,sys,tmp,run,sandbox,etc,lib/modules}
 cp "$RT/bin/busybox" "$stage/bin/busybox"
 for applet in $("$RT/bin/busybox" --list); do
     [[ -e "$stage/bin/$applet" ]] || ln -s busybox "$stage/bin/$applet"
@@ -38,7 +41,7 @@ cp "$RT"/kernel/modules/*.ko "$stage/lib/modules/"
 install -m 0755 "$INIT" "$stage/init"
 # Debug info is useless in the guest and the archive is copied per sandbox.
 strip -o "$stage/bin/openshell-supervisor" "$SUPERVISOR"
-: >"$stage/etc/openshell/env"
+
 mkdir -p "$RT/rootfs"
 (cd "$stage" && find . | LC_ALL=C sort | "$RT/bin/busybox" cpio -o -H newc -R 0:0 >"$OUT.tmp" 2>/dev/null)
 mv "$OUT.tmp" "$OUT"

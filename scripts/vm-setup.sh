@@ -25,7 +25,9 @@ REPROBE=0
 KERNEL_PKG=linux-image-6.1.0-57-cloud-amd64
 GVPROXY_VERSION=0.8.1-3
 LIBKRUNFW_VERSION=5.5.0+ds-1
-MODULES=(virtio_ring virtio virtio_mmio failover net_failover virtio_net)
+# virtio_console: the identity channel (a virtio-serial port) the guest's
+# init reads its launch secret and environment from.
+MODULES=(virtio_ring virtio virtio_mmio failover net_failover virtio_net virtio_console)
 
 say() { echo "vm-setup: $*"; }
 mkdir -p "$RT"/{debs,bin,kernel/modules}
@@ -93,7 +95,11 @@ if [[ ! -x "$RT/bin/busybox" ]]; then
 fi
 
 # --- guest kernel (bookworm cloud) ---------------------------------------------
-if [[ ! -f "$RT/kernel/vmlinux" ]]; then
+missing_module=""
+for m in "${MODULES[@]}"; do
+    [[ -f "$RT/kernel/modules/$m.ko" ]] || missing_module=$m
+done
+if [[ ! -f "$RT/kernel/vmlinux" || -n "$missing_module" ]]; then
     fetch_deb "" "$KERNEL_PKG" ""
     rm -rf "$RT/kernel.x"
     dpkg -x "$RT/debs/${KERNEL_PKG}_"*.deb "$RT/kernel.x"

@@ -3,15 +3,12 @@
 //! The kernel unpacks concatenated cpio archives in order, later files
 //! replacing earlier ones, so a sandbox's initrd is the shared base
 //! (`runtime/rootfs/base.cpio`) followed by a small `newc` archive with the
-//! sandbox's environment file and any files the driver staged. The
-//! environment travels in a file, not on the kernel command line, so values
-//! are never parsed by the kernel; the guest's /init exports each line
+//! files the driver staged. The environment (with the launch secret) is not
+//! in it: it travels over the identity channel ([`crate::identity`]), in
+//! the format [`env_file`] makes, and the guest's /init exports each line
 //! verbatim.
 
 use crate::VmError;
-
-/// Where /init reads the environment.
-pub const ENV_FILE: &str = "etc/openshell/env";
 
 /// One file in the archive.
 #[derive(Clone, Debug, PartialEq, Eq)]

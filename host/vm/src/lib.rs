@@ -5,14 +5,17 @@
 //!   the cached boot probe selected.
 //! - [`qemu`]: QEMU's command line (microvm, TCG or KVM), pure.
 //! - [`krun`]: the libkrun launcher's configuration, pure and validated.
-//! - [`initramfs`]: the per-sandbox cpio segment (environment file, staged
-//!   files) appended to the base initramfs.
+//! - [`initramfs`]: the per-sandbox cpio segment (staged files) appended to
+//!   the base initramfs.
+//! - [`identity`]: what the host tells a guest over its identity channel
+//!   (environment, launch secret, clock, seed); no secret is in any file.
 //! - [`net`]: gvproxy confined to its own network namespace, whose only
 //!   loopback listener forwards to the sandbox's supervisor socket.
 //!
 //! The plugin host's `caps/vm.rs` wires these to the WIT interfaces and owns
 //! the running VMs. Start at [`net`] for the confinement argument.
 
+pub mod identity;
 pub mod initramfs;
 pub mod krun;
 pub mod net;

@@ -108,24 +108,104 @@ pub fn gvproxy_args(socket: &Path) -> Vec<OsString> {
     ]
 }
 
+/// Who a VM's host processes (gvproxy, QEMU) run as: the sandbox's own
+/// slot uid, never root, with at most the groups it needs (`kvm`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub uid: u32,
+    pub groups: Vec<u32>,
+}
+
 /// Makes `cmd`'s child die with the thread that spawns it (spawn it from a
-/// long-lived thread) and, with `netns`, start inside that namespace.
-pub fn confine_child(cmd: &mut Command, netns: Option<Arc<OwnedFd>>) {
+/// long-lived thread), with `netns` start inside that namespace, and with
+/// `run_as` drop root after entering it (std's own uid change runs before
+/// this hook, too early for `setns`, which needs root).
+pub fn confine_child(cmd: &mut Command, netns: Option<Arc<OwnedFd>>, run_as: Option<RunAs>) {
+    use nix::unistd::{Gid, Uid};
+    let groups: Vec<Gid> = run_as
+        .as_ref()
+        .map(|r| r.groups.iter().copied().map(Gid::from_raw).collect())
+        .unwrap_or_default();
     let hook = move || -> std::io::Result<()> {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
         if let Some(fd) = &netns {
             nix::sched::setns(fd.as_ref(), CloneFlags::CLONE_NEWNET)?;
         }
+        if let Some(r) = &run_as {
+            nix::unistd::setgroups(&groups)?;
+            let (g, u) = (Gid::from_raw(r.uid), Uid::from_raw(r.uid));
+            nix::unistd::setresgid(g, g, g)?;
+            nix::unistd::setresuid(u, u, u)?;
+            // A credential change clears the parent-death signal.
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+        }
         Ok(())
     };
     #[allow(unsafe_code, reason = "pre_exec runs between fork and exec")]
     // SAFETY: the hook runs in the forked child before exec and makes only
-    // two async-signal-safe system calls (prctl, setns); it allocates
-    // nothing and touches no lock.
+    // async-signal-safe system calls (prctl, setns, setgroups, setresgid,
+    // setresuid) on values built before the fork; it allocates nothing and
+    // touches no lock.
     unsafe {
         cmd.pre_exec(hook);
     }
 }
+
+/// Passes `fds` (at most [`MAX_PASSED`]) to `cmd`'s child as descriptors
+/// `first`, `first + 1`, ... (without close-on-exec), for a child that
+/// reopens them by `/dev/fd/N`. Runs after any earlier `pre_exec` hook.
+pub fn pass_fds(cmd: &mut Command, fds: Arc<Vec<OwnedFd>>, first: i32) {
+    use std::os::fd::AsRawFd;
+    assert!(
+        fds.len() <= MAX_PASSED,
+        "pass_fds takes at most {MAX_PASSED}"
+    );
+    let hook = move || -> std::io::Result<()> {
+        let n = fds.len();
+        let check = |r: i32| {
+            if r < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(r)
+            }
+        };
+        // Two phases, so a source that sits on another's target number is
+        // copied away before that target is overwritten. A fixed array:
+        // nothing may allocate between fork and exec.
+        let mut high = [0i32; MAX_PASSED];
+        #[allow(
+            unsafe_code,
+            reason = "fcntl, dup2 and close on raw descriptor numbers"
+        )]
+        // SAFETY: each call takes descriptor numbers: sources are open
+        // (owned by the Arc the hook holds), copies are this child's own,
+        // and the targets are plain slots in a child about to exec.
+        unsafe {
+            for (k, fd) in fds.iter().enumerate() {
+                high[k] = check(nix::libc::fcntl(
+                    fd.as_raw_fd(),
+                    nix::libc::F_DUPFD_CLOEXEC,
+                    first + n as i32,
+                ))?;
+            }
+            for (k, &h) in high.iter().enumerate().take(n) {
+                // dup2's copy is not close-on-exec.
+                check(nix::libc::dup2(h, first + k as i32))?;
+                nix::libc::close(h);
+            }
+        }
+        Ok(())
+    };
+    #[allow(unsafe_code, reason = "pre_exec runs between fork and exec")]
+    // SAFETY: the hook makes only async-signal-safe calls (fcntl, dup2,
+    // close) on descriptors opened before the fork; it allocates nothing.
+    unsafe {
+        cmd.pre_exec(hook);
+    }
+}
+
+/// The most descriptors [`pass_fds`] passes.
+pub const MAX_PASSED: usize = 8;
 
 /// Guest connections the forwarder relays at once. The supervisor socket
 /// serves four (its `SocketLimits::connections`); more would only hold two

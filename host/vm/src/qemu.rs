@@ -9,6 +9,9 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 
+/// QEMU's `-sandbox` policy: everything it offers to deny, denied.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
 /// Everything one launch needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QemuLaunch {
@@ -19,6 +22,9 @@ pub struct QemuLaunch {
     pub initrd: PathBuf,
     /// gvproxy's `-listen-qemu` socket.
     pub net_socket: PathBuf,
+    /// The identity channel's socket, which QEMU serves
+    /// ([`crate::identity`]).
+    pub identity_socket: PathBuf,
     pub console: PathBuf,
     /// The host's TSC rate, told to the guest: on a busy host the guest's
     /// PIT calibration fails under TCG and the kernel then hangs.
@@ -60,6 +66,11 @@ impl QemuLaunch {
             "-display",
             "none",
             "-no-reboot",
+            // QEMU's own seccomp filter: no exec or fork (so no `exec:`
+            // migration URI either), no privilege changes, no obsolete
+            // calls, no scheduler or resource changes.
+            "-sandbox",
+            SANDBOX,
         ] {
             push(s);
         }
@@ -82,6 +93,22 @@ impl QemuLaunch {
             &self.net_socket,
         ));
         a.extend(["-device".into(), "virtio-net-device,netdev=n0".into()]);
+        // The identity channel: a virtio-serial port on a socket QEMU
+        // listens on (without waiting for the gateway to connect).
+        a.push("-chardev".into());
+        a.push(path(
+            "socket,id=ident,server=on,wait=off,path=",
+            &self.identity_socket,
+        ));
+        a.extend(["-device".into(), "virtio-serial-device".into()]);
+        a.extend([
+            "-device".into(),
+            format!(
+                "virtserialport,chardev=ident,name={}",
+                crate::identity::PORT_NAME
+            )
+            .into(),
+        ]);
         a
     }
 }
@@ -109,7 +136,8 @@ mod tests {
             memory_mib: 512,
             kernel: "/rt/kernel/vmlinux".into(),
             initrd: "/s/initrd.cpio".into(),
-            net_socket: "/s/net.sock".into(),
+            net_socket: "/s/net/net.sock".into(),
+            identity_socket: "/s/net/identity.sock".into(),
             console: "/s/console.log".into(),
             tsc_khz: Some(2_000_000),
         }
@@ -130,8 +158,10 @@ mod tests {
             "-M microvm,x-option-roms=off -accel tcg -cpu max -m 512 -smp 2",
             "-nodefaults -no-user-config -display none -no-reboot",
             "-kernel /rt/kernel/vmlinux -initrd /s/initrd.cpio",
-            "-netdev stream,id=n0,server=off,addr.type=unix,addr.path=/s/net.sock -device virtio-net-device,netdev=n0",
+            "-netdev stream,id=n0,server=off,addr.type=unix,addr.path=/s/net/net.sock -device virtio-net-device,netdev=n0",
             "-chardev file,id=con0,append=on,path=/s/console.log -serial chardev:con0",
+            "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            "-chardev socket,id=ident,server=on,wait=off,path=/s/net/identity.sock -device virtio-serial-device -device virtserialport,chardev=ident,name=org.openshell.identity",
         ] {
             assert!(s.contains(part), "{part:?} missing from {s}");
         }

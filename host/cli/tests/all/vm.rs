@@ -71,7 +71,9 @@ fn socket_inodes(pid: u32) -> HashSet<String> {
 
 /// The gvproxy serving `sandbox_dir`, found by its socket path argument.
 pub(crate) fn gvproxy_of(sandbox_dir: &Path) -> Option<u32> {
-    let needle = sandbox_dir.join("net.sock").to_string_lossy().into_owned();
+    // gvproxy and QEMU keep their sockets in /run/openshell-vm/<id>.
+    let id = sandbox_dir.file_name()?.to_string_lossy().into_owned();
+    let needle = format!("/run/openshell-vm/{id}/net.sock");
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
         let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
         let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
@@ -203,9 +205,15 @@ fn issue_6_a_vm_sandbox_runs_the_guest_kernel_and_reaches_only_the_gateway() {
     assert!(status.success());
 }
 
-/// Host processes (QEMU, gvproxy) whose command line mentions this dir.
+/// Host processes (QEMU, gvproxy) of this sandbox dir's VM (their command
+/// lines name its socket dir, `/run/openshell-vm/<id>`).
 fn vm_processes(sandbox_dir: &Path) -> Vec<(u32, String)> {
-    let needle = sandbox_dir.to_string_lossy().into_owned();
+    let id = sandbox_dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let needle = format!("/run/openshell-vm/{id}/");
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -288,4 +296,96 @@ fn issue_6_a_killed_vm_errors_and_a_killed_gateway_leaves_no_vm_process() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Issue 14, item 3: VM sandbox code ran as root in the guest and could read
+/// the launch secret from `/etc/openshell/env`. Now it is uid 1000 under the
+/// supervisor's seccomp filter: the file is gone, root's environments are
+/// unreadable, and a nested user namespace is refused as in process
+/// sandboxes.
+#[test]
+fn issue_14_vm_sandbox_code_is_unprivileged_and_cannot_read_the_launch_secret() {
+    let Some((_rt, tmp, gw)) = vm_gateway("VM unprivileged-code test") else {
+        return;
+    };
+    gw.ok(["sandbox", "create", "--name", "u1", "--", "true"]);
+    let uid = gw.ok(["sandbox", "exec", "u1", "--", "id", "-u"]);
+    assert_eq!(uid.stdout.trim(), "1000", "{uid}");
+
+    // Issue 14, item 1: QEMU runs under its own seccomp filter (-sandbox).
+    let get = gw.ok(["sandbox", "get", "u1", "-o", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&get.stdout).unwrap();
+    let dir = tmp
+        .path()
+        .join("state/sandboxes")
+        .join(v["id"].as_str().unwrap());
+    let (qemu, _) = vm_processes(&dir)
+        .into_iter()
+        .find(|(_, c)| c.contains("qemu-system"))
+        .expect("a QEMU for u1");
+    let status = std::fs::read_to_string(format!("/proc/{qemu}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l == "Seccomp:\t2"),
+        "QEMU {qemu} has no seccomp filter:\n{status}"
+    );
+
+    // Issue 14, item 1: gvproxy's services API (on 192.168.127.1:80) once
+    // let the guest make host root create a socket wherever it asked.
+    let planted = tempfile::Builder::new()
+        .prefix("osvm-planted")
+        .tempdir_in("/tmp")
+        .unwrap();
+    let target = planted.path().join("from-guest.sock");
+    let body = format!(
+        r#"{{"local":"{}","remote":"192.168.127.2:22","protocol":"unix"}}"#,
+        target.display()
+    );
+    let request = format!(
+        "POST /services/forwarder/expose HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let post = crate::harness::run(gw.cli([
+        "sandbox",
+        "exec",
+        "u1",
+        "--",
+        "sh",
+        "-c",
+        "printf '%s' \"$1\" | nc -w 3 192.168.127.1 80",
+        "sh",
+        &request,
+    ]));
+    assert!(!post.success, "the guest reached gvproxy's API: {post}");
+    assert!(
+        !target.exists(),
+        "the guest's POST created {}",
+        target.display()
+    );
+
+    let look = crate::harness::run(gw.cli([
+        "sandbox",
+        "exec",
+        "u1",
+        "--",
+        "sh",
+        "-c",
+        "cat /etc/openshell/env; cat /proc/1/environ; \
+         grep -rs OPENSHELL_SANDBOX_SECRET /etc /tmp /sandbox /run /proc/[0-9]*/environ; \
+         tr '\\0' '\\n' < /proc/self/environ; echo end",
+    ]));
+    assert!(look.stdout.ends_with("end\n"), "{look}");
+    assert!(
+        !look.stdout.contains("OPENSHELL_SANDBOX_SECRET"),
+        "guest sandbox code read the launch secret: {look}"
+    );
+
+    let nested =
+        crate::harness::run(gw.cli(["sandbox", "exec", "u1", "--", "unshare", "-r", "-n", "true"]));
+    assert!(
+        !nested.success,
+        "guest sandbox code made a user namespace: {nested}"
+    );
+    // The sandbox still serves.
+    let again = gw.ok(["sandbox", "exec", "u1", "--", "echo", "ok"]);
+    assert_eq!(again.stdout, "ok\n", "{again}");
 }

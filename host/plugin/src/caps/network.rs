@@ -1,7 +1,8 @@
 //! `openshell:compute/network`: a VM's network. `start` makes an empty
 //! network namespace with one loopback listener, a forwarder task from it
 //! to the sandbox's supervisor socket, and gvproxy inside the namespace
-//! (`<sandbox>/net.sock`, `gvproxy.log`). The VM table owns the result,
+//! (`/run/openshell-vm/<id>/net.sock`, `<sandbox>/gvproxy.log`), both
+//! gvproxy and QEMU running as the sandbox's own uid, not root. The VM table owns the result,
 //! keyed by sandbox id; the confinement argument is in `openshell_vm::net`.
 
 use std::os::fd::OwnedFd;
@@ -15,7 +16,7 @@ use wasmtime::component::Resource;
 
 use crate::bindings::openshell::compute::network::{Host, HostVmNetwork};
 use crate::bindings::types::CapError;
-use crate::caps::vm::{VmTable, blocking, cap_error, lock, log_file};
+use crate::caps::vm::{SOCKET_ROOT, VmTable, blocking, cap_error, lock, log_file, socket_dir};
 use crate::caps::{CallState, CapabilityError};
 use crate::children::HostChild;
 
@@ -52,16 +53,25 @@ impl VmTable {
         lock(&self.nets).get(sandbox_id).map(|n| n.port)
     }
 
-    pub(crate) async fn start_network(&self, id: &str, dir: &Path) -> Result<(), CapError> {
+    pub(crate) async fn start_network(
+        &self,
+        id: &str,
+        dir: &Path,
+        run_as: net::RunAs,
+    ) -> Result<(), CapError> {
         self.stop_network(id);
         let rt = self.runtime().await?;
-        let socket = dir.join("net.sock");
+        let socket = Path::new(SOCKET_ROOT).join(id).join("net.sock");
         let target = dir.join("run/gateway.sock");
         check_socket_path(&socket)?;
         check_socket_path(&target)?;
         let log = dir.join("gvproxy.log");
         let sock = socket.clone();
+        let (sandbox, uid) = (id.to_owned(), run_as.uid);
         let (confined, (out, err)) = blocking(move || {
+            // gvproxy runs as the sandbox's uid: its socket goes in a
+            // directory of that uid's, outside the root-only state dir.
+            socket_dir(&sandbox, uid)?;
             let _ = std::fs::remove_file(&sock);
             let confined = net::confined_loopback().map_err(cap_error)?;
             Ok((confined, log_file(&log)?))
@@ -73,7 +83,7 @@ impl VmTable {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        net::confine_child(&mut cmd, Some(confined.netns.clone()));
+        net::confine_child(&mut cmd, Some(confined.netns.clone()), Some(run_as));
         // Owned from here on: abandoned at any await below, it is killed.
         let gvproxy = self
             .spawner
@@ -109,17 +119,21 @@ impl VmTable {
         Ok(())
     }
 
-    /// Stops the forwarder and kills gvproxy (by dropping them).
+    /// Stops the forwarder and kills gvproxy (by dropping them), and
+    /// removes the VM's socket dir.
     pub(crate) fn stop_network(&self, id: &str) {
-        drop(lock(&self.nets).remove(id));
+        if let Some(net) = lock(&self.nets).remove(id) {
+            drop(net);
+            let _ = std::fs::remove_dir_all(Path::new(SOCKET_ROOT).join(id));
+        }
     }
 }
 
 impl Host for CallState {
     async fn start(&mut self) -> Result<Resource<NetworkHandle>, CapabilityError> {
-        let (id, dir) = self.vm_scope()?;
+        let (id, dir, run_as) = self.vm_scope()?;
         let services = self.services.clone();
-        services.vms.start_network(&id, &dir).await?;
+        services.vms.start_network(&id, &dir, run_as).await?;
         Ok(self.table.push(NetworkHandle { sandbox_id: id })?)
     }
 }

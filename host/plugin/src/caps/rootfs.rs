@@ -43,9 +43,9 @@ impl Staged {
     ) -> Result<(), CapError> {
         limits::check_path_len("staged path", &path)?;
         initramfs::check_path(&path).map_err(|e| CapError::AccessDenied(e.to_string()))?;
-        if path == initramfs::ENV_FILE {
+        if HOST_OWNED.contains(&path.as_str()) {
             return Err(CapError::AccessDenied(format!(
-                "{path} is written by the host from the VM spec's environment"
+                "{path} is the host's (the guest's init and supervisor): a driver cannot replace it"
             )));
         }
         if mode > 0o7777 {
@@ -80,22 +80,21 @@ impl Staged {
     }
 }
 
+/// Files of the base initramfs a driver's staged files may not replace
+/// (later cpio segments win): the guest's init and its supervisor.
+const HOST_OWNED: [&str; 3] = ["init", "bin/openshell-supervisor", "bin/busybox"];
+
 impl VmTable {
     /// Writes the base initramfs followed by this sandbox's segment (the
-    /// staged files and the environment file), off the async workers.
+    /// staged files; the environment goes over the identity channel), off
+    /// the async workers.
     pub(crate) async fn write_initrd(
         &self,
         id: &str,
         rt: &VmRuntime,
         initrd: &Path,
-        env: &[(String, String)],
     ) -> Result<(), CapError> {
-        let mut entries = lock(&self.staged).remove(id).unwrap_or_default().entries;
-        entries.push(Entry {
-            path: initramfs::ENV_FILE.into(),
-            mode: 0o600,
-            contents: initramfs::env_file(env).map_err(cap_error)?,
-        });
+        let entries = lock(&self.staged).remove(id).unwrap_or_default().entries;
         let segment = initramfs::archive(&entries).map_err(cap_error)?;
         let (base, initrd) = (rt.base_initrd.clone(), initrd.to_owned());
         blocking(move || {
@@ -104,7 +103,7 @@ impl VmTable {
             // Each cpio segment starts 4-byte aligned.
             bytes.resize(bytes.len().next_multiple_of(4), 0);
             bytes.extend_from_slice(&segment);
-            // It carries the launch secret and the environment: 0600.
+            // The driver's staged files: the state dir's own, 0600.
             crate::private_file::write_private(&initrd, &bytes)
                 .map_err(|e| CapError::Failed(format!("cannot write {}: {e}", initrd.display())))
         })
@@ -181,15 +180,17 @@ mod tests {
     }
 
     #[test]
-    fn long_paths_odd_modes_and_the_env_file_are_refused() {
+    fn long_paths_odd_modes_and_the_hosts_own_files_are_refused() {
         let mut s = Staged::default();
         let m = refusal(s.add("a".repeat(limits::MAX_PATH + 1), 0o644, vec![]));
         assert!(m.contains(&limits::MAX_PATH.to_string()), "{m}");
         refusal(s.add("x".into(), 0o100644, vec![]));
-        assert!(matches!(
-            s.add(initramfs::ENV_FILE.into(), 0o600, vec![]),
-            Err(CapError::AccessDenied(_))
-        ));
+        for own in HOST_OWNED {
+            assert!(matches!(
+                s.add(own.into(), 0o755, vec![]),
+                Err(CapError::AccessDenied(_))
+            ));
+        }
         assert!(matches!(
             s.add("../up".into(), 0o600, vec![]),
             Err(CapError::AccessDenied(_))

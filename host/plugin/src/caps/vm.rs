@@ -55,6 +55,54 @@ struct Vm {
     /// QEMU; dropping the entry kills it.
     child: HostChild,
     backend: VmBackend,
+    /// Held open for the VM's life (a restored VM is told anew on it).
+    _identity: IdentityChannel,
+}
+
+/// The gateway's end of a VM's identity channel: a task that connects to
+/// QEMU's socket as soon as it exists, writes the identity (which waits in
+/// the socket until the guest's init reads the port) and holds the
+/// connection. Aborted on drop.
+struct IdentityChannel(tokio::task::AbortHandle);
+
+impl IdentityChannel {
+    /// How long QEMU gets to create its socket.
+    const READY: Duration = Duration::from_secs(10);
+
+    fn open(socket: PathBuf, message: Vec<u8>) -> Self {
+        let task = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let started = Instant::now();
+            let mut stream = loop {
+                match tokio::net::UnixStream::connect(&socket).await {
+                    Ok(s) => break s,
+                    Err(_) if started.elapsed() < Self::READY => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            "cannot reach the VM's identity channel {}: {e}",
+                            socket.display()
+                        );
+                        return;
+                    }
+                }
+            };
+            if let Err(e) = stream.write_all(&message).await {
+                tracing::warn!("cannot send the VM its identity: {e}");
+                return;
+            }
+            // Held until the VM goes (the task is aborted).
+            std::future::pending::<()>().await;
+        });
+        IdentityChannel(task.abort_handle())
+    }
+}
+
+impl Drop for IdentityChannel {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Running VMs, their networks and staged files, by sandbox id.
@@ -196,7 +244,13 @@ impl VmTable {
         self.vm(sandbox_id).map(|v| v.backend)
     }
 
-    async fn launch(&self, id: &str, dir: &Path, spec: &VmSpec) -> Result<(), CapError> {
+    async fn launch(
+        &self,
+        id: &str,
+        dir: &Path,
+        spec: &VmSpec,
+        run_as: net::RunAs,
+    ) -> Result<(), CapError> {
         if matches!(self.status(id), Some(VmStatus::Running)) {
             return Err(CapError::Invalid(
                 "this sandbox's VM is already running".into(),
@@ -211,20 +265,39 @@ impl VmTable {
         let rt = self.runtime().await?;
         let initrd = dir.join("initrd.cpio");
         let console = dir.join("console.log");
-        let net_socket = dir.join("net.sock");
-        for p in [&initrd, &console, &net_socket] {
+        let sockets = Path::new(SOCKET_ROOT).join(id);
+        let net_socket = sockets.join("net.sock");
+        let identity_socket = sockets.join("identity.sock");
+        for p in [&initrd, &console, &net_socket, &identity_socket] {
             qemu::check_path(p).map_err(cap_error)?;
         }
-        self.write_initrd(id, &rt, &initrd, &spec.environment)
-            .await?;
+        openshell_vm::check_socket_path(&identity_socket).map_err(cap_error)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let identity = openshell_vm::identity::message(&spec.environment, now, &rand::random())
+            .map_err(cap_error)?;
+        self.write_initrd(id, &rt, &initrd).await?;
+        // QEMU runs as the sandbox's uid and cannot pass the root-only
+        // state dir: it gets these two as descriptors 3 and 4.
+        let (uid, i, c) = (run_as.uid, initrd.clone(), console.clone());
+        let handed: Vec<std::os::fd::OwnedFd> = blocking(move || {
+            Ok(vec![
+                hand_to(&i, uid, false)?.into(),
+                hand_to(&c, uid, true)?.into(),
+            ])
+        })
+        .await?;
+        let handed = Arc::new(handed);
         let launch = QemuLaunch {
             kvm: rt.backend == VmBackend::QemuKvm,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
             kernel: rt.kernel.clone(),
-            initrd,
+            initrd: "/dev/fd/3".into(),
             net_socket,
-            console: console.clone(),
+            identity_socket: identity_socket.clone(),
+            console: "/dev/fd/4".into(),
             tsc_khz: rt.tsc_khz,
         };
         let qemu_log = dir.join("qemu.log");
@@ -241,13 +314,15 @@ impl VmTable {
                 .stdin(Stdio::null())
                 .stdout(out)
                 .stderr(err);
-            net::confine_child(&mut cmd, None);
+            net::confine_child(&mut cmd, None, Some(run_as.clone()));
+            net::pass_fds(&mut cmd, handed.clone(), 3);
             // Owned from here on: abandoned during the watchdog, it is killed.
             let child = self
                 .spawner
                 .spawn(cmd)
                 .await
                 .map_err(|e| CapError::Failed(format!("cannot start QEMU: {e}")))?;
+            let channel = IdentityChannel::open(identity_socket.clone(), identity.clone());
             match watch_boot(&child, &console, seen).await {
                 Boot::Printed => {
                     child.report_exit(id, "the VM", self.events.clone());
@@ -256,6 +331,7 @@ impl VmTable {
                         Arc::new(Vm {
                             child,
                             backend: rt.backend,
+                            _identity: channel,
                         }),
                     );
                     return Ok(());
@@ -300,6 +376,69 @@ impl VmTable {
     }
 }
 
+/// Where a VM's unix sockets live (gvproxy's, QEMU's identity channel):
+/// outside the state dir, which stays root's 0700, because gvproxy and QEMU
+/// run as the sandbox's uid and must reach them by path. The parent is
+/// root's 0711 (nobody can list it); each VM's dir is its uid's 0700.
+pub(crate) const SOCKET_ROOT: &str = "/run/openshell-vm";
+
+/// A fresh socket dir for sandbox `id`, owned by `uid`.
+pub(crate) fn socket_dir(id: &str, uid: u32) -> Result<PathBuf, CapError> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let fail = |p: &Path, e: std::io::Error| {
+        CapError::Failed(format!("cannot prepare {}: {e}", p.display()))
+    };
+    let root = Path::new(SOCKET_ROOT);
+    match std::fs::DirBuilder::new().mode(0o711).create(root) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(fail(root, e)),
+        _ => {}
+    }
+    // Never trust a path someone else could have made: root's, a real dir.
+    let meta = std::fs::symlink_metadata(root).map_err(|e| fail(root, e))?;
+    if !meta.is_dir() || meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(CapError::Failed(format!(
+            "{SOCKET_ROOT} must be a directory owned by root and writable only by it"
+        )));
+    }
+    if meta.mode() & 0o777 != 0o711 {
+        std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o711))
+            .map_err(|e| fail(root, e))?;
+    }
+    let dir = root.join(id);
+    // A dir left by a gateway that died goes first.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| fail(&dir, e))?;
+    std::os::unix::fs::lchown(&dir, Some(uid), Some(uid)).map_err(|e| fail(&dir, e))?;
+    Ok(dir)
+}
+
+/// Opens `path` (created if missing, never through a symlink) for QEMU,
+/// handing the file to the sandbox's `uid`: QEMU, running as that uid,
+/// reopens it through `/dev/fd`, which checks the file's own permissions
+/// but no directory above it.
+pub(crate) fn hand_to(path: &Path, uid: u32, write: bool) -> Result<std::fs::File, CapError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let fail = |e: std::io::Error| {
+        CapError::Failed(format!(
+            "cannot hand {} to the sandbox's uid: {e}",
+            path.display()
+        ))
+    };
+    let f = std::fs::OpenOptions::new()
+        .read(!write)
+        .append(write)
+        .create(write)
+        .mode(0o600)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(fail)?;
+    std::os::unix::fs::fchown(&f, Some(uid), Some(uid)).map_err(fail)?;
+    Ok(f)
+}
+
 enum Boot {
     Printed,
     Silent,
@@ -327,14 +466,23 @@ async fn watch_boot(child: &HostChild, console: &Path, seen: u64) -> Boot {
 }
 
 impl CallState {
-    pub(crate) fn vm_scope(&self) -> Result<(String, PathBuf), CapError> {
+    pub(crate) fn vm_scope(&self) -> Result<(String, PathBuf, net::RunAs), CapError> {
         let id = self.require_sandbox()?.to_owned();
         let dir = self
             .scope
             .state_path
             .clone()
             .ok_or_else(|| CapError::AccessDenied("no sandbox state directory".into()))?;
-        Ok((id, dir))
+        // The gateway allocated and stored it: no other sandbox has it.
+        let slot = self.scope.uid_slot.ok_or_else(|| {
+            CapError::Failed("this sandbox has no uid range: the gateway did not assign one".into())
+        })?;
+        let uid = self.services.processes.uid_base(slot);
+        // QEMU opens /dev/kvm through its group on a KVM host.
+        let groups = std::fs::metadata("/dev/kvm")
+            .map(|m| vec![std::os::unix::fs::MetadataExt::gid(&m)])
+            .unwrap_or_default();
+        Ok((id, dir, net::RunAs { uid, groups }))
     }
 }
 
@@ -345,7 +493,7 @@ impl Host for CallState {
         root: Resource<super::RootfsHandle>,
         net: Resource<super::NetworkHandle>,
     ) -> Result<Resource<VmHandle>, CapabilityError> {
-        let (id, dir) = self.vm_scope()?;
+        let (id, dir, run_as) = self.vm_scope()?;
         // Both handles must be this sandbox's (they always are: handles are
         // per call and per sandbox, but the check is cheap).
         if self.table.get(&root)?.sandbox_id != id || self.table.get(&net)?.sandbox_id != id {
@@ -355,7 +503,7 @@ impl Host for CallState {
             .into());
         }
         let services = self.services.clone();
-        services.vms.launch(&id, &dir, &spec).await?;
+        services.vms.launch(&id, &dir, &spec, run_as).await?;
         Ok(self.table.push(VmHandle { sandbox_id: id })?)
     }
 
