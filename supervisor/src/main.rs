@@ -23,6 +23,10 @@ use std::process::ExitCode;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoint: String,
+    /// Whom to trust on an `https://` endpoint (a VM guest's hop): the
+    /// gateway's CA and the name its certificate carries. Required there:
+    /// no system roots, no plaintext over a network.
+    pub gateway_tls: Option<session::GatewayTrust>,
     pub sandbox_id: String,
     pub secret: String,
     /// Uid sandbox code runs as (inside the sandbox's user namespace).
@@ -36,6 +40,10 @@ pub struct Config {
 pub enum ConfigError {
     #[error("{name} is not set")]
     Missing { name: &'static str },
+    #[error(
+        "OPENSHELL_ENDPOINT is https:// but OPENSHELL_GATEWAY_CA or OPENSHELL_GATEWAY_NAME is not set: the supervisor trusts only the gateway's own CA"
+    )]
+    NoTrust,
     #[error("OPENSHELL_SANDBOX_UID={value:?} is not a uid")]
     BadUid {
         value: String,
@@ -73,8 +81,21 @@ impl Config {
         child_env
             .entry("HOME".into())
             .or_insert_with(|| "/sandbox".into());
+        let endpoint = need("OPENSHELL_ENDPOINT")?;
+        let gateway_tls = if endpoint.starts_with("https://") {
+            let ca = need("OPENSHELL_GATEWAY_CA").map_err(|_| ConfigError::NoTrust)?;
+            let name = need("OPENSHELL_GATEWAY_NAME").map_err(|_| ConfigError::NoTrust)?;
+            Some(session::GatewayTrust {
+                // One environment line: the PEM's newlines arrive as `\n`.
+                ca_pem: ca.replace("\\n", "\n"),
+                server_name: name,
+            })
+        } else {
+            None
+        };
         Ok(Self {
-            endpoint: need("OPENSHELL_ENDPOINT")?,
+            endpoint,
+            gateway_tls,
             sandbox_id: need("OPENSHELL_SANDBOX_ID")?,
             secret: need("OPENSHELL_SANDBOX_SECRET")?,
             run_as,
@@ -218,5 +239,42 @@ mod tests {
                 Err(e) => proptest::prop_assert!(e.to_string().starts_with("OPENSHELL_"), "{}", e),
             }
         }
+    }
+
+    /// Issue 14, item 5: an https endpoint without the gateway's CA is a
+    /// configuration error, not a connection with system roots.
+    #[test]
+    fn an_https_endpoint_needs_the_gateways_ca_and_name() {
+        let base = [
+            ("OPENSHELL_ENDPOINT", "https://192.168.127.254:4000"),
+            ("OPENSHELL_SANDBOX_ID", "s1"),
+            ("OPENSHELL_SANDBOX_SECRET", "x"),
+        ];
+        let vars = |extra: &[(&str, &str)]| {
+            base.iter()
+                .chain(extra)
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+                .into_iter()
+        };
+        assert_eq!(
+            Config::from_env(vars(&[])).unwrap_err(),
+            ConfigError::NoTrust
+        );
+        assert_eq!(
+            Config::from_env(vars(&[("OPENSHELL_GATEWAY_CA", "pem")])).unwrap_err(),
+            ConfigError::NoTrust
+        );
+        let c = Config::from_env(vars(&[
+            (
+                "OPENSHELL_GATEWAY_CA",
+                "-----BEGIN X-----\\nAAAA\\n-----END X-----",
+            ),
+            ("OPENSHELL_GATEWAY_NAME", "openshell-gateway"),
+        ]))
+        .unwrap();
+        let t = c.gateway_tls.unwrap();
+        assert_eq!(t.ca_pem, "-----BEGIN X-----\nAAAA\n-----END X-----");
+        assert_eq!(t.server_name, "openshell-gateway");
     }
 }

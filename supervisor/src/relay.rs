@@ -81,6 +81,7 @@ mod tests {
     fn cfg() -> Config {
         Config {
             endpoint: "unix:///nonexistent".into(),
+            gateway_tls: None,
             sandbox_id: "id".into(),
             secret: "s".into(),
             run_as: None,

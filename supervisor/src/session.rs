@@ -84,7 +84,18 @@ pub async fn run_forever(cfg: Config, ssh: Arc<SshServer>) {
     }
 }
 
-pub async fn connect(endpoint: &str) -> Result<Channel, ConnectError> {
+/// The gateway's CA and the name on its certificate, for an `https://`
+/// endpoint.
+#[derive(Clone, Debug)]
+pub struct GatewayTrust {
+    pub ca_pem: String,
+    pub server_name: String,
+}
+
+pub async fn connect(
+    endpoint: &str,
+    trust: Option<&GatewayTrust>,
+) -> Result<Channel, ConnectError> {
     let timed_out = |_| ConnectError::TimedOut {
         endpoint: endpoint.to_owned(),
     };
@@ -113,9 +124,16 @@ pub async fn connect(endpoint: &str) -> Result<Channel, ConnectError> {
             .map_err(timed_out)?
             .map_err(transport)
     } else {
-        let ep = Endpoint::try_from(endpoint.to_owned())
+        let mut ep = Endpoint::try_from(endpoint.to_owned())
             .map_err(bad)?
             .connect_timeout(CONNECT_TIMEOUT);
+        if let Some(t) = trust {
+            // Only the gateway's own CA: no system roots in a guest.
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(&t.ca_pem))
+                .domain_name(&t.server_name);
+            ep = ep.tls_config(tls).map_err(bad)?;
+        }
         tokio::time::timeout(CONNECT_TIMEOUT, ep.connect())
             .await
             .map_err(timed_out)?
@@ -129,7 +147,7 @@ fn out(m: Out) -> pb::SupervisorMessage {
 
 /// One session: `Err` if it was never accepted, else why it ended.
 async fn session_once(cfg: &Config, ssh: &Arc<SshServer>) -> Result<SessionEnded, SessionError> {
-    let channel = connect(&cfg.endpoint).await?;
+    let channel = connect(&cfg.endpoint, cfg.gateway_tls.as_ref()).await?;
     let mut client = SupervisorClient::new(channel.clone());
     let (tx, rx) = mpsc::channel(32);
     let hello = Out::Hello(pb::SupervisorHello {
@@ -199,7 +217,7 @@ mod tests {
     async fn a_missing_socket_is_a_transport_error_naming_the_endpoint() {
         let dir = tempfile::tempdir().unwrap();
         let endpoint = format!("unix://{}/gateway.sock", dir.path().display());
-        let e = connect(&endpoint).await.unwrap_err();
+        let e = connect(&endpoint, None).await.unwrap_err();
         assert!(
             matches!(&e, ConnectError::Transport { endpoint: ep, .. } if *ep == endpoint),
             "{e:?}"
@@ -211,8 +229,103 @@ mod tests {
 
     #[tokio::test]
     async fn a_malformed_endpoint_is_named_as_such() {
-        let e = connect("not a uri").await.unwrap_err();
+        let e = connect("not a uri", None).await.unwrap_err();
         assert!(matches!(&e, ConnectError::BadEndpoint { .. }), "{e:?}");
         assert!(e.to_string().contains("\"not a uri\""), "{e}");
+    }
+
+    /// A CA and a server certificate it signed for `name`.
+    fn pki(name: &str) -> (String, String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::default();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let ca_cert = ca.clone().self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, &ca_key);
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (ca_cert.pem(), cert.pem(), key.serialize_pem())
+    }
+
+    fn trust(ca_pem: &str) -> GatewayTrust {
+        GatewayTrust {
+            ca_pem: ca_pem.to_owned(),
+            server_name: "openshell-gateway".into(),
+        }
+    }
+
+    /// Issue 14, item 5: the first bytes a supervisor sends on an https
+    /// endpoint (a VM guest's hop) are a TLS ClientHello, where a plaintext
+    /// one sends the HTTP/2 preface.
+    #[tokio::test]
+    async fn on_an_https_endpoint_the_first_bytes_are_a_tls_client_hello() {
+        use tokio::io::AsyncReadExt;
+        let (ca, _, _) = pki("openshell-gateway");
+        for (scheme, tls) in [("https", Some(trust(&ca))), ("http", None)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let endpoint = format!("{scheme}://{}", listener.local_addr().unwrap());
+            let dial = tokio::spawn(async move { connect(&endpoint, tls.as_ref()).await });
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut first = [0u8; 6];
+            s.read_exact(&mut first).await.unwrap();
+            if scheme == "https" {
+                // Record type handshake, TLS 1.x, handshake type ClientHello.
+                assert_eq!(
+                    (first[0], first[1], first[5]),
+                    (0x16, 0x03, 0x01),
+                    "{first:02x?}"
+                );
+            } else {
+                assert_eq!(&first, b"PRI * ", "plaintext h2 starts with its preface");
+            }
+            dial.abort();
+        }
+    }
+
+    /// Issue 14, item 5: a supervisor that was given another CA refuses a
+    /// gateway whose certificate that CA did not sign; with the right CA
+    /// the handshake completes.
+    #[tokio::test]
+    async fn a_supervisor_given_a_wrong_ca_refuses_the_gateway() {
+        use rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls;
+        let (right_ca, cert, key) = pki("openshell-gateway");
+        let (wrong_ca, _, _) = pki("openshell-gateway");
+        let certs = rustls::pki_types::CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+
+        for (ca, should_pass) in [(&wrong_ca, false), (&right_ca, true)] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let endpoint = format!("https://{}", listener.local_addr().unwrap());
+            let t = trust(ca);
+            let dial = tokio::spawn(async move { connect(&endpoint, Some(&t)).await });
+            let (tcp, _) = listener.accept().await.unwrap();
+            let accepted = acceptor.accept(tcp).await;
+            assert_eq!(accepted.is_ok(), should_pass, "{:?}", accepted.err());
+            if !should_pass {
+                let dialled = dial.await.unwrap();
+                assert!(
+                    dialled.is_err(),
+                    "the supervisor accepted a gateway its CA did not sign"
+                );
+            } else {
+                dial.abort();
+            }
+        }
     }
 }

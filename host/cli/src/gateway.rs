@@ -33,6 +33,8 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
             runtime_dir: a.vm_runtime,
             backend: openshell_plugin::VmBackendChoice::parse(&a.vm_backend)
                 .map_err(|e| anyhow::anyhow!("--vm-backend: {e}"))?,
+            // The gateway sets it from its own PKI.
+            supervisor_tls: None,
         },
         plugin_call_timeout: std::time::Duration::from_secs(a.plugin_call_timeout_secs),
         heartbeat: std::time::Duration::from_millis(a.heartbeat_ms),

@@ -256,7 +256,15 @@ impl Gateway {
             .supervisor
             .clone()
             .or_else(|| sibling_binary("openshell-supervisor"));
+        // Always made, even when the API port is plaintext: a VM guest's
+        // supervisor dials over TLS verified against this CA.
+        let pki = crate::tls::ensure_pki(&cfg.state_dir, &cfg.tls_sans, cfg.bind)?;
         host_cfg.vm = cfg.vm.clone();
+        host_cfg.vm.supervisor_tls = Some(openshell_plugin::SupervisorTls {
+            ca_pem: pki.ca_pem.clone(),
+            server_name: crate::tls::SERVER_NAME.into(),
+            acceptor: crate::incoming::tls_acceptor(&pki.cert_pem, &pki.key_pem)?,
+        });
         let plugins = Arc::new(PluginHost::new(host_cfg, events_tx)?);
         let runtime = ComputeRuntime::new(
             store,
@@ -292,15 +300,7 @@ impl Gateway {
             .local_addr()
             .map_err(|source| GatewayError::Bind { addr, source })?;
 
-        let pki = if cfg.disable_tls {
-            None
-        } else {
-            Some(crate::tls::ensure_pki(
-                &cfg.state_dir,
-                &cfg.tls_sans,
-                cfg.bind,
-            )?)
-        };
+        let pki = (!cfg.disable_tls).then(|| pki.clone());
         let token = if cfg.disable_auth {
             None
         } else {

@@ -28,5 +28,6 @@ pub use host::{
     CallError, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost, PluginHostConfig,
     secure_state_dir,
 };
+pub use openshell_vm::net::SupervisorTls;
 pub use openshell_vm::runtime::{Backend as VmBackend, BackendChoice as VmBackendChoice};
 pub use private_file::write_private;

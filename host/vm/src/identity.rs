@@ -45,6 +45,12 @@ pub fn message(
     Ok(out)
 }
 
+/// A PEM block as one environment line: its newlines as `\n` (PEM holds
+/// no backslash), which the supervisor turns back.
+pub fn pem_line(pem: &str) -> String {
+    pem.trim_end().replace('\n', "\\n")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -218,9 +218,43 @@ pub const FORWARD_CONNECTIONS: usize = 8;
 /// ENOBUFS) instead of retrying at once, which would spin a core.
 const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// TLS for the guest supervisor's hop (issue 14, item 5): the forwarder
+/// terminates it with the gateway's server certificate, which the guest
+/// verifies against `ca_pem` under `server_name` (both sent on the identity
+/// channel). No supervisor connection crosses a network in plaintext.
+#[derive(Clone)]
+pub struct SupervisorTls {
+    pub ca_pem: String,
+    pub server_name: String,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+impl std::fmt::Debug for SupervisorTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SupervisorTls")
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A guest connection, past TLS when the hop has it.
+enum Guest {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+/// A guest must finish its TLS handshake by then.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Relays each connection on the namespace's listener to the sandbox's
-/// supervisor socket, at most `max` at a time, until the task is aborted.
-pub async fn forward(listener: std::net::TcpListener, target: PathBuf, max: usize) {
+/// supervisor socket, at most `max` at a time, through `tls` when set,
+/// until the task is aborted.
+pub async fn forward(
+    listener: std::net::TcpListener,
+    target: PathBuf,
+    max: usize,
+    tls: Option<SupervisorTls>,
+) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(l) => l,
         Err(e) => {
@@ -245,10 +279,25 @@ pub async fn forward(listener: std::net::TcpListener, target: PathBuf, max: usiz
         };
         let target = target.clone();
         let unreachable = unreachable.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            // TLS first: a guest that does not finish it never reaches the
+            // supervisor socket (nor takes one of its connections).
+            let guest = match tls {
+                None => Guest::Plain(tcp),
+                Some(tls) => {
+                    match tokio::time::timeout(TLS_HANDSHAKE, tls.acceptor.accept(tcp)).await {
+                        Ok(Ok(s)) => Guest::Tls(Box::new(s)),
+                        _ => return,
+                    }
+                }
+            };
             match tokio::net::UnixStream::connect(&target).await {
-                Ok(unix) => relay(tcp, unix).await,
+                Ok(unix) => match guest {
+                    Guest::Plain(s) => relay(s, unix).await,
+                    Guest::Tls(s) => relay(*s, unix).await,
+                },
                 Err(e) => unreachable.warn(|n| {
                     tracing::warn!(
                         "VM forwarder: cannot reach {} ({n} times since the last line): {e}",
@@ -263,9 +312,12 @@ pub async fn forward(listener: std::net::TcpListener, target: PathBuf, max: usiz
 /// Copies both ways until the gateway's side ends: a server that closed
 /// (a missed handshake deadline, say) ends the relay and frees its slot
 /// even if the guest never closes its side.
-async fn relay(mut tcp: tokio::net::TcpStream, mut unix: tokio::net::UnixStream) {
+async fn relay<S>(guest: S, mut unix: tokio::net::UnixStream)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite,
+{
     use tokio::io::AsyncWriteExt;
-    let (mut from_guest, mut to_guest) = tcp.split();
+    let (mut from_guest, mut to_guest) = tokio::io::split(guest);
     let (mut from_gateway, mut to_gateway) = unix.split();
     let up = async {
         let _ = tokio::io::copy(&mut from_guest, &mut to_gateway).await;
@@ -336,7 +388,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let max = 3;
-        let task = tokio::spawn(forward(listener, target, max));
+        let task = tokio::spawn(forward(listener, target, max, None));
 
         // Forty guest connections, all completed by the kernel (the listen
         // queue takes them); the forwarder must pass on only three.
@@ -360,6 +412,59 @@ mod tests {
         assert!(extra.is_err(), "a freed slot let in more than one");
         task.abort();
         drop(guests);
+    }
+
+    /// Issue 14, item 5: with TLS on the hop, a guest that speaks
+    /// plaintext HTTP/2 reaches nothing: the supervisor socket never sees a
+    /// connection, and the forwarder hangs up.
+    #[tokio::test]
+    async fn a_plaintext_guest_cannot_reach_the_supervisor_through_a_tls_forwarder() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio_rustls::rustls;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["openshell-gateway".into()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+        )
+        .unwrap();
+        let tls = SupervisorTls {
+            ca_pem: cert.pem(),
+            server_name: "openshell-gateway".into(),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("supervisor.sock");
+        let supervisor = tokio::net::UnixListener::bind(&target).unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let task = tokio::spawn(forward(listener, target, 4, Some(tls)));
+
+        let mut guest = tokio::net::TcpStream::connect(addr).await.unwrap();
+        guest
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        // The forwarder's TLS gives up on it: an alert or a hang-up.
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(15), guest.read(&mut buf)).await;
+        assert!(n.is_ok(), "the forwarder neither answered nor hung up");
+        let reached = tokio::time::timeout(Duration::from_millis(300), supervisor.accept()).await;
+        assert!(
+            reached.is_err(),
+            "a plaintext guest reached the supervisor socket"
+        );
+        task.abort();
     }
 
     #[test]

@@ -105,6 +105,7 @@ impl VmTable {
             confined.listener,
             target,
             net::FORWARD_CONNECTIONS,
+            self.config.supervisor_tls.clone(),
         ))
         .abort_handle();
         lock(&self.nets).insert(
@@ -141,8 +142,13 @@ impl Host for CallState {
 impl HostVmNetwork for CallState {
     async fn guest_endpoint(&mut self, h: Resource<NetworkHandle>) -> wasmtime::Result<String> {
         let id = &self.table.get(&h)?.sandbox_id;
+        let scheme = if self.services.vms.config.supervisor_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         Ok(match self.services.vms.port(id) {
-            Some(port) => format!("http://{}:{port}", net::GUEST_HOST_ADDR),
+            Some(port) => format!("{scheme}://{}:{port}", net::GUEST_HOST_ADDR),
             None => String::new(),
         })
     }

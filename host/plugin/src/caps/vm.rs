@@ -44,6 +44,9 @@ pub struct VmConfig {
     /// The runtime dir staged by `just vm-setup` / `just vm-rootfs`.
     pub runtime_dir: Option<PathBuf>,
     pub backend: BackendChoice,
+    /// TLS for the guest supervisor's hop; the gateway always sets it.
+    /// Without it (tests of the plugin host alone) the hop is plaintext.
+    pub supervisor_tls: Option<net::SupervisorTls>,
 }
 
 #[derive(Debug)]
@@ -275,8 +278,22 @@ impl VmTable {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        let identity = openshell_vm::identity::message(&spec.environment, now, &rand::random())
-            .map_err(cap_error)?;
+        // The host, not the driver, says whom the guest must trust.
+        let mut env: Vec<(String, String)> = spec
+            .environment
+            .iter()
+            .filter(|(k, _)| !k.starts_with("OPENSHELL_GATEWAY_"))
+            .cloned()
+            .collect();
+        if let Some(tls) = &self.config.supervisor_tls {
+            env.push((
+                "OPENSHELL_GATEWAY_CA".into(),
+                openshell_vm::identity::pem_line(&tls.ca_pem),
+            ));
+            env.push(("OPENSHELL_GATEWAY_NAME".into(), tls.server_name.clone()));
+        }
+        let identity =
+            openshell_vm::identity::message(&env, now, &rand::random()).map_err(cap_error)?;
         self.write_initrd(id, &rt, &initrd).await?;
         // QEMU runs as the sandbox's uid and cannot pass the root-only
         // state dir: it gets these two as descriptors 3 and 4.
