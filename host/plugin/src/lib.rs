@@ -14,6 +14,7 @@ pub mod caps;
 pub mod children;
 pub mod grants;
 mod host;
+mod logs;
 mod private_file;
 
 /// Size limits a caller may need to size its own buffers.

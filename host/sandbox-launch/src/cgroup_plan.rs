@@ -13,6 +13,13 @@ use crate::config::LaunchConfig;
 /// CFS period; the quota is `cpu_millis` thousandths of it.
 pub const CPU_PERIOD_US: u64 = 100_000;
 
+/// Every sandbox's CPU weight, half a default cgroup's (v1 `cpu.shares`
+/// 1024, v2 `cpu.weight` 100): under contention the gateway and the host
+/// keep twice a sandbox's share, whatever its limit. A weight bounds
+/// nothing while the CPUs are idle; `cpu_millis` is the cap.
+pub const CPU_SHARES_V1: u64 = 512;
+pub const CPU_WEIGHT_V2: u64 = 50;
+
 /// Where sandboxes go, under each v1 controller's mount or the v2 base.
 pub const SANDBOXES: &str = "openshell";
 
@@ -260,6 +267,14 @@ pub fn v1_writes(config: &LaunchConfig) -> Vec<LimitWrite> {
         ));
         writes.push(write(Controller::Cpu, "cpu.cfs_quota_us", quota, false));
     }
+    // The cpu controller's directory exists whenever it is mounted, limit
+    // or not, so the default weight applies to every sandbox on v1.
+    writes.push(write(
+        Controller::Cpu,
+        "cpu.shares",
+        CPU_SHARES_V1.to_string(),
+        true,
+    ));
     writes
 }
 
@@ -291,6 +306,15 @@ pub fn v2_writes(config: &LaunchConfig) -> Vec<LimitWrite> {
             Controller::Cpu,
             "cpu.max",
             format!("{quota} {CPU_PERIOD_US}"),
+            false,
+        ));
+        // On v2 the cpu controller is enabled only for a cpu limit (a
+        // controller the gateway's cgroup was not delegated would fail the
+        // launch), so the default weight comes with it.
+        writes.push(write(
+            Controller::Cpu,
+            "cpu.weight",
+            CPU_WEIGHT_V2.to_string(),
             false,
         ));
     }
@@ -546,16 +570,23 @@ mod tests {
     }
 
     #[test]
-    fn no_limits_write_nothing() {
-        assert!(v1_writes(&config_with(0, 0, 0)).is_empty());
+    fn no_limits_write_only_the_default_cpu_weight() {
+        assert_eq!(
+            files(&v1_writes(&config_with(0, 0, 0))),
+            [("cpu.shares", "512")]
+        );
+        // v2 enables no controller without a limit, so it writes nothing.
         assert!(v2_writes(&config_with(0, 0, 0)).is_empty());
+        // With a cpu limit v2 gets the same half weight.
+        let v2 = v2_writes(&config_with(0, 0, 250));
+        assert_eq!(files(&v2).last(), Some(&("cpu.weight", "50")));
     }
 
     #[test]
     fn v1_memory_is_limited_in_bytes_with_swap_capped_at_the_same_value() {
         let writes = v1_writes(&config_with(32, 0, 0));
         assert_eq!(
-            files(&writes),
+            files(&writes)[..2],
             [
                 ("memory.limit_in_bytes", "33554432"),
                 ("memory.memsw.limit_in_bytes", "33554432")
@@ -580,14 +611,14 @@ mod tests {
             v1_writes(&config_with(0, 8, 0)),
             v2_writes(&config_with(0, 8, 0)),
         ] {
-            assert_eq!(files(&writes), [("pids.max", "8")]);
+            assert_eq!(files(&writes)[..1], [("pids.max", "8")]);
         }
     }
 
     #[test]
     fn cpu_millis_are_thousandths_of_a_100ms_period() {
         assert_eq!(
-            files(&v1_writes(&config_with(0, 0, 250))),
+            files(&v1_writes(&config_with(0, 0, 250)))[..2],
             [
                 ("cpu.cfs_period_us", "100000"),
                 ("cpu.cfs_quota_us", "25000")
@@ -598,7 +629,7 @@ mod tests {
             ("cpu.cfs_quota_us", "200000")
         );
         assert_eq!(
-            files(&v2_writes(&config_with(0, 0, 250))),
+            files(&v2_writes(&config_with(0, 0, 250)))[..1],
             [("cpu.max", "25000 100000")]
         );
     }

@@ -80,7 +80,7 @@ impl QemuLaunch {
             s
         };
         a.push("-chardev".into());
-        let mut chardev = path("file,id=con0,append=on,path=", &self.console);
+        let mut chardev = path("file,id=con0,path=", &self.console);
         chardev.push("");
         a.push(chardev);
         a.extend(["-serial".into(), "chardev:con0".into()]);
@@ -159,7 +159,7 @@ mod tests {
             "-nodefaults -no-user-config -display none -no-reboot",
             "-kernel /rt/kernel/vmlinux -initrd /s/initrd.cpio",
             "-netdev stream,id=n0,server=off,addr.type=unix,addr.path=/s/net/net.sock -device virtio-net-device,netdev=n0",
-            "-chardev file,id=con0,append=on,path=/s/console.log -serial chardev:con0",
+            "-chardev file,id=con0,path=/s/console.log -serial chardev:con0",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-chardev socket,id=ident,server=on,wait=off,path=/s/net/identity.sock -device virtio-serial-device -device virtserialport,chardev=ident,name=org.openshell.identity",
         ] {

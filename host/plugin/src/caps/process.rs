@@ -325,10 +325,15 @@ impl CallState {
         let config_path = state.join("launch.json");
         write_private(&config_path, json.as_bytes())
             .map_err(|e| CapError::Failed(format!("cannot write the launch config: {e}")))?;
-        let log = open_supervisor_log(&state)?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| CapError::Failed(format!("cannot open the supervisor log: {e}")))?;
+        // Checked as before (a regular file, 0600, no symlink), but the
+        // launcher (and the supervisor after it) write into a pipe the
+        // gateway copies into it under a bound (crate::logs).
+        drop(open_supervisor_log(&state)?);
+        let failed =
+            |e: std::io::Error| CapError::Failed(format!("cannot open the supervisor log: {e}"));
+        let (log, _) = crate::logs::pump(&state.join("supervisor.log"), crate::logs::MAX_LOG)
+            .map_err(failed)?;
+        let log2 = log.try_clone().map_err(failed)?;
         // The config arrives on stdin and argv[0] is a plain name: the
         // sandbox's init is a copy of the launcher, so its command line is
         // what `ps` shows sandbox code, and it must name no host path.

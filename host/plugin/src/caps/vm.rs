@@ -147,23 +147,13 @@ pub(crate) async fn blocking<T: Send + 'static>(
 
 /// A child's stdout and stderr, appended to `path`.
 pub(crate) fn log_file(path: &Path) -> Result<(Stdio, Stdio), CapError> {
-    let open = || {
-        use std::os::unix::fs::OpenOptionsExt;
-        // Private, and never through a symlink in its place.
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .custom_flags(nix::libc::O_NOFOLLOW)
-            .open(path)
-    };
-    match (open(), open()) {
-        (Ok(a), Ok(b)) => Ok((a.into(), b.into())),
-        (Err(e), _) | (_, Err(e)) => Err(CapError::Failed(format!(
-            "cannot open {}: {e}",
-            path.display()
-        ))),
-    }
+    // A pipe the gateway copies into the log under a bound, not the file:
+    // the child's output cannot fill the disk (crate::logs).
+    let failed =
+        |e: std::io::Error| CapError::Failed(format!("cannot open {}: {e}", path.display()));
+    let (write, _) = crate::logs::pump(path, crate::logs::MAX_LOG).map_err(failed)?;
+    let second = write.try_clone().map_err(failed)?;
+    Ok((write.into(), second.into()))
 }
 
 /// The shape a VM may have: bounded by the host whatever the driver says.
@@ -296,13 +286,17 @@ impl VmTable {
             openshell_vm::identity::message(&env, now, &rand::random()).map_err(cap_error)?;
         self.write_initrd(id, &rt, &initrd).await?;
         // QEMU runs as the sandbox's uid and cannot pass the root-only
-        // state dir: it gets these two as descriptors 3 and 4.
+        // state dir: it gets the initramfs as descriptor 3, and as 4 a pipe
+        // the gateway copies into console.log under a bound (a guest may
+        // write to its console without end).
         let (uid, i, c) = (run_as.uid, initrd.clone(), console.clone());
         let handed: Vec<std::os::fd::OwnedFd> = blocking(move || {
-            Ok(vec![
-                hand_to(&i, uid, false)?.into(),
-                hand_to(&c, uid, true)?.into(),
-            ])
+            let (console, _) = crate::logs::pump(&c, crate::logs::MAX_LOG)
+                .map_err(|e| CapError::Failed(format!("cannot open {}: {e}", c.display())))?;
+            std::os::unix::fs::fchown(&console, Some(uid), Some(uid)).map_err(|e| {
+                CapError::Failed(format!("cannot hand the console to the sandbox's uid: {e}"))
+            })?;
+            Ok(vec![hand_to(&i, uid)?.into(), console])
         })
         .await?;
         let handed = Arc::new(handed);
@@ -432,11 +426,11 @@ pub(crate) fn socket_dir(id: &str, uid: u32) -> Result<PathBuf, CapError> {
     Ok(dir)
 }
 
-/// Opens `path` (created if missing, never through a symlink) for QEMU,
-/// handing the file to the sandbox's `uid`: QEMU, running as that uid,
-/// reopens it through `/dev/fd`, which checks the file's own permissions
-/// but no directory above it.
-pub(crate) fn hand_to(path: &Path, uid: u32, write: bool) -> Result<std::fs::File, CapError> {
+/// Opens `path` (never through a symlink) for QEMU to read, handing the
+/// file to the sandbox's `uid`: QEMU, running as that uid, reopens it
+/// through `/dev/fd`, which checks the file's own permissions but no
+/// directory above it.
+pub(crate) fn hand_to(path: &Path, uid: u32) -> Result<std::fs::File, CapError> {
     use std::os::unix::fs::OpenOptionsExt;
     let fail = |e: std::io::Error| {
         CapError::Failed(format!(
@@ -445,10 +439,7 @@ pub(crate) fn hand_to(path: &Path, uid: u32, write: bool) -> Result<std::fs::Fil
         ))
     };
     let f = std::fs::OpenOptions::new()
-        .read(!write)
-        .append(write)
-        .create(write)
-        .mode(0o600)
+        .read(true)
         .custom_flags(nix::libc::O_NOFOLLOW)
         .open(path)
         .map_err(fail)?;

@@ -100,6 +100,8 @@ fn limits_are_in_the_cgroup_files_while_the_sandbox_runs() {
     assert_eq!(read(pids.join("pids.max")), "100");
     assert_eq!(read(cpu.join("cpu.cfs_period_us")), "100000");
     assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "25000");
+    // Every sandbox weighs half a default cgroup (issue 14, item 6).
+    assert_eq!(read(cpu.join("cpu.shares")), "512");
     running.signal("TERM");
     assert_eq!(running.wait().code, Some(143));
 }
