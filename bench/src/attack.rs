@@ -20,28 +20,7 @@ use crate::gateway;
 use crate::stats::Samples;
 
 /// Silent TCP connections: connect, never send a byte, re-dial what closes.
-const SILENT: &str = r#"
-import selectors, socket, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-sel = selectors.DefaultSelector()
-def dial():
-    s = socket.socket()
-    s.settimeout(0.2)
-    try:
-        s.connect(("127.0.0.1", port))
-    except OSError:
-        s.close()
-        return False
-    s.setblocking(False)
-    sel.register(s, selectors.EVENT_READ)
-    return True
-print(sum(dial() for _ in range(n)), flush=True)
-while True:
-    for key, _ in sel.select(timeout=1):
-        sel.unregister(key.fileobj)
-        key.fileobj.close()
-        dial()
-"#;
+const SILENT: &str = include_str!("../../e2e/floods/silent.py");
 
 /// Live idle connections: the HTTP/2 preface, then nothing (no request).
 const IDLE_LIVE: &str = r#"

@@ -108,6 +108,11 @@ pub fn gvproxy_args(socket: &Path) -> Vec<OsString> {
     ]
 }
 
+/// Host directories any user may write: read-only for a VM's host
+/// processes (a compromised gvproxy or QEMU must not leave files for other
+/// users, or fill a shared tmpfs).
+pub const WORLD_WRITABLE: [&str; 5] = ["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/dev/mqueue"];
+
 /// Who a VM's host processes (gvproxy, QEMU) run as: the sandbox's own
 /// slot uid, never root, with at most the groups it needs (`kvm`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,20 +123,50 @@ pub struct RunAs {
 
 /// Makes `cmd`'s child die with the thread that spawns it (spawn it from a
 /// long-lived thread), with `netns` start inside that namespace, and with
-/// `run_as` drop root after entering it (std's own uid change runs before
-/// this hook, too early for `setns`, which needs root).
+/// `run_as` give it a private mount namespace in which every world-writable
+/// host directory ([`WORLD_WRITABLE`]) is read-only, then drop root (std's
+/// own uid change runs before this hook, too early for `setns` and
+/// `mount`, which need root). What it can write is then what it was handed:
+/// its socket dir, and descriptors.
 pub fn confine_child(cmd: &mut Command, netns: Option<Arc<OwnedFd>>, run_as: Option<RunAs>) {
+    use nix::mount::{MsFlags, mount};
     use nix::unistd::{Gid, Uid};
     let groups: Vec<Gid> = run_as
         .as_ref()
         .map(|r| r.groups.iter().copied().map(Gid::from_raw).collect())
         .unwrap_or_default();
+    // Built before the fork: nothing may allocate between fork and exec.
+    let read_only: Vec<std::ffi::CString> = WORLD_WRITABLE
+        .iter()
+        .filter(|d| Path::new(d).is_dir())
+        .filter_map(|d| std::ffi::CString::new(*d).ok())
+        .collect();
     let hook = move || -> std::io::Result<()> {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
         if let Some(fd) = &netns {
             nix::sched::setns(fd.as_ref(), CloneFlags::CLONE_NEWNET)?;
         }
         if let Some(r) = &run_as {
+            nix::sched::unshare(CloneFlags::CLONE_NEWNS)?;
+            let none: Option<&std::ffi::CStr> = None;
+            // Nothing done here propagates back to the host.
+            mount(
+                none,
+                c"/",
+                none,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                none,
+            )?;
+            for d in &read_only {
+                let d = d.as_c_str();
+                mount(Some(d), d, none, MsFlags::MS_BIND | MsFlags::MS_REC, none)?;
+                let ro = MsFlags::MS_BIND
+                    | MsFlags::MS_REMOUNT
+                    | MsFlags::MS_RDONLY
+                    | MsFlags::MS_NOSUID
+                    | MsFlags::MS_NODEV;
+                mount(none, d, none, ro, none)?;
+            }
             nix::unistd::setgroups(&groups)?;
             let (g, u) = (Gid::from_raw(r.uid), Uid::from_raw(r.uid));
             nix::unistd::setresgid(g, g, g)?;
@@ -143,9 +178,9 @@ pub fn confine_child(cmd: &mut Command, netns: Option<Arc<OwnedFd>>, run_as: Opt
     };
     #[allow(unsafe_code, reason = "pre_exec runs between fork and exec")]
     // SAFETY: the hook runs in the forked child before exec and makes only
-    // async-signal-safe system calls (prctl, setns, setgroups, setresgid,
-    // setresuid) on values built before the fork; it allocates nothing and
-    // touches no lock.
+    // async-signal-safe system calls (prctl, setns, unshare, mount,
+    // setgroups, setresgid, setresuid) on values built before the fork; it
+    // allocates nothing and touches no lock.
     unsafe {
         cmd.pre_exec(hook);
     }
@@ -203,6 +238,10 @@ pub fn pass_fds(cmd: &mut Command, fds: Arc<Vec<OwnedFd>>, first: i32) {
         cmd.pre_exec(hook);
     }
 }
+
+/// Where a binary exec'd through `/proc/self/fd` is passed (above the
+/// descriptors QEMU is handed).
+pub const EXEC_FD: i32 = 9;
 
 /// The most descriptors [`pass_fds`] passes.
 pub const MAX_PASSED: usize = 8;

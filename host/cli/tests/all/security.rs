@@ -236,19 +236,7 @@ fn a_full_run_logs_none_of_the_secrets_it_generated() {
 #[test]
 fn issue_14_sandbox_code_sees_no_host_path_in_ps_cgroups_or_sockets() {
     let dir = TempDir::new().unwrap();
-    let drivers = wasm("openshell_driver_process");
-    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
-    let gw = Gateway::start(
-        dir.path(),
-        &[
-            "--db-url",
-            "sqlite::memory:",
-            "--drivers",
-            "process",
-            "--driver-dir",
-            &driver_dir,
-        ],
-    );
+    let gw = crate::process::process_gateway(dir.path());
     gw.ok(["sandbox", "create", "--name", "p", "--", "true"]);
     let look = gw.ok([
         "sandbox",

@@ -328,6 +328,40 @@ fn issue_14_vm_sandbox_code_is_unprivileged_and_cannot_read_the_launch_secret() 
         status.lines().any(|l| l == "Seccomp:\t2"),
         "QEMU {qemu} has no seccomp filter:\n{status}"
     );
+    // ... as the sandbox's uid, not root, and in a mount namespace where
+    // that uid cannot write a world-writable host dir. The same uid in the
+    // host's mount namespace can: the probe itself works.
+    let uid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
+        .unwrap();
+    assert_ne!(uid, 0, "QEMU runs as root");
+    let write_tmp = "f=/tmp/osvm-probe-$$; touch $f && rm $f";
+    let mut host = std::process::Command::new("sh");
+    std::os::unix::process::CommandExt::uid(&mut host, uid);
+    std::os::unix::process::CommandExt::gid(&mut host, uid);
+    host.args(["-c", write_tmp]);
+    let host = crate::harness::run(host);
+    assert!(host.success, "the probe fails even on the host: {host}");
+    let mut inside = std::process::Command::new("nsenter");
+    inside
+        .args([
+            "-t",
+            &qemu.to_string(),
+            "-m",
+            "-S",
+            &uid.to_string(),
+            "-G",
+            &uid.to_string(),
+        ])
+        .args(["--", "sh", "-c", write_tmp]);
+    let inside = crate::harness::run(inside);
+    assert!(
+        !inside.success,
+        "QEMU's uid wrote to /tmp from QEMU's mount namespace: {inside}"
+    );
 
     // Issue 14, item 1: gvproxy's services API (on 192.168.127.1:80) once
     // let the guest make host root create a socket wherever it asked.

@@ -77,13 +77,21 @@ impl VmTable {
             Ok((confined, log_file(&log)?))
         })
         .await?;
-        let mut cmd = Command::new(&rt.gvproxy);
+        // Exec'd through a descriptor opened as root: gvproxy runs as the
+        // sandbox's uid, which may not pass the directories above the
+        // runtime (a clone in /root, say); /proc/self/fd/N checks only the
+        // binary's own permissions.
+        let binary = std::fs::File::open(&rt.gvproxy)
+            .map_err(|e| CapError::Failed(format!("cannot open {}: {e}", rt.gvproxy.display())))?;
+        let mut cmd = Command::new(format!("/proc/self/fd/{}", net::EXEC_FD));
+        std::os::unix::process::CommandExt::arg0(&mut cmd, "gvproxy");
         cmd.args(net::gvproxy_args(&socket))
             .env_clear()
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
         net::confine_child(&mut cmd, Some(confined.netns.clone()), Some(run_as));
+        net::pass_fds(&mut cmd, Arc::new(vec![binary.into()]), net::EXEC_FD);
         // Owned from here on: abandoned at any await below, it is killed.
         let gvproxy = self
             .spawner

@@ -289,14 +289,23 @@ impl VmTable {
         // state dir: it gets the initramfs as descriptor 3, and as 4 a pipe
         // the gateway copies into console.log under a bound (a guest may
         // write to its console without end).
-        let (uid, i, c) = (run_as.uid, initrd.clone(), console.clone());
+        // The kernel too (5): the runtime may sit under a directory the
+        // sandbox's uid cannot pass (a clone in /root, say).
+        let (uid, i, c, k) = (
+            run_as.uid,
+            initrd.clone(),
+            console.clone(),
+            rt.kernel.clone(),
+        );
         let handed: Vec<std::os::fd::OwnedFd> = blocking(move || {
             let (console, _) = crate::logs::pump(&c, crate::logs::MAX_LOG)
                 .map_err(|e| CapError::Failed(format!("cannot open {}: {e}", c.display())))?;
             std::os::unix::fs::fchown(&console, Some(uid), Some(uid)).map_err(|e| {
                 CapError::Failed(format!("cannot hand the console to the sandbox's uid: {e}"))
             })?;
-            Ok(vec![hand_to(&i, uid)?.into(), console])
+            let kernel = std::fs::File::open(&k)
+                .map_err(|e| CapError::Failed(format!("cannot open {}: {e}", k.display())))?;
+            Ok(vec![hand_to(&i, uid)?.into(), console, kernel.into()])
         })
         .await?;
         let handed = Arc::new(handed);
@@ -304,7 +313,7 @@ impl VmTable {
             kvm: rt.backend == VmBackend::QemuKvm,
             vcpus: spec.vcpus,
             memory_mib: spec.memory_mib,
-            kernel: rt.kernel.clone(),
+            kernel: "/dev/fd/5".into(),
             initrd: "/dev/fd/3".into(),
             net_socket,
             identity_socket: identity_socket.clone(),
