@@ -342,7 +342,8 @@ fn issue_14_vm_sandbox_code_is_unprivileged_and_cannot_read_the_launch_secret() 
     let mut host = std::process::Command::new("sh");
     std::os::unix::process::CommandExt::uid(&mut host, uid);
     std::os::unix::process::CommandExt::gid(&mut host, uid);
-    host.args(["-c", write_tmp]);
+    // From /: the test's own cwd may be one that uid cannot reach.
+    host.args(["-c", write_tmp]).current_dir("/");
     let host = crate::harness::run(host);
     assert!(host.success, "the probe fails even on the host: {host}");
     let mut inside = std::process::Command::new("nsenter");
@@ -356,7 +357,8 @@ fn issue_14_vm_sandbox_code_is_unprivileged_and_cannot_read_the_launch_secret() 
             "-G",
             &uid.to_string(),
         ])
-        .args(["--", "sh", "-c", write_tmp]);
+        .args(["--", "sh", "-c", write_tmp])
+        .current_dir("/");
     let inside = crate::harness::run(inside);
     assert!(
         !inside.success,

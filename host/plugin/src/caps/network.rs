@@ -71,7 +71,12 @@ impl VmTable {
         let (confined, (out, err)) = blocking(move || {
             // gvproxy runs as the sandbox's uid: its socket goes in a
             // directory of that uid's, outside the root-only state dir.
-            socket_dir(&sandbox, uid)?;
+            let dir = socket_dir(&sandbox, uid)?;
+            // gvproxy is exec'd through a descriptor opened as root (see
+            // below), by a link named after it so `ps` still says gvproxy.
+            let link = dir.join("gvproxy");
+            std::os::unix::fs::symlink(format!("/proc/self/fd/{}", net::EXEC_FD), &link)
+                .map_err(|e| CapError::Failed(format!("cannot make {}: {e}", link.display())))?;
             let _ = std::fs::remove_file(&sock);
             let confined = net::confined_loopback().map_err(cap_error)?;
             Ok((confined, log_file(&log)?))
@@ -83,8 +88,7 @@ impl VmTable {
         // binary's own permissions.
         let binary = std::fs::File::open(&rt.gvproxy)
             .map_err(|e| CapError::Failed(format!("cannot open {}: {e}", rt.gvproxy.display())))?;
-        let mut cmd = Command::new(format!("/proc/self/fd/{}", net::EXEC_FD));
-        std::os::unix::process::CommandExt::arg0(&mut cmd, "gvproxy");
+        let mut cmd = Command::new(Path::new(SOCKET_ROOT).join(id).join("gvproxy"));
         cmd.args(net::gvproxy_args(&socket))
             .env_clear()
             .stdin(Stdio::null())
