@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::harness::{Gateway, KillOnDrop, Lines, wasm};
+use crate::harness::{Gateway, KillOnDrop, Lines, as_strs, process_flags};
 
 /// Opens N connections to 127.0.0.1:PORT, never sends a byte, and keeps N
 /// open: whatever the gateway closes is dialled again. Prints how many the
@@ -46,20 +46,7 @@ fn succeeds_within(mut cmd: Command, deadline: Duration) -> Result<(), String> {
 #[test]
 fn issue_13_a_local_users_connection_flood_leaves_status_and_exec_working() {
     let dir = TempDir::new().unwrap();
-    let drivers = wasm("openshell_driver_process");
-    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
-    let gw = Gateway::secure_with_nofile(
-        dir.path(),
-        &[
-            "--db-url",
-            "sqlite::memory:",
-            "--drivers",
-            "process",
-            "--driver-dir",
-            &driver_dir,
-        ],
-        (1024, 1024),
-    );
+    let gw = Gateway::secure_with_nofile(dir.path(), &as_strs(&process_flags()), (1024, 1024));
     gw.ok(["sandbox", "create", "--name", "f1", "--", "true"]);
     let port = gw.endpoint.rsplit(':').next().unwrap().to_owned();
 
@@ -154,19 +141,7 @@ while True:
 fn issue_13_idle_live_connections_from_a_local_user_cannot_fill_the_api_port() {
     use std::io::Write;
     let dir = TempDir::new().unwrap();
-    let drivers = wasm("openshell_driver_process");
-    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
-    let gw = Gateway::secure(
-        dir.path(),
-        &[
-            "--db-url",
-            "sqlite::memory:",
-            "--drivers",
-            "process",
-            "--driver-dir",
-            &driver_dir,
-        ],
-    );
+    let gw = Gateway::secure(dir.path(), &as_strs(&process_flags()));
     gw.ok(["sandbox", "create", "--name", "busy", "--", "true"]);
     let port = gw.endpoint.rsplit(':').next().unwrap().to_owned();
 

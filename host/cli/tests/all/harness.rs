@@ -362,6 +362,29 @@ fn read_all(mut f: File) -> String {
 
 /// A driver component built by `just drivers`: `$OPENSHELL_WASM_DIR`, else
 /// `wasm32-wasip2/release` next to the profile dir of the binary under test.
+/// Flags for a gateway with only the process driver (from the fixtures'
+/// build) and an in-memory database: `--db-url sqlite::memory: --drivers
+/// process --driver-dir <dir>`.
+pub fn process_flags() -> Vec<String> {
+    let drivers = wasm("openshell_driver_process");
+    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
+    [
+        "--db-url",
+        "sqlite::memory:",
+        "--drivers",
+        "process",
+        "--driver-dir",
+        &driver_dir,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// `flags` as the `&[&str]` the gateway constructors take.
+pub fn as_strs(flags: &[String]) -> Vec<&str> {
+    flags.iter().map(String::as_str).collect()
+}
+
 pub fn wasm(name: &str) -> PathBuf {
     let dir = std::env::var_os("OPENSHELL_WASM_DIR")
         .map(PathBuf::from)

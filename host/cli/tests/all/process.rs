@@ -6,22 +6,10 @@ use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-use crate::harness::{Gateway, run, wasm};
+use crate::harness::{Gateway, as_strs, process_flags, run};
 
 pub fn process_gateway(dir: &std::path::Path) -> Gateway {
-    let drivers = wasm("openshell_driver_process");
-    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
-    Gateway::start(
-        dir,
-        &[
-            "--db-url",
-            "sqlite::memory:",
-            "--drivers",
-            "process",
-            "--driver-dir",
-            &driver_dir,
-        ],
-    )
+    Gateway::start(dir, &as_strs(&process_flags()))
 }
 
 /// Host processes (launchers and everything inside sandboxes) that mention
