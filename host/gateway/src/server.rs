@@ -368,13 +368,16 @@ impl Gateway {
     /// Stops accepting, ends open streams, and waits for in-flight requests.
     pub async fn shutdown(self) -> Result<(), GatewayError> {
         self.runtime.begin_shutdown();
-        match self.task.await {
+        let served = match self.task.await {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("gateway task failed: {e}");
                 Ok(())
             }
-        }
+        };
+        // Host state outside the state dir goes with the gateway.
+        self.runtime.plugins().vms().remove_socket_dirs();
+        served
     }
 }
 

@@ -424,4 +424,15 @@ fn issue_14_vm_sandbox_code_is_unprivileged_and_cannot_read_the_launch_secret() 
     // The sandbox still serves.
     let again = gw.ok(["sandbox", "exec", "u1", "--", "echo", "ok"]);
     assert_eq!(again.stdout, "ok\n", "{again}");
+
+    // Its socket dir lives as long as its network, and no longer.
+    let sockets = Path::new("/run/openshell-vm").join(dir.file_name().unwrap());
+    assert!(sockets.is_dir(), "{} is missing", sockets.display());
+    let (status, _) = gw.terminate(Duration::from_secs(15));
+    assert!(status.success());
+    assert!(
+        !sockets.exists(),
+        "{} outlived the gateway",
+        sockets.display()
+    );
 }

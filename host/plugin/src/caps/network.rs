@@ -34,11 +34,15 @@ pub(crate) struct Net {
     pub(crate) gvproxy: HostChild,
     forwarder: tokio::task::AbortHandle,
     _netns: Arc<OwnedFd>,
+    /// `/run/openshell-vm/<id>`, removed with the network (also when the
+    /// table goes at shutdown; only a SIGKILLed gateway leaves one behind).
+    socket_dir: std::path::PathBuf,
 }
 
 impl Drop for Net {
     fn drop(&mut self) {
         self.forwarder.abort();
+        let _ = std::fs::remove_dir_all(&self.socket_dir);
     }
 }
 
@@ -127,6 +131,7 @@ impl VmTable {
                 gvproxy,
                 forwarder,
                 _netns: confined.netns,
+                socket_dir: Path::new(SOCKET_ROOT).join(id),
             },
         );
         Ok(())
@@ -135,9 +140,14 @@ impl VmTable {
     /// Stops the forwarder and kills gvproxy (by dropping them), and
     /// removes the VM's socket dir.
     pub(crate) fn stop_network(&self, id: &str) {
-        if let Some(net) = lock(&self.nets).remove(id) {
-            drop(net);
-            let _ = std::fs::remove_dir_all(Path::new(SOCKET_ROOT).join(id));
+        drop(lock(&self.nets).remove(id));
+    }
+
+    /// At gateway shutdown: removes every VM's socket dir (gvproxy and QEMU
+    /// die with the gateway; the table itself is never dropped).
+    pub fn remove_socket_dirs(&self) {
+        for net in lock(&self.nets).values() {
+            let _ = std::fs::remove_dir_all(&net.socket_dir);
         }
     }
 }
