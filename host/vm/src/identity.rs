@@ -54,13 +54,7 @@ pub fn pem_line(pem: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_env as env;
 
     #[test]
     fn a_message_is_the_environment_then_clock_seed_and_the_end_line() {

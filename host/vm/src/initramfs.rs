@@ -124,13 +124,7 @@ pub fn archive(entries: &[Entry]) -> Result<Vec<u8>, VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_env as env;
 
     #[test]
     fn the_env_file_is_one_line_per_variable_with_values_verbatim() {

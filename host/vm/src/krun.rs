@@ -203,13 +203,7 @@ fn check_path(what: &str, p: &Path) -> Result<(), VmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
+    use crate::test_env as env;
 
     fn new(e: &[(&str, &str)]) -> Result<KrunLaunch, VmError> {
         KrunLaunch::new(

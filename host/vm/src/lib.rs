@@ -22,6 +22,15 @@ pub mod net;
 pub mod qemu;
 pub mod runtime;
 
+/// `KEY=VALUE` pairs as the environments the tests build.
+#[cfg(test)]
+fn test_env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

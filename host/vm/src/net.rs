@@ -414,20 +414,35 @@ mod tests {
         assert!(!a.iter().any(|s| s == "-listen"));
     }
 
-    /// Issue 13, item 1 through a VM guest's path: a guest's connection
-    /// flood costs the gateway at most `max` relays (two descriptors each);
-    /// the rest wait in the listen queue, and each relay that ends lets
-    /// exactly one more in.
-    #[tokio::test]
-    async fn the_forwarder_relays_at_most_its_budget_of_guest_connections() {
+    /// A forwarder at `max` on a loopback port, relaying to a unix
+    /// listener standing in for the supervisor socket.
+    fn forwarder(
+        max: usize,
+        tls: Option<SupervisorTls>,
+    ) -> (
+        tempfile::TempDir,
+        tokio::net::UnixListener,
+        std::net::SocketAddr,
+        tokio::task::JoinHandle<()>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("supervisor.sock");
         let supervisor = tokio::net::UnixListener::bind(&target).unwrap();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
+        let task = tokio::spawn(forward(listener, target, max, tls));
+        (dir, supervisor, addr, task)
+    }
+
+    /// Issue 13, item 1 through a VM guest's path: a guest's connection
+    /// flood costs the gateway at most `max` relays (two descriptors each);
+    /// the rest wait in the listen queue, and each relay that ends lets
+    /// exactly one more in.
+    #[tokio::test]
+    async fn the_forwarder_relays_at_most_its_budget_of_guest_connections() {
         let max = 3;
-        let task = tokio::spawn(forward(listener, target, max, None));
+        let (_dir, supervisor, addr, task) = forwarder(max, None);
 
         // Forty guest connections, all completed by the kernel (the listen
         // queue takes them); the forwarder must pass on only three.
@@ -481,13 +496,7 @@ mod tests {
             server_name: "openshell-gateway".into(),
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
         };
-        let dir = tempfile::tempdir().unwrap();
-        let target = dir.path().join("supervisor.sock");
-        let supervisor = tokio::net::UnixListener::bind(&target).unwrap();
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let task = tokio::spawn(forward(listener, target, 4, Some(tls)));
+        let (_dir, supervisor, addr, task) = forwarder(4, Some(tls));
 
         let mut guest = tokio::net::TcpStream::connect(addr).await.unwrap();
         guest

@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use tempfile::TempDir;
 
-use crate::harness::{Gateway, openshell, run, wasm};
+use crate::harness::{Gateway, as_strs, openshell, process_flags, run};
 
 #[test]
 fn a_default_gateway_serves_tls_with_auth_and_the_local_cli_needs_no_flags() {
@@ -145,20 +145,9 @@ fn secrets(state: &std::path::Path) -> (Vec<String>, usize) {
 #[test]
 fn a_full_run_logs_none_of_the_secrets_it_generated() {
     let dir = TempDir::new().unwrap();
-    let drivers = wasm("openshell_driver_process");
-    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
-    let gw = Gateway::secure(
-        dir.path(),
-        &[
-            "--db-url",
-            "sqlite::memory:",
-            "--drivers",
-            "process",
-            "--driver-dir",
-            &driver_dir,
-            "-v",
-        ],
-    );
+    let mut flags = process_flags();
+    flags.push("-v".into());
+    let gw = Gateway::secure(dir.path(), &as_strs(&flags));
     let mut outputs = String::new();
     for args in [
         &["sandbox", "create", "--name", "s1", "--", "env"][..],
