@@ -6,7 +6,8 @@ set -euo pipefail
 need_apt=()
 # openssh-client and openssh-sftp-server: the SSH tests run ssh and scp, and
 # sandboxes see the host's /usr, so the host's sftp-server is theirs.
-for pkg in protobuf-compiler postgresql musl-tools tmux python3-venv openssh-client openssh-sftp-server; do
+# btrfs-progs: mkfs.btrfs makes the sandbox disk (per-sandbox quotas).
+for pkg in protobuf-compiler postgresql musl-tools tmux python3-venv openssh-client openssh-sftp-server btrfs-progs; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

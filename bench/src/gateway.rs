@@ -79,6 +79,7 @@ impl BenchGateway {
             },
             limits: Default::default(),
             uid_base: None,
+            disk: Default::default(),
         })
         .await?;
         let url = format!("http://{}", gw.addr);

@@ -33,7 +33,16 @@ pub struct Config {
     pub run_as: Option<u32>,
     /// Environment for sandbox code: ours, minus every OPENSHELL_* secret.
     pub child_env: BTreeMap<String, String>,
+    /// Descriptors of the sandbox's `workload` cgroups (`cgroup.procs`,
+    /// opened by whoever launched us): each command writes `0` to each
+    /// before its exec, so sandbox code runs under the sandbox's limits
+    /// while the supervisor stays outside them. Empty where nothing hands
+    /// them over.
+    pub workload_cgroups: Vec<std::os::fd::RawFd>,
 }
+
+/// The variable naming [`Config::workload_cgroups`].
+const WORKLOAD_FDS: &str = "OPENSHELL_WORKLOAD_CGROUP_FDS";
 
 /// Why the supervisor cannot start from its environment.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,6 +53,10 @@ pub enum ConfigError {
         "OPENSHELL_ENDPOINT is https:// but OPENSHELL_GATEWAY_CA or OPENSHELL_GATEWAY_NAME is not set: the supervisor trusts only the gateway's own CA"
     )]
     NoTrust,
+    #[error("{WORKLOAD_FDS}={value:?} is not a comma-separated list of descriptors")]
+    BadFds { value: String },
+    #[error("{WORKLOAD_FDS} names descriptor {fd}, which is not open")]
+    FdNotOpen { fd: std::os::fd::RawFd },
     #[error("OPENSHELL_SANDBOX_UID={value:?} is not a uid")]
     BadUid {
         value: String,
@@ -53,7 +66,11 @@ pub enum ConfigError {
 }
 
 /// Variables that sandbox code never sees.
-const PRIVATE_VARS: [&str; 2] = ["OPENSHELL_SANDBOX_SECRET", "OPENSHELL_SANDBOX_UID"];
+const PRIVATE_VARS: [&str; 3] = [
+    "OPENSHELL_SANDBOX_SECRET",
+    "OPENSHELL_SANDBOX_UID",
+    WORKLOAD_FDS,
+];
 
 impl Config {
     fn from_env(vars: impl Iterator<Item = (String, String)>) -> Result<Self, ConfigError> {
@@ -70,6 +87,16 @@ impl Config {
                 source,
             })?),
             None => None,
+        };
+        let workload_cgroups = match all.get(WORKLOAD_FDS).filter(|v| !v.is_empty()) {
+            Some(v) => v
+                .split(',')
+                .map(|fd| fd.parse().ok().filter(|fd| *fd > 2))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| ConfigError::BadFds {
+                    value: v.chars().take(40).collect(),
+                })?,
+            None => Vec::new(),
         };
         let mut child_env = all.clone();
         for k in PRIVATE_VARS {
@@ -100,7 +127,24 @@ impl Config {
             secret: need("OPENSHELL_SANDBOX_SECRET")?,
             run_as,
             child_env,
+            workload_cgroups,
         })
+    }
+
+    /// Takes the workload descriptors for this process's lifetime: each
+    /// must be open, and becomes close-on-exec (sandbox code never holds
+    /// one).
+    fn claim_workload_cgroups(&self) -> Result<(), ConfigError> {
+        use nix::fcntl::{FcntlArg, FdFlag, fcntl};
+        for &fd in &self.workload_cgroups {
+            #[allow(unsafe_code, reason = "claiming an inherited descriptor")]
+            // SAFETY: the launcher handed this descriptor to us and nothing
+            // else in this process owns it; it stays open until we exit.
+            let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+            fcntl(borrowed, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC))
+                .map_err(|_| ConfigError::FdNotOpen { fd })?;
+        }
+        Ok(())
     }
 }
 
@@ -119,6 +163,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = cfg.claim_workload_cgroups() {
+        eprintln!("openshell-supervisor: {}", report::chain(&e));
+        return ExitCode::from(2);
+    }
     for k in PRIVATE_VARS {
         #[allow(unsafe_code, reason = "scrubbing the secret before any thread starts")]
         // SAFETY: still single-threaded: no runtime or other thread exists

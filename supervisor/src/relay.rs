@@ -86,6 +86,7 @@ mod tests {
             secret: "s".into(),
             run_as: None,
             child_env: Default::default(),
+            workload_cgroups: Vec::new(),
         }
     }
 

@@ -142,6 +142,7 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
         cmd.uid(uid).gid(uid);
     }
     let tty = c.tty.is_some();
+    let workload = cfg.workload_cgroups.clone();
     let pty = match &c.tty {
         Some(ws) => Some(nix::pty::openpty(Some(ws), None).map_err(SpawnError::Pty)?),
         None => None,
@@ -160,10 +161,17 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
         reason = "session and privilege setup between fork and exec"
     )]
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (setsid, ioctl, prctl, seccomp); the
-    // filter was compiled before the fork.
+    // only async-signal-safe functions (write, setsid, ioctl, prctl,
+    // seccomp); the filter was compiled before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            // Into the limits before anything of the command runs; a move
+            // that fails fails the command (it must not run unlimited).
+            for &fd in &workload {
+                if nix::libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             if tty {
                 nix::unistd::setsid()?;
                 if nix::libc::ioctl(0, nix::libc::TIOCSCTTY as _, 0) != 0 {

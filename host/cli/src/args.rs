@@ -124,6 +124,16 @@ pub struct GatewayStart {
     /// Refused if it overlaps /etc/subuid or /etc/subgid.
     #[arg(long, env = "OPENSHELL_UID_BASE")]
     pub uid_base: Option<u32>,
+    /// Size in GiB of the sparse image (`STATE/sandboxes.img`, btrfs) that
+    /// holds every sandbox's files with a quota each; 0 keeps them in plain
+    /// directories without quotas.
+    #[arg(long, env = "OPENSHELL_SANDBOX_DISK_GIB", default_value_t = 64)]
+    pub sandbox_disk_gib: u64,
+    /// What one sandbox may store on the host's disk, in MiB (its
+    /// `/sandbox`, a VM's files, its logs); past it writes fail with EDQUOT.
+    #[arg(long, env = "OPENSHELL_SANDBOX_DISK_QUOTA_MIB", default_value_t = 10240,
+          value_parser = clap::value_parser!(u64).range(16..))]
+    pub sandbox_disk_quota_mib: u64,
     /// The process-sandbox launcher; default: next to this binary.
     #[arg(long, env = "OPENSHELL_LAUNCHER")]
     pub launcher: Option<PathBuf>,

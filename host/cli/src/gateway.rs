@@ -51,6 +51,10 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
             max_concurrent_launches: a.max_concurrent_launches,
         },
         uid_base: a.uid_base,
+        disk: openshell_plugin::disk::DiskConfig {
+            size_gib: a.sandbox_disk_gib,
+            quota_mib: a.sandbox_disk_quota_mib,
+        },
     })
     .await?;
     if gw.client.ca_pem.is_some() || gw.client.token.is_some() {

@@ -214,7 +214,7 @@ pub fn to_status(e: ApiError) -> Status {
             | PluginError::InvalidComponent { .. }
             | PluginError::WrongWorld { .. }
             | PluginError::Describe(_) => Code::InvalidArgument,
-            PluginError::Io { .. } | PluginError::Engine { .. } => {
+            PluginError::Io { .. } | PluginError::Engine { .. } | PluginError::Disk { .. } => {
                 tracing::error!("plugin host failure: {p}");
                 Code::Internal
             }

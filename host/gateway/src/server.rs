@@ -48,6 +48,8 @@ pub struct GatewayConfig {
     /// Host uid where the sandboxes' id table starts; default: what the
     /// state dir recorded, or [`crate::uid_range::DEFAULT_BASE`] for a new one.
     pub uid_base: Option<u32>,
+    /// The sandbox disk: pool size and per-sandbox quota (size 0: off).
+    pub disk: openshell_plugin::disk::DiskConfig,
 }
 
 impl GatewayConfig {
@@ -248,6 +250,7 @@ impl Gateway {
         let mut host_cfg = PluginHostConfig::new(&cfg.state_dir);
         host_cfg.call_timeout = cfg.plugin_call_timeout;
         host_cfg.uid_base = uid_base;
+        host_cfg.disk = cfg.disk;
         host_cfg.launcher = cfg
             .launcher
             .clone()
@@ -377,6 +380,7 @@ impl Gateway {
         };
         // Host state outside the state dir goes with the gateway.
         self.runtime.plugins().vms().remove_socket_dirs();
+        self.runtime.plugins().detach_disk();
         served
     }
 }
@@ -468,6 +472,7 @@ mod tests {
             supervisor: None,
             limits: Default::default(),
             uid_base: None,
+            disk: openshell_plugin::disk::DiskConfig::OFF,
         }
     }
 

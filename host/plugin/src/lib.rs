@@ -12,6 +12,7 @@
 pub mod bindings;
 pub mod caps;
 pub mod children;
+pub mod disk;
 pub mod grants;
 mod host;
 mod logs;

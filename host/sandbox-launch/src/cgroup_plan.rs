@@ -23,6 +23,53 @@ pub const CPU_WEIGHT_V2: u64 = 50;
 /// Where sandboxes go, under each v1 controller's mount or the v2 base.
 pub const SANDBOXES: &str = "openshell";
 
+/// The memory the supervisor may use beside sandbox code's limit: enough
+/// for its runtime and relays' bounded buffers, small enough that a
+/// supervisor bug cannot take the host's memory.
+pub const SUPERVISOR_MEMORY_MIB: u64 = 128;
+
+/// Where in a sandbox's cgroup a process or a limit goes. A sandbox's
+/// directory holds two leaves, so that sandbox code filling its memory or
+/// tasks limit (with tmpfs pages no OOM kill frees, say) can never get its
+/// supervisor killed or starved (issue 14 item 7):
+///
+/// - `supervisor`: for a supervised launch, init and the program (the
+///   supervisor); its own small memory limit and no tasks limit.
+/// - `workload`: sandbox code, under the spec's memory and tasks limits;
+///   for a launch that is not supervised, init and the program too.
+///
+/// The CPU quota and weight are the sandbox's as a whole, on its directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Place {
+    Sandbox,
+    Supervisor,
+    Workload,
+}
+
+impl Place {
+    /// The two leaves, in the order they are created (removed in reverse).
+    pub const LEAVES: [Place; 2] = [Place::Supervisor, Place::Workload];
+
+    /// A sandbox's cgroup directories in the order they can be removed
+    /// (only an empty cgroup without children can be): leaves first.
+    pub fn removal_order(sandbox: &Path) -> [PathBuf; 3] {
+        [
+            Place::Workload.dir(sandbox),
+            Place::Supervisor.dir(sandbox),
+            sandbox.to_owned(),
+        ]
+    }
+
+    /// The directory for this place in the sandbox's cgroup `sandbox`.
+    pub fn dir(self, sandbox: &Path) -> PathBuf {
+        match self {
+            Place::Sandbox => sandbox.to_owned(),
+            Place::Supervisor => sandbox.join("supervisor"),
+            Place::Workload => sandbox.join("workload"),
+        }
+    }
+}
+
 /// On v2, the leaf the processes of the base cgroup are moved into, so that
 /// the base may hand controllers to the sandboxes (the "no internal
 /// processes" rule). Launchers started by the gateway are born in it.
@@ -201,6 +248,7 @@ pub fn choose(mounts: &[CgroupMount], under: &Path) -> Hierarchy {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LimitWrite {
     pub controller: Controller,
+    pub place: Place,
     pub file: &'static str,
     pub value: String,
     /// Skipped when the kernel lacks the file (swap accounting is optional,
@@ -223,9 +271,16 @@ pub fn required(config: &LaunchConfig) -> BTreeSet<Controller> {
     needed
 }
 
-fn write(controller: Controller, file: &'static str, value: String, optional: bool) -> LimitWrite {
+fn write(
+    controller: Controller,
+    place: Place,
+    file: &'static str,
+    value: String,
+    optional: bool,
+) -> LimitWrite {
     LimitWrite {
         controller,
+        place,
         file,
         value,
         optional,
@@ -236,18 +291,21 @@ fn write(controller: Controller, file: &'static str, value: String, optional: bo
 /// unlimited.
 pub fn v1_writes(config: &LaunchConfig) -> Vec<LimitWrite> {
     let mut writes = Vec::new();
-    if let Some(bytes) = config.memory_bytes() {
+    for (place, bytes) in memory_limits(config) {
         // memsw (memory + swap) must never be below the memory limit, so it
         // comes second; equal values mean the sandbox cannot use swap.
         let bytes = bytes.to_string();
+        let memory = Controller::Memory;
         writes.push(write(
-            Controller::Memory,
+            memory,
+            place,
             "memory.limit_in_bytes",
             bytes.clone(),
             false,
         ));
         writes.push(write(
-            Controller::Memory,
+            memory,
+            place,
             "memory.memsw.limit_in_bytes",
             bytes,
             true,
@@ -255,70 +313,79 @@ pub fn v1_writes(config: &LaunchConfig) -> Vec<LimitWrite> {
     }
     if config.max_processes > 0 {
         let max = config.max_processes.to_string();
-        writes.push(write(Controller::Pids, "pids.max", max, false));
-    }
-    if config.cpu_millis > 0 {
-        let quota = (config.cpu_millis * CPU_PERIOD_US / 1000).to_string();
         writes.push(write(
-            Controller::Cpu,
-            "cpu.cfs_period_us",
-            CPU_PERIOD_US.to_string(),
+            Controller::Pids,
+            Place::Workload,
+            "pids.max",
+            max,
             false,
         ));
-        writes.push(write(Controller::Cpu, "cpu.cfs_quota_us", quota, false));
+    }
+    let cpu = |file, value: u64, optional| {
+        write(
+            Controller::Cpu,
+            Place::Sandbox,
+            file,
+            value.to_string(),
+            optional,
+        )
+    };
+    if config.cpu_millis > 0 {
+        writes.push(cpu("cpu.cfs_period_us", CPU_PERIOD_US, false));
+        writes.push(cpu(
+            "cpu.cfs_quota_us",
+            config.cpu_millis * CPU_PERIOD_US / 1000,
+            false,
+        ));
     }
     // The cpu controller's directory exists whenever it is mounted, limit
     // or not, so the default weight applies to every sandbox on v1.
-    writes.push(write(
-        Controller::Cpu,
-        "cpu.shares",
-        CPU_SHARES_V1.to_string(),
-        true,
-    ));
+    writes.push(cpu("cpu.shares", CPU_SHARES_V1, true));
     writes
 }
 
 /// What to write on v2, in order; the same limits as [`v1_writes`].
 pub fn v2_writes(config: &LaunchConfig) -> Vec<LimitWrite> {
     let mut writes = Vec::new();
-    if let Some(bytes) = config.memory_bytes() {
-        writes.push(write(
-            Controller::Memory,
-            "memory.max",
-            bytes.to_string(),
-            false,
-        ));
+    for (place, bytes) in memory_limits(config) {
+        let memory = Controller::Memory;
+        writes.push(write(memory, place, "memory.max", bytes.to_string(), false));
         // v2 limits swap on its own (not memory + swap): none, as on v1.
-        writes.push(write(
-            Controller::Memory,
-            "memory.swap.max",
-            "0".into(),
-            true,
-        ));
+        writes.push(write(memory, place, "memory.swap.max", "0".into(), true));
     }
     if config.max_processes > 0 {
         let max = config.max_processes.to_string();
-        writes.push(write(Controller::Pids, "pids.max", max, false));
+        writes.push(write(
+            Controller::Pids,
+            Place::Workload,
+            "pids.max",
+            max,
+            false,
+        ));
     }
     if config.cpu_millis > 0 {
         let quota = config.cpu_millis * CPU_PERIOD_US / 1000;
-        writes.push(write(
-            Controller::Cpu,
-            "cpu.max",
-            format!("{quota} {CPU_PERIOD_US}"),
-            false,
-        ));
+        let cpu = |file, value| write(Controller::Cpu, Place::Sandbox, file, value, false);
+        writes.push(cpu("cpu.max", format!("{quota} {CPU_PERIOD_US}")));
         // On v2 the cpu controller is enabled only for a cpu limit (a
         // controller the gateway's cgroup was not delegated would fail the
         // launch), so the default weight comes with it.
-        writes.push(write(
-            Controller::Cpu,
-            "cpu.weight",
-            CPU_WEIGHT_V2.to_string(),
-            false,
-        ));
+        writes.push(cpu("cpu.weight", CPU_WEIGHT_V2.to_string()));
     }
     writes
+}
+
+/// The memory limits in bytes and where they go: sandbox code's, and with
+/// it (for a supervised launch) the supervisor's own.
+fn memory_limits(config: &LaunchConfig) -> Vec<(Place, u64)> {
+    let Some(bytes) = config.memory_bytes() else {
+        return Vec::new();
+    };
+    let mut limits = vec![(Place::Workload, bytes)];
+    if config.supervised {
+        limits.push((Place::Supervisor, SUPERVISOR_MEMORY_MIB << 20));
+    }
+    limits
 }
 
 /// The v1 plan: a directory under each mounted controller, or the first

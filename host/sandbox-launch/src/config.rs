@@ -64,7 +64,20 @@ pub struct LaunchConfig {
     /// their own mounts; a limit no hierarchy there can apply fails the launch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup_root: Option<PathBuf>,
+    /// The program is a supervisor that runs sandbox code: init and the
+    /// program go into the sandbox's `supervisor` cgroup, outside the
+    /// limits above, and the program is handed descriptors that move a
+    /// process into the `workload` cgroup, where the limits are
+    /// ([`WORKLOAD_FDS_ENV`]).
+    #[serde(default)]
+    pub supervised: bool,
 }
+
+/// Names, for a supervised program, the descriptors (comma-separated
+/// numbers) each of which, written `0`, moves the writer into the
+/// sandbox's `workload` cgroup in one hierarchy. Opened by host root, so
+/// the write needs no privilege of the writer's own.
+pub const WORKLOAD_FDS_ENV: &str = "OPENSHELL_WORKLOAD_CGROUP_FDS";
 
 impl LaunchConfig {
     /// The program's file name, which is also its name under `/run/openshell-bin`.

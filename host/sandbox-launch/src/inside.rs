@@ -5,7 +5,8 @@
 //! [`init`] runs the steps in an order that each depends on:
 //!
 //! 1. wait for *go* (the launcher has written the id maps and moved init
-//!    into the cgroups), then root a cgroup namespace at those cgroups;
+//!    into the `workload` cgroups), then root a cgroup namespace there, and
+//!    for a supervised launch move into the `supervisor` cgroups;
 //! 2. while file access is still host root's, open the bind sources and
 //!    mount the new root's tmpfs (paths under root-only 0700 directories are
 //!    reachable only now);
@@ -25,7 +26,7 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::panic::{self, AssertUnwindSafe};
 
 use crate::config::LaunchConfig;
@@ -41,8 +42,19 @@ pub struct Exec {
     envp: Vec<CString>,
 }
 
+/// For a supervised launch: `cgroup.procs` of the sandbox's `supervisor`
+/// cgroups, which init moves itself into, and of its `workload` cgroups,
+/// which the program inherits ([`crate::config::WORKLOAD_FDS_ENV`]).
+#[derive(Debug, Default)]
+pub struct Handoff {
+    pub supervisor: Vec<OwnedFd>,
+    pub workload: Vec<OwnedFd>,
+}
+
 impl Exec {
-    pub fn new(config: &LaunchConfig) -> Result<Exec, LaunchError> {
+    /// `workload` are the descriptors the program inherits, named in its
+    /// environment.
+    pub fn new(config: &LaunchConfig, workload: &[OwnedFd]) -> Result<Exec, LaunchError> {
         let nul = |_| LaunchError::Host("a config string contains a NUL byte".into());
         let path = config.program_inside();
         let path = CString::new(path.into_os_string().into_encoded_bytes()).map_err(nul)?;
@@ -50,19 +62,36 @@ impl Exec {
         for arg in &config.args {
             argv.push(CString::new(arg.as_str()).map_err(nul)?);
         }
-        let envp = config
+        let mut envp: Vec<CString> = config
             .env
             .iter()
+            .filter(|(name, _)| name != crate::config::WORKLOAD_FDS_ENV)
             .map(|(name, value)| CString::new(format!("{name}={value}")).map_err(nul))
             .collect::<Result<_, _>>()?;
+        if !workload.is_empty() {
+            let fds: Vec<String> = workload
+                .iter()
+                .map(|fd| fd.as_raw_fd().to_string())
+                .collect();
+            let entry = format!("{}={}", crate::config::WORKLOAD_FDS_ENV, fds.join(","));
+            envp.push(CString::new(entry).map_err(nul)?);
+        }
         Ok(Exec { path, argv, envp })
     }
 }
 
 /// Runs init in the freshly cloned child. Never returns: a clone of the
 /// launcher must not run the launcher's cleanup.
-pub fn init(config: &LaunchConfig, exec: &Exec, go: OwnedFd, report: OwnedFd) -> ! {
-    let started = panic::catch_unwind(AssertUnwindSafe(|| start(config, exec, go, &report)));
+pub fn init(
+    config: &LaunchConfig,
+    exec: &Exec,
+    handoff: Handoff,
+    go: OwnedFd,
+    report: OwnedFd,
+) -> ! {
+    let started = panic::catch_unwind(AssertUnwindSafe(|| {
+        start(config, exec, handoff, go, &report)
+    }));
     let status = match started {
         Ok(Ok(program)) => {
             drop(report);
@@ -84,6 +113,7 @@ pub fn init(config: &LaunchConfig, exec: &Exec, go: OwnedFd, report: OwnedFd) ->
 fn start(
     config: &LaunchConfig,
     exec: &Exec,
+    handoff: Handoff,
     go: OwnedFd,
     report: &OwnedFd,
 ) -> Result<i32, LaunchError> {
@@ -94,9 +124,17 @@ fn start(
     if go.read(&mut byte).map_err(os("cannot read the go pipe"))? == 0 {
         return Err(launcher_gone());
     }
-    // Init is in the sandbox's cgroups now: root a cgroup namespace there,
-    // so no host cgroup path shows inside.
+    // Init is in the sandbox's workload cgroups now: root a cgroup
+    // namespace there, so no host cgroup path shows inside and sandbox code
+    // sees its own cgroup as `/`.
     sys::unshare_cgroup_namespace().map_err(os("cannot make a cgroup namespace"))?;
+    // A supervised init and the program it becomes the parent of live
+    // beside the workload, outside its limits (issue 14 item 7).
+    for procs in handoff.supervisor {
+        sys::write_once(procs.as_fd(), b"0")
+            .map_err(os("cannot move into the supervisor's cgroup"))?;
+    }
+    let workload = handoff.workload;
 
     let sources = rootfs::Sources::open(config)?;
     rootfs::mount_new_root(&config.new_root())?;
@@ -120,7 +158,7 @@ fn start(
     }
 
     let program = match sys::fork().map_err(os("cannot fork the program"))? {
-        Fork::Child => exec_program(exec, report),
+        Fork::Child => exec_program(exec, &workload, report),
         Fork::Parent(pid) => pid,
     };
     sys::forward_signals_to(program).map_err(os("cannot install signal forwarding"))?;
@@ -132,8 +170,8 @@ fn launcher_gone() -> LaunchError {
 }
 
 /// In the program's process: clean up what init had, then exec.
-fn exec_program(exec: &Exec, report: &OwnedFd) -> ! {
-    let err = match prepare_exec() {
+fn exec_program(exec: &Exec, workload: &[OwnedFd], report: &OwnedFd) -> ! {
+    let err = match prepare_exec(workload) {
         Ok(()) => {
             let err = sys::exec(&exec.path, &exec.argv, &exec.envp);
             os(format!("cannot execute {:?}", exec.path))(err)
@@ -146,13 +184,17 @@ fn exec_program(exec: &Exec, report: &OwnedFd) -> ! {
     sys::exit_now(LAUNCH_FAILED)
 }
 
-fn prepare_exec() -> Result<(), LaunchError> {
+fn prepare_exec(workload: &[OwnedFd]) -> Result<(), LaunchError> {
     sys::reset_signals().map_err(os("cannot reset signal handling"))?;
     sys::die_with_parent().map_err(os("cannot set the parent-death signal"))?;
     std::env::set_current_dir("/sandbox").map_err(os("cannot change directory to /sandbox"))?;
-    // Only the report pipe should be open here, and it is close-on-exec
-    // already; this makes "nothing else leaks in" a local fact.
-    sys::cloexec_from(3).map_err(os("cannot mark descriptors close-on-exec"))
+    // Only the report pipe and the workload descriptors should be open
+    // here; this makes "nothing else leaks in" a local fact.
+    sys::cloexec_from(3).map_err(os("cannot mark descriptors close-on-exec"))?;
+    for fd in workload {
+        sys::keep_on_exec(fd.as_fd()).map_err(os("cannot hand over the workload cgroup"))?;
+    }
+    Ok(())
 }
 
 /// Reaps children until the program exits; orphans reparented to init are

@@ -18,8 +18,9 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use crate::cgroup::Cgroups;
 use crate::config::{ID_RANGE, LaunchConfig};
 use crate::error::{LaunchError, os};
-use crate::inside::{self, Exec};
+use crate::inside::{self, Exec, Handoff};
 use crate::sys::{self, Fork};
+use openshell_sandbox_launch::cgroup_plan::Place;
 
 /// The in-sandbox uid (and gid) that owns `/sandbox`; the supervisor runs
 /// sandbox code as this user.
@@ -28,8 +29,15 @@ pub const SANDBOX_USER: u32 = 1000;
 /// Launches the sandbox and returns the program's exit status.
 pub fn run(config: &LaunchConfig) -> Result<u8, LaunchError> {
     prepare_host(config)?;
-    let exec = Exec::new(config)?;
     let cgroups = Cgroups::create(config)?;
+    let handoff = match config.supervised {
+        true => Handoff {
+            supervisor: cgroups.procs(Place::Supervisor)?,
+            workload: cgroups.procs(Place::Workload)?,
+        },
+        false => Handoff::default(),
+    };
+    let exec = Exec::new(config, &handoff.workload)?;
     let (go_read, go_write) = sys::pipe().map_err(os("cannot create the go pipe"))?;
     let (report_read, report_write) = sys::pipe().map_err(os("cannot create the report pipe"))?;
 
@@ -38,10 +46,12 @@ pub fn run(config: &LaunchConfig) -> Result<u8, LaunchError> {
     {
         Fork::Child => {
             drop((go_write, report_read));
-            inside::init(config, &exec, go_read, report_write)
+            inside::init(config, &exec, handoff, go_read, report_write)
         }
         Fork::Parent(pid) => pid,
     };
+    // Init's to use; the launcher never moves anything with them.
+    drop(handoff);
     drop((go_read, report_write));
     let go_write = File::from(go_write);
 

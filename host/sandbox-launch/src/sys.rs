@@ -129,6 +129,24 @@ fn close_range(first: u32, flags: u32) -> io::Result<()> {
     check(ret as c_int).map(drop)
 }
 
+/// Clears close-on-exec on `fd`, so the program inherits it.
+pub fn keep_on_exec(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor borrowed for this call.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, 0) }).map(drop)
+}
+
+/// Writes all of `bytes` to `fd` with one write (cgroup files take a whole
+/// value per write).
+pub fn write_once(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: write from a live slice to a borrowed descriptor.
+    let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
+    match n {
+        n if n < 0 => Err(io::Error::last_os_error()),
+        n if n as usize == bytes.len() => Ok(()),
+        _ => Err(io::Error::new(io::ErrorKind::WriteZero, "short write")),
+    }
+}
+
 /// Points stdin at `file` (dup2 onto descriptor 0).
 pub fn replace_stdin(file: &std::fs::File) -> io::Result<()> {
     // SAFETY: dup2 takes two descriptors; `file` is open for this call's

@@ -4,10 +4,12 @@
 //! the suite, and a guard that kills it on drop, so a failing test leaves no
 //! process behind.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -118,6 +120,36 @@ pub struct Gateway {
     log: PathBuf,
     /// The client config a secure gateway wrote (TLS and auth on).
     pub config: Option<PathBuf>,
+    state: PathBuf,
+}
+
+/// Live [`Gateway`]s per state dir. A gateway mounts its sandbox disk at
+/// `STATE/sandboxes` and detaches it when it exits cleanly; one a test
+/// kills leaves it mounted for the next gateway on that dir (as in
+/// production). The last `Gateway` of a state dir dropped detaches it, so
+/// no test leaves a mount behind.
+static LIVE: Mutex<BTreeMap<PathBuf, usize>> = Mutex::new(BTreeMap::new());
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Ok(None) = self.process.0.try_wait() {
+            let _ = self.process.0.kill();
+            let _ = self.process.0.wait();
+        }
+        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        let count = live.entry(self.state.clone()).or_default();
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            live.remove(&self.state);
+            if self.state.join("sandboxes.img").exists() {
+                let _ = Command::new("umount")
+                    .arg("-l")
+                    .arg(self.state.join("sandboxes"))
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
 }
 
 impl Gateway {
@@ -204,7 +236,13 @@ impl Gateway {
             "the gateway should listen on loopback by default: {ready_line:?}"
         );
         let scheme = if config.is_some() { "https" } else { "http" };
+        *LIVE
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(state.clone())
+            .or_default() += 1;
         Gateway {
+            state,
             process,
             stdout,
             endpoint: format!("{scheme}://{addr}"),
@@ -275,6 +313,14 @@ impl Gateway {
         while let Some(line) = self.stdout.next(Duration::from_secs(5)) {
             rest.push(line);
         }
+        // A clean exit detaches the sandbox disk itself.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let sandboxes = self.state.join("sandboxes");
+        assert!(
+            !mounts.contains(&format!(" {} ", sandboxes.display())),
+            "{} is still mounted after a clean exit",
+            sandboxes.display()
+        );
         (status, rest)
     }
 }

@@ -10,6 +10,7 @@ mod flood;
 mod gateway;
 mod harness;
 mod process;
+mod resources;
 mod restart;
 mod sandbox;
 mod seccomp;

@@ -127,7 +127,10 @@ fn killing_the_gateway_leaves_no_sandbox_process_behind() {
     // gateway comes back for these sandboxes, so the test does.
     for id in &ids {
         for c in ["memory", "pids", "cpu"] {
-            let _ = std::fs::remove_dir(format!("/sys/fs/cgroup/{c}/openshell/{id}"));
+            let dir = format!("/sys/fs/cgroup/{c}/openshell/{id}");
+            for leaf in ["/workload", "/supervisor", ""] {
+                let _ = std::fs::remove_dir(format!("{dir}{leaf}"));
+            }
         }
     }
 }

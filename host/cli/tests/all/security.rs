@@ -223,7 +223,7 @@ fn a_full_run_logs_none_of_the_secrets_it_generated() {
 /// `--config <state dir>/…/launch.json`), `/proc/self/cgroup` (the host's
 /// cgroup tree), and `/proc/net/unix`.
 #[test]
-fn issue_14_sandbox_code_sees_no_host_path_in_ps_cgroups_or_sockets() {
+fn issue_14_sandbox_code_sees_no_host_path_in_ps_cgroups_mounts_or_sockets() {
     let dir = TempDir::new().unwrap();
     let gw = crate::process::process_gateway(dir.path());
     gw.ok(["sandbox", "create", "--name", "p", "--", "true"]);
@@ -235,9 +235,18 @@ fn issue_14_sandbox_code_sees_no_host_path_in_ps_cgroups_or_sockets() {
         "sh",
         "-c",
         "for f in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $f; echo; done; \
-         echo @@$((1+1)); cat /proc/self/cgroup /proc/1/cgroup; echo @@$((1+2)); cat /proc/net/unix",
+         echo @@$((1+1)); cat /proc/self/cgroup; echo @@$((1+2)); cat /proc/1/cgroup; \
+         echo @@$((1+3)); cat /proc/net/unix /proc/self/mountinfo",
     ]);
-    let out = &look.stdout;
+    // The one host path left: mountinfo names the supervisor binary's
+    // install location (where the gateway's binaries are; nothing secret).
+    let out: String = look
+        .stdout
+        .lines()
+        .filter(|l| !l.contains(" /run/openshell-bin/"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let out = &out;
     // The launcher and supervisor binaries sit beside the CLI's.
     let bin = std::path::Path::new(crate::harness::OPENSHELL);
     let target = bin.parent().unwrap().to_string_lossy().into_owned();
@@ -258,17 +267,37 @@ fn issue_14_sandbox_code_sees_no_host_path_in_ps_cgroups_or_sockets() {
         "PID 1 is listed: {out}"
     );
     // Markers the shell computes, so the command line above holds neither.
-    let cgroups = out
-        .split("@@2\n")
-        .nth(1)
-        .unwrap()
-        .split("@@3\n")
-        .next()
-        .unwrap();
-    for line in cgroups.lines().filter(|l| !l.is_empty()) {
+    let section = |n: u32| {
+        out.split(&format!("@@{n}\n"))
+            .nth(1)
+            .unwrap()
+            .split(&format!("@@{}\n", n + 1))
+            .next()
+            .unwrap()
+    };
+    // Sandbox code's own cgroup is the namespace's root; init (and the
+    // supervisor) live beside it, in `supervisor` (issue 14 item 7).
+    for line in section(2).lines().filter(|l| !l.is_empty()) {
+        assert!(line.ends_with(":/"), "sandbox code's cgroup: {line}\n{out}");
+    }
+    // (Hierarchies without our controllers show `/` for both.)
+    let init: Vec<&str> = section(3).lines().filter(|l| !l.is_empty()).collect();
+    for line in &init {
         assert!(
-            line.ends_with(":/"),
-            "a host cgroup path shows: {line}\n{out}"
+            line.ends_with(":/") || line.ends_with(":/../supervisor"),
+            "init's cgroup: {line}\n{out}"
         );
     }
+    assert!(
+        init.iter().any(|l| l.ends_with(":/../supervisor")),
+        "init is not in the supervisor's cgroup:\n{out}"
+    );
+    // Bind mounts show their source's path within its filesystem: the
+    // workdir and run dir come from the sandbox disk, so they show
+    // `/<sandbox id>/...`, never the state dir (issue 14 items 6 and 8).
+    let mounts = section(4);
+    assert!(
+        mounts.contains(" /sandbox ") && !mounts.contains(&state),
+        "the state dir shows in mountinfo:\n{mounts}"
+    );
 }

@@ -112,6 +112,9 @@ pub(crate) fn vm_gateway(test: &str) -> Option<(PathBuf, tempfile::TempDir, Gate
             "vm",
             "--driver-dir",
             &driver_dir,
+            // A small sandbox disk: the secret test greps every byte of it.
+            "--sandbox-disk-gib",
+            "1",
         ],
         &[("OPENSHELL_VM_RUNTIME", rt.to_str().unwrap())],
     );

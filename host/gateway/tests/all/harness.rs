@@ -126,6 +126,9 @@ impl TestGateway {
             supervisor: Some(bin("openshell-supervisor")),
             limits: Default::default(),
             uid_base: None,
+            // The CLI tests run the sandbox disk; in-process gateways here
+            // would each mount one in the test process.
+            disk: openshell_plugin::disk::DiskConfig::OFF,
         }
     }
 

@@ -75,6 +75,9 @@ pub struct SandboxScope {
 pub struct Services {
     pub processes: ProcessTable,
     pub vms: VmTable,
+    /// Where sandboxes' state dirs live with a quota each; None: plain
+    /// directories, no quota.
+    pub disk: Option<crate::disk::SandboxDisk>,
     /// Deadline for one capability call that does I/O.
     pub io_timeout: Duration,
 }

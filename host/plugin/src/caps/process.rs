@@ -20,6 +20,7 @@ use crate::bindings::types::CapError;
 use crate::caps::{CallState, CapabilityError, limits};
 use crate::children::{HostChild, Spawner};
 use crate::private_file::write_private;
+use openshell_sandbox_launch::cgroup_plan::Place;
 
 /// Something the host saw happen to a sandbox's process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +135,7 @@ impl ProcessTable {
     /// launchers that died with an earlier gateway), on cgroup v1 or v2.
     /// Non-empty ones stay.
     pub fn sweep_stale_cgroups(&self, keep: &std::collections::HashSet<String>) -> usize {
-        sweep_stale_cgroups_in(&sandbox_cgroup_parents(), keep)
+        sweep_stale_cgroups_in(&sandbox_cgroup_parents(), keep, Duration::from_secs(60))
     }
 
     /// Stops a sandbox's process at once and forgets it. Also removes the
@@ -148,7 +149,9 @@ impl ProcessTable {
             .remove(sandbox_id);
         for parent in sandbox_cgroup_parents() {
             // Only empty cgroups can be removed; a missing one is fine.
-            let _ = tokio::fs::remove_dir(parent.join(sandbox_id)).await;
+            for dir in Place::removal_order(&parent.join(sandbox_id)) {
+                let _ = tokio::fs::remove_dir(dir).await;
+            }
         }
     }
 }
@@ -165,9 +168,11 @@ fn sandbox_cgroup_parents() -> Vec<std::path::PathBuf> {
 }
 
 /// [`ProcessTable::sweep_stale_cgroups`] over the given parent directories.
+/// Cgroups younger than `min_age` stay.
 fn sweep_stale_cgroups_in(
     parents: &[std::path::PathBuf],
     keep: &std::collections::HashSet<String>,
+    min_age: Duration,
 ) -> usize {
     let mut removed = 0;
     for root in parents {
@@ -175,15 +180,37 @@ fn sweep_stale_cgroups_in(
             let name = e.file_name().to_string_lossy().into_owned();
             // A launcher (of another gateway on this host, say) creates
             // its cgroup a moment before moving into it: leave young ones.
-            let young = e.metadata().and_then(|m| m.modified()).map_or(true, |t| {
-                t.elapsed().unwrap_or_default() < Duration::from_secs(60)
-            });
-            if !young && !keep.contains(&name) && std::fs::remove_dir(e.path()).is_ok() {
+            let young = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .map_or(true, |t| t.elapsed().unwrap_or_default() < min_age);
+            // A live sandbox's `workload` leaf is empty between commands;
+            // removing it would leave its supervisor's descriptors pointing
+            // at nothing. Another gateway's sandbox is live too: only a
+            // sandbox whose whole cgroup is empty goes.
+            if young || keep.contains(&name) || occupied(&e.path()) {
+                continue;
+            }
+            for dir in Place::removal_order(&e.path()) {
+                let _ = std::fs::remove_dir(dir);
+            }
+            if !e.path().exists() {
                 removed += 1;
             }
         }
     }
     removed
+}
+
+/// Whether any process is in a sandbox's cgroup `dir` or its leaves (an
+/// unreadable `cgroup.procs` counts as occupied).
+fn occupied(dir: &Path) -> bool {
+    Place::removal_order(dir).iter().any(|d| {
+        match std::fs::read_to_string(d.join("cgroup.procs")) {
+            Ok(procs) => !procs.trim().is_empty(),
+            Err(e) => e.kind() != std::io::ErrorKind::NotFound,
+        }
+    })
 }
 
 /// Names in a sandbox's state dir that belong to the host (the run dir and
@@ -317,6 +344,7 @@ impl CallState {
             max_processes: c.max_processes.into(),
             cpu_millis: c.cpu_millis.into(),
             cgroup_root: None,
+            supervised: true,
         };
         let json = config
             .to_json()
@@ -414,6 +442,51 @@ impl HostSandboxProcess for CallState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: another gateway's sweep removed a live sandbox's empty
+    /// `workload` leaf, so its commands ran outside their limits.
+    #[test]
+    fn a_sweep_leaves_every_cgroup_of_a_live_sandbox() {
+        let pids = Path::new("/sys/fs/cgroup/pids");
+        if nix::sys::statfs::statfs(pids).map_or(true, |s| s.filesystem_type().0 != 0x27e0eb) {
+            eprintln!(
+                "SKIP a_sweep_leaves_every_cgroup_of_a_live_sandbox: no cgroup v1 pids hierarchy at {}",
+                pids.display()
+            );
+            return;
+        }
+        let parent = pids.join(format!("openshell-sweep-test-{}", std::process::id()));
+        for id in ["live", "dead"] {
+            for dir in Place::removal_order(&parent.join(id)).iter().rev() {
+                std::fs::create_dir_all(dir).unwrap();
+            }
+        }
+        let mut sleeper = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        std::fs::write(
+            parent.join("live/supervisor/cgroup.procs"),
+            sleeper.id().to_string(),
+        )
+        .unwrap();
+        let removed = sweep_stale_cgroups_in(
+            std::slice::from_ref(&parent),
+            &Default::default(),
+            Duration::ZERO,
+        );
+        let live_workload = parent.join("live/workload").exists();
+        let dead = parent.join("dead").exists();
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        for dir in Place::removal_order(&parent.join("live")) {
+            let _ = std::fs::remove_dir(dir);
+        }
+        let _ = std::fs::remove_dir(&parent);
+        assert_eq!(removed, 1);
+        assert!(live_workload, "the live sandbox's empty leaf was removed");
+        assert!(!dead, "the dead sandbox's cgroup stayed");
+    }
 
     #[test]
     fn every_uid_range_fits_in_a_uid() {

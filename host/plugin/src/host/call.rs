@@ -13,9 +13,7 @@ use crate::bindings::ComputeDriverPre;
 use crate::bindings::types::{self as wit, DriverError, DriverEvent, Isolation};
 use crate::caps::{CallState, HostEvent, SandboxScope};
 use crate::grants::Capability;
-use crate::host::{
-    CallError, DriverInfo, DriverSpec, MAX_STATE, Outcome, Shared, create_private_dir,
-};
+use crate::host::{CallError, DriverInfo, DriverSpec, MAX_STATE, Outcome, Shared};
 
 /// A loaded driver.
 pub struct Plugin {
@@ -110,7 +108,9 @@ impl Plugin {
         let open = || cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority());
         let dir = open()
             .or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => create_private_dir(&path).and_then(|_| open()),
+                std::io::ErrorKind::NotFound => {
+                    self.shared.create_sandbox_dir(id).and_then(|_| open())
+                }
                 _ => Err(e),
             })
             .map_err(|e| CallError::Failed {

@@ -9,6 +9,11 @@ use crate::host::{MAX_COMPONENT, MAX_STATE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PluginError {
+    #[error("cannot set up the sandbox disk: {source}")]
+    Disk {
+        #[source]
+        source: crate::disk::DiskError,
+    },
     #[error("the component is {len} bytes; the limit is {MAX_COMPONENT}")]
     TooLarge { len: usize },
     #[error("not a valid WebAssembly component: {source:#}")]

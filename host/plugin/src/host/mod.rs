@@ -55,6 +55,9 @@ pub struct PluginHostConfig {
     pub uid_base: u32,
     /// The VM runtime and backend choice, for VM sandboxes.
     pub vm: VmConfig,
+    /// The sandbox disk (quotas on what sandboxes store); off by default
+    /// here, on by default in the gateway.
+    pub disk: crate::disk::DiskConfig,
 }
 
 impl PluginHostConfig {
@@ -69,6 +72,7 @@ impl PluginHostConfig {
             supervisor: None,
             uid_base: 100_000,
             vm: VmConfig::default(),
+            disk: crate::disk::DiskConfig::OFF,
         }
     }
 }
@@ -105,6 +109,21 @@ pub struct Outcome {
 pub(crate) struct Shared {
     pub(crate) config: PluginHostConfig,
     pub(crate) services: Arc<Services>,
+}
+
+impl Shared {
+    /// A sandbox's state dir, 0700 and root's: on the sandbox disk a
+    /// subvolume under its quota, else a plain directory.
+    pub(crate) fn create_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
+        match &self.services.disk {
+            Some(disk) => disk.create_sandbox_dir(sandbox_id),
+            None => {
+                let path = self.config.sandboxes_dir.join(sandbox_id);
+                create_private_dir(&path)?;
+                Ok(path)
+            }
+        }
+    }
 }
 
 /// Owns the engine, the loaded plugins and the host services.
@@ -173,6 +192,9 @@ impl PluginHost {
                 source,
             })?;
 
+        let state_dir = config.sandboxes_dir.parent().unwrap_or(Path::new("/"));
+        let disk = crate::disk::SandboxDisk::open(state_dir, &config.sandboxes_dir, config.disk)
+            .map_err(|source| PluginError::Disk { source })?;
         let process_cfg = ProcessConfig {
             launcher: config.launcher.clone(),
             supervisor: config.supervisor.clone(),
@@ -187,6 +209,7 @@ impl PluginHost {
         let services = Arc::new(Services {
             vms: VmTable::new(spawner.clone(), events.clone(), config.vm.clone()),
             processes: ProcessTable::new(spawner, events, process_cfg),
+            disk,
             io_timeout: config.io_timeout,
         });
         Ok(Self {
@@ -366,6 +389,13 @@ impl PluginHost {
         map.remove(name)
     }
 
+    /// Detaches the sandbox disk, if there is one (at gateway shutdown).
+    pub fn detach_disk(&self) {
+        if let Some(disk) = &self.shared.services.disk {
+            disk.detach();
+        }
+    }
+
     /// The state directory of a sandbox (created on demand by calls).
     pub fn sandbox_dir(&self, sandbox_id: &str) -> PathBuf {
         self.shared.config.sandboxes_dir.join(sandbox_id)
@@ -374,9 +404,7 @@ impl PluginHost {
     /// Creates a sandbox's state dir (0700, root's: see
     /// [`create_private_dir`]) before anything else puts files in it.
     pub fn ensure_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
-        let path = self.sandbox_dir(sandbox_id);
-        create_private_dir(&path)?;
-        Ok(path)
+        self.shared.create_sandbox_dir(sandbox_id)
     }
 
     /// The unix socket a sandbox's supervisor dials; the process capability

@@ -18,16 +18,25 @@
 //!   are born in that leaf and use its parent. Only the controllers the
 //!   limits need are enabled.
 //!
-//! [`Cgroups::create`] makes the directory and writes the limits before
-//! anything runs; [`Cgroups::add`] moves the sandbox's init in while it still
-//! waits for the go-ahead, so everything it forks is counted. Dropping
-//! [`Cgroups`] kills whatever is left in them and removes the directories.
+//! Each sandbox directory holds the two leaves of [`plan::Place`]:
+//! `supervisor` and `workload`; processes live only in leaves.
+//!
+//! [`Cgroups::create`] makes the directories and writes the limits before
+//! anything runs; [`Cgroups::add`] moves the sandbox's init into `workload`
+//! while it still waits for the go-ahead, so everything it forks is counted.
+//! Init roots its cgroup namespace there (sandbox code sees `/`), then a
+//! supervised init moves itself into `supervisor` through descriptors from
+//! [`Cgroups::procs`], and the supervisor moves each command it starts back
+//! into `workload` the same way. Dropping [`Cgroups`] kills whatever is left
+//! in them and removes the directories.
 
 use openshell_sandbox_launch::cgroup_plan as plan;
 
 use std::collections::BTreeSet;
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -35,7 +44,7 @@ use std::time::{Duration, Instant};
 use crate::config::LaunchConfig;
 use crate::error::warn;
 use crate::sys;
-use plan::{Controller, Hierarchy, LimitWrite};
+use plan::{Controller, Hierarchy, LimitWrite, Place};
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
 const PROC_SELF_CGROUP: &str = "/proc/self/cgroup";
@@ -114,6 +123,12 @@ pub enum CgroupError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot open {path:?}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot move process {pid} into {path:?}")]
     Move {
         pid: i32,
@@ -149,23 +164,56 @@ impl Cgroups {
         }
     }
 
-    /// Moves `pid` (and so everything it will fork) into every cgroup.
+    /// Moves `pid` (and so everything it will fork) into `workload` in
+    /// every hierarchy.
     pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
         for dir in &self.dirs {
-            move_process(pid, dir)?;
+            move_process(pid, &Place::Workload.dir(dir))?;
         }
         Ok(())
+    }
+
+    /// `cgroup.procs` of `place` in every hierarchy, opened for writing
+    /// (close-on-exec): writing `0` to each moves the writer there. The
+    /// kernel checks a move against the opener's credentials and cgroup
+    /// namespace, so these work for whoever holds them after host root
+    /// opened them; hand them only to what may choose its place.
+    pub fn procs(&self, place: Place) -> Result<Vec<OwnedFd>, CgroupError> {
+        self.dirs
+            .iter()
+            .map(|dir| {
+                let path = place.dir(dir).join("cgroup.procs");
+                fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(&path)
+                    .map(OwnedFd::from)
+                    .map_err(|source| CgroupError::Open { path, source })
+            })
+            .collect()
     }
 }
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
         for dir in &self.dirs {
-            if let Err(err) = remove(dir) {
+            if let Err(err) = remove_sandbox(dir) {
                 warn(&format!("cannot remove cgroup {}: {err}", dir.display()));
             }
         }
     }
+}
+
+/// Removes a sandbox's cgroup directory: its leaves (killing what is left
+/// in them), then the directory itself.
+fn remove_sandbox(dir: &Path) -> io::Result<()> {
+    for leaf in Place::LEAVES.iter().rev() {
+        match remove(&leaf.dir(dir)) {
+            Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+            other => other?,
+        }
+    }
+    remove(dir)
 }
 
 /// Checks that `path` really is on a cgroup filesystem of that version.
@@ -207,6 +255,7 @@ fn create_v1(
     for (controller, dir) in dirs {
         fresh_dir(&dir)?;
         cgroups.dirs.push(dir.clone());
+        make_leaves(&dir)?;
         apply(&dir, writes.iter().filter(|w| w.controller == controller))?;
     }
     Ok(cgroups)
@@ -253,6 +302,9 @@ fn create_v2(
     let cgroups = Cgroups {
         dirs: vec![dir.clone()],
     };
+    // The sandbox's directory never holds a process either: its leaves do.
+    enable(&dir, &needed, false)?;
+    make_leaves(&dir)?;
     apply(&dir, plan::v2_writes(config).iter())?;
     Ok(cgroups)
 }
@@ -304,11 +356,19 @@ fn enable(
     }
 }
 
+fn make_leaves(dir: &Path) -> Result<(), CgroupError> {
+    for leaf in Place::LEAVES {
+        let path = leaf.dir(dir);
+        fs::create_dir(&path).map_err(|source| CgroupError::Create { path, source })?;
+    }
+    Ok(())
+}
+
 /// Creates `dir`, first removing one a SIGKILLed launcher left (whatever is
 /// still in it belongs to a sandbox that is already gone).
 fn fresh_dir(dir: &Path) -> Result<(), CgroupError> {
     if dir.exists() {
-        remove(dir).map_err(|source| CgroupError::RemoveStale {
+        remove_sandbox(dir).map_err(|source| CgroupError::RemoveStale {
             path: dir.to_owned(),
             source,
         })?;
@@ -321,7 +381,7 @@ fn fresh_dir(dir: &Path) -> Result<(), CgroupError> {
 
 fn apply<'a>(dir: &Path, writes: impl Iterator<Item = &'a LimitWrite>) -> Result<(), CgroupError> {
     for limit in writes {
-        let file = dir.join(limit.file);
+        let file = limit.place.dir(dir).join(limit.file);
         if limit.optional && !file.exists() {
             continue;
         }

@@ -86,8 +86,11 @@ fn a_limit_whose_v1_controller_is_under_the_cgroup_root_is_applied() {
     let mut running = sandbox.start();
     running.wait_for_line("ready");
     let dir = pids.path().join("openshell").join(&sandbox.id);
-    let max = fs::read_to_string(dir.join("pids.max")).unwrap();
+    // Sandbox code's limit is on its leaf (issue 14 item 7).
+    let max = fs::read_to_string(dir.join("workload/pids.max")).unwrap();
     assert_eq!(max.trim(), "9");
+    let max = fs::read_to_string(dir.join("supervisor/pids.max")).unwrap();
+    assert_eq!(max.trim(), "max", "nothing limits the supervisor's tasks");
     running.signal("TERM");
     assert_eq!(running.wait().code, Some(143));
     assert!(!dir.exists(), "{dir:?} is left behind");
@@ -230,7 +233,7 @@ fn on_cgroup_v2_sandboxes_live_under_the_gateways_own_cgroup() {
         let (view, _) = run_from(&sandbox, start);
         assert_eq!(
             unified_line(&view),
-            format!("/{gateway}/openshell/{}", sandbox.id)
+            format!("/{gateway}/openshell/{}/workload", sandbox.id)
         );
         let dir = base.join("openshell").join(&sandbox.id);
         assert!(!dir.exists(), "{dir:?} is left behind");
@@ -247,7 +250,7 @@ fn on_cgroup_v2_a_sandbox_without_limits_gets_its_own_cgroup_which_is_removed_af
     let own = fs::read_to_string("/proc/self/cgroup").unwrap();
     let own = own.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
     let expected = Path::new(own).join("openshell").join(&sandbox.id);
-    assert_eq!(Path::new(unified_line(&view)), expected);
+    assert_eq!(Path::new(unified_line(&view)), expected.join("workload"));
     let dir = v2.path().join(expected.strip_prefix("/").unwrap());
     assert!(!dir.exists(), "{dir:?} is left behind");
 }

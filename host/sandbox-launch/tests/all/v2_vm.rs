@@ -75,7 +75,7 @@ mount -t sysfs sys /sys
 mount -t cgroup2 none /sys/fs/cgroup
 L=/usr/bin/openshell-sandbox-launch
 CG=/sys/fs/cgroup
-for c in limits oom unlimited closed; do
+for c in limits oom unlimited closed supervised; do
     mkdir -p /w/$c/work /w/$c/run && mkdir -m 700 /w/$c/state
 done
 echo "RESULT root.controllers=$(cat $CG/cgroup.controllers)"
@@ -88,10 +88,10 @@ $L --config /cases/limits.json & launcher=$!
 n=0; while [ ! -e /w/limits/work/ready ] && [ $n -lt 600 ]; do sleep 0.1; n=$((n+1)); done
 D=$CG/gw/openshell/v2-limits
 echo "RESULT limits.ready=$([ -e /w/limits/work/ready ] && echo yes || echo no)"
-for f in memory.max memory.swap.max pids.max cpu.max; do
-    echo "RESULT limits.$f=$(cat $D/$f 2>/dev/null || echo absent)"
+for f in workload/memory.max workload/memory.swap.max workload/pids.max cpu.max; do
+    echo "RESULT limits.${f#workload/}=$(cat $D/$f 2>/dev/null || echo absent)"
 done
-echo "RESULT limits.sandbox_tasks=$(wc -l < $D/cgroup.procs)"
+echo "RESULT limits.sandbox_tasks=$(wc -l < $D/workload/cgroup.procs)"
 echo "RESULT gw.subtree_control=$(cat $CG/gw/cgroup.subtree_control)"
 echo "RESULT gw.procs=$(wc -l < $CG/gw/cgroup.procs)"
 echo "RESULT gw.leaf_has_gateway=$(grep -qx $$ $CG/gw/openshell-gateway/cgroup.procs && echo yes || echo no)"
@@ -105,6 +105,13 @@ echo "RESULT oom.survived=$(cat /w/oom/work/out 2>/dev/null || echo no)"
 $L --config /cases/unlimited.json; echo "RESULT unlimited.exit=$?"
 echo "RESULT unlimited.survived=$(cat /w/unlimited/work/out 2>/dev/null || echo no)"
 
+# Supervised: the program lives beside the limits; the command it moves
+# into them fills them with tmpfs pages and is the one OOM-killed.
+$L --config /cases/supervised.json; echo "RESULT supervised.exit=$?"
+echo "RESULT supervised.filler=$(cat /w/supervised/work/filler 2>/dev/null)"
+echo "RESULT supervised.program_cgroup=$(cat /w/supervised/work/cgroup 2>/dev/null)"
+echo "RESULT supervised.fds=$(cat /w/supervised/work/fds 2>/dev/null)"
+
 # Fail closed: a gateway cgroup that was not delegated the memory controller.
 mkdir -p $CG/plain/gw && echo $$ > $CG/plain/gw/cgroup.procs
 $L --config /cases/closed.json 2>/tmp/err; echo "RESULT closed.exit=$?"
@@ -114,7 +121,14 @@ echo "RESULT done=yes"
 poweroff -f
 "#;
 
-fn case(name: &str, script: &str, memory_mib: u64, max_processes: u64, cpu_millis: u64) -> String {
+fn case(
+    name: &str,
+    script: &str,
+    memory_mib: u64,
+    max_processes: u64,
+    cpu_millis: u64,
+    supervised: bool,
+) -> String {
     let dir = Path::new("/w").join(name);
     LaunchConfig {
         sandbox_id: format!("v2-{name}"),
@@ -131,6 +145,7 @@ fn case(name: &str, script: &str, memory_mib: u64, max_processes: u64, cpu_milli
         max_processes,
         cpu_millis,
         cgroup_root: None,
+        supervised,
     }
     .to_json()
     .unwrap()
@@ -203,9 +218,24 @@ fn initramfs(dir: &Path, busybox: &Path) -> PathBuf {
         ),
         ("closed", "touch /sandbox/ran", 64, 0, 0),
     ];
+    let supervised = (
+        "supervised",
+        "echo \"$OPENSHELL_WORKLOAD_CGROUP_FDS\" > /sandbox/fds; \
+         cat /proc/self/cgroup > /sandbox/cgroup; \
+         sh -c 'for fd in $(echo $OPENSHELL_WORKLOAD_CGROUP_FDS | tr , \" \"); do \
+                  echo 0 >&$fd || exit 1; done; dd if=/dev/zero of=/dev/shm/fill bs=1M count=64 2>/dev/null'; \
+         echo $? > /sandbox/filler",
+        32,
+        0,
+        0,
+    );
     fs::create_dir_all(root.join("cases")).unwrap();
-    for (name, script, memory, pids, cpu) in cases {
-        let json = case(name, script, memory, pids, cpu);
+    let cases = cases
+        .map(|c| (c, false))
+        .into_iter()
+        .chain([(supervised, true)]);
+    for ((name, script, memory, pids, cpu), supervised) in cases {
+        let json = case(name, script, memory, pids, cpu, supervised);
         fs::write(root.join("cases").join(format!("{name}.json")), json).unwrap();
     }
     let cpio = dir.join("initramfs.cpio");
@@ -342,6 +372,17 @@ fn on_a_cgroup_v2_only_guest_limits_are_delegated_applied_enforced_and_fail_clos
     assert_ne!(get("oom.exit"), "0", "{log}");
     assert_eq!(get("unlimited.survived"), "yes", "{log}");
     assert_eq!(get("unlimited.exit"), "0", "{log}");
+    // Supervised (issue 14 item 7): the descriptor works on v2 too (the
+    // kernel checks a move against the opener's credentials and cgroup
+    // namespace), the filler alone was killed, and the program ran on.
+    assert_eq!(get("supervised.fds").split(',').count(), 1, "{log}");
+    assert_eq!(
+        get("supervised.program_cgroup"),
+        "0::/../supervisor",
+        "{log}"
+    );
+    assert_eq!(get("supervised.filler"), "137", "{log}");
+    assert_eq!(get("supervised.exit"), "0", "{log}");
     // Fail closed.
     assert_eq!(get("closed.exit"), "123", "{log}");
     assert!(
