@@ -67,9 +67,13 @@ grpc-generic:
     .venv/bin/python e2e/grpc_generic_client.py --openshell {{target}}/debug/openshell --proto-dir proto --wasm {{wasm_dir}}/fixture_echo.wasm
 
 # Measure the performance budget and write BENCHMARKS.md (a few minutes; not part of test or ci).
-# Same dev profile as the tests: the numbers are for debug builds.
-bench: build vm-stage drivers
-    OPENSHELL_VM_RUNTIME={{justfile_directory()}}/runtime cargo run -q -p openshell-bench -- --write BENCHMARKS.md
+# Release-built (the `perf` profile): gateway, launcher, supervisor, and the static musl
+# supervisor VM guests run, in a runtime of its own (runtime-perf/) beside the tests' one.
+bench: vm-stage drivers
+    cargo build -q --profile perf -p openshell-cli -p openshell-sandbox-launch -p openshell-supervisor -p openshell-bench
+    cargo build -q --profile perf -p openshell-supervisor --target x86_64-unknown-linux-musl
+    scripts/perf-runtime.sh {{target}}/x86_64-unknown-linux-musl/perf/openshell-supervisor
+    OPENSHELL_VM_RUNTIME={{justfile_directory()}}/runtime-perf {{target}}/perf/openshell-bench --write BENCHMARKS.md
 
 # Stage the VM runtime and build the guest initramfs (both idempotent).
 vm-stage: vm-setup vm-rootfs

@@ -23,9 +23,21 @@ pub fn target_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
 }
 
-/// A workspace binary from the dev profile, the one the tests use.
+/// A workspace binary of the profile this bench was built with (`just
+/// bench`: `perf`, a release build): the one beside this executable.
 pub fn bin(name: &str) -> PathBuf {
-    target_dir().join("debug").join(name)
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join(name)))
+        .unwrap_or_else(|| target_dir().join("debug").join(name))
+}
+
+/// The cargo profile this bench was built with, by its output directory.
+pub fn profile() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.file_name()?.to_string_lossy().into_owned()))
+        .unwrap_or_default()
 }
 
 /// A driver component built by `just drivers`.
@@ -99,7 +111,7 @@ impl BenchGateway {
         self.client
             .load_plugin(pb::LoadPluginRequest {
                 name: name.into(),
-                component,
+                component: component.into(),
                 grants: grants.iter().map(|g| g.to_string()).collect(),
             })
             .await?;
@@ -144,7 +156,13 @@ impl BenchGateway {
 
 /// A new HTTP/2 connection to the gateway.
 pub async fn client(url: &str) -> anyhow::Result<Client> {
-    let ch = Channel::from_shared(url.to_owned())?.connect().await?;
+    // The CLI's HTTP/2 settings (host/cli/src/client.rs).
+    let ch = Channel::from_shared(url.to_owned())?
+        .max_frame_size(256 * 1024)
+        .initial_stream_window_size(2 << 20)
+        .initial_connection_window_size(8 << 20)
+        .connect()
+        .await?;
     Ok(OpenShellClient::new(ch))
 }
 

@@ -112,15 +112,21 @@ fn header(took: Duration, quick: bool) -> String {
          do not edit by hand. The run took {took:.0?}.\n\n\
          - **Date:** {date}\n\
          - **Machine:** {machine}\n\
-         - **Build:** the dev profile, the same one the tests use (no release build of the \
-         workspace): gateway, launcher and supervisor are **debug builds**. Only the driver \
-         components are release-built Wasm, as always. Numbers are for a debug build on a \
-         shared {cpus}-core VM; compare ratios across runs, not absolute times.\n\
+         - **Build:** the `{profile}` profile{release}: gateway, launcher and supervisor, and the \
+         static musl supervisor (with mimalloc) VM guests run; the driver components are \
+         release-built Wasm, as always. A shared {cpus}-core VM: compare ratios across runs, \
+         not absolute times.\n\
          - **Setup:** the gateway runs inside the benchmark process on 127.0.0.1 (started the way \
          `host/gateway/tests/all/harness.rs` starts it, with the default on-disk SQLite store); \
          every figure except plugin overhead goes through real gRPC over loopback TCP. The process \
          driver is `openshell_driver_process.wasm` with grants log, files, process; \
-         launcher and supervisor come from `$CARGO_TARGET_DIR/debug/`. Percentiles are nearest-rank.\n\n",
+         launcher and supervisor come from `$CARGO_TARGET_DIR/{profile}/`. Percentiles are nearest-rank.\n\n",
+        profile = gateway::profile(),
+        release = if gateway::profile() == "perf" {
+            " (`inherits = \"release\"`: the build users run)"
+        } else {
+            ", **not a release build**: these are not the numbers users see"
+        },
         quick = if quick {
             " --quick: too few runs to trust"
         } else {
@@ -277,11 +283,12 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     gw.stop().await?;
 
     // create → Ready, process driver.
-    let met = c.total.p50() <= Duration::from_millis(100);
+    let met =
+        c.total.p50() <= Duration::from_millis(5) && c.total.pct(95.0) <= Duration::from_millis(10);
     report.row(
-        "process driver create → Ready, p50 (p95)",
+        "process driver create → Ready (host root, no image, no policy), p50 (p95)",
         format!("{} ({})", fmt(c.total.p50()), fmt(c.total.pct(95.0))),
-        "p50 ≤ 100 ms",
+        "p50 ≤ 5 ms, p95 ≤ 10 ms (issue 15)",
         "no process driver; perf target \"sandbox about 5 s\" (upstream #118); k3s gateway 90–120 s per sandbox run (user reports)",
         Verdict::of(met),
     );
@@ -326,7 +333,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
 
     // Exec round trip.
     let ratio = rt.relay.p50().as_secs_f64() / rt.local.p50().as_secs_f64().max(1e-9);
-    let met = rt.relay.p50() <= Duration::from_millis(5);
+    let met = rt.relay.p50() <= Duration::from_micros(1200) && ratio <= 1.5;
     report.row(
         "exec round trip of `true`, p50 (p99)",
         format!(
@@ -335,7 +342,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             fmt(rt.relay.pct(99.0)),
             fmt(rt.local.p50())
         ),
-        "p50 ≤ 5 ms",
+        "p50 ≤ 1.2 ms and ≤ 1.5× a local spawn (issue 15)",
         "none published (relay session wait 15 s is a timeout, not a latency)",
         Verdict::of(met),
     );
@@ -433,7 +440,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             fmt(p.create.p50().saturating_sub(p.describe.p50()))
         ));
     }
-    let met = p.cached_load.p50() <= Duration::from_millis(5);
+    let met = p.cached_load.p50() <= Duration::from_millis(1);
     report.row(
         &format!("plugin: cached component load after restart (`load_stored` of the process driver, {} KiB), p50 (p95)", p.component_kib),
         format!(
@@ -442,7 +449,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             fmt(p.cached_load.pct(95.0)),
             fmt(p.cold_load)
         ),
-        "≤ 5 ms",
+        "≤ 1 ms (issue 15)",
         "—",
         Verdict::of(met),
     );
@@ -468,13 +475,14 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             fmt(sc.ready.p50()),
             fmt(sc.ready.pct(95.0))
         ),
-        "— (no target)",
+        "≥ 500/s to Ready (issue 15)",
         "—",
-        Verdict::None,
+        Verdict::of(readied >= 500.0),
     );
     let kib = sc.per_sandbox_kib();
-    let met = kib <= 1024.0;
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    let outside_mib = mib(sc.children_rss) / sc.creates as f64;
+    let met = kib <= 1024.0 && outside_mib <= 4.0;
     report.row(
         &format!("gateway memory per idle Ready sandbox ({} Ready)", sc.creates),
         format!(
@@ -487,7 +495,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             mib(sc.children_rss),
             mib(sc.children_rss) / sc.creates as f64
         ),
-        "≤ 1 MiB",
+        "≤ 1 MiB in the gateway; ≤ 4 MiB outside it (issue 15)",
         "—",
         Verdict::of(met),
     );

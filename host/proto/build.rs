@@ -13,6 +13,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // `bytes` fields as `bytes::Bytes`: a decoded frame's payload is a
+        // slice of the buffer it arrived in, not a copy (the relay's data).
+        .bytes(".")
         .file_descriptor_set_path(out.join("openshell_descriptor.bin"))
         .compile_protos(&files.map(|f| root.join(f)), std::slice::from_ref(&root))?;
     println!("cargo:rerun-if-changed=../../proto");

@@ -17,7 +17,11 @@ use crate::relay::linger;
 use crate::report;
 use crate::spawn::{self, Stream};
 
-const CHUNK: usize = 32 * 1024;
+/// The most one output frame carries. A read that returns less is topped up
+/// with whatever else the pipe holds already (never waiting for more), so
+/// a fast writer's bytes travel in few large frames and a slow one's are
+/// sent as they come. Below the gateway's relay message limit.
+pub const CHUNK: usize = 128 * 1024;
 
 fn output(m: S) -> pb::RelayFrame {
     pb::RelayFrame {
@@ -41,6 +45,34 @@ fn command(start: &pb::ExecStart) -> spawn::Command {
     }
 }
 
+/// After a read of `filled` bytes into `buf`, reads what `r` has ready
+/// behind them, up to the end of `buf`, without waiting. Returns how much
+/// `buf` holds and whether the stream ended.
+async fn top_up<R>(r: &mut R, buf: &mut [u8], mut filled: usize) -> (usize, bool)
+where
+    R: tokio::io::AsyncRead + Unpin + ?Sized,
+{
+    use std::task::Poll;
+    while filled < buf.len() {
+        let ready = std::future::poll_fn(|cx| {
+            let mut rb = tokio::io::ReadBuf::new(&mut buf[filled..]);
+            match std::pin::Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) => Poll::Ready(Some(rb.filled().len())),
+                Poll::Ready(Err(_)) => Poll::Ready(Some(0)),
+                // Nothing more right now: send what there is.
+                Poll::Pending => Poll::Ready(None),
+            }
+        })
+        .await;
+        match ready {
+            None => return (filled, false),
+            Some(0) => return (filled, true),
+            Some(n) => filled += n,
+        }
+    }
+    (filled, false)
+}
+
 /// Runs one command over an opened relay, until it exits and the gateway
 /// has read the exit.
 pub async fn run(
@@ -55,7 +87,7 @@ pub async fn run(
         Err(e) => {
             tracing::info!(argv0, "cannot spawn: {}", report::chain(&e));
             let msg = format!("openshell: {}\n", report::wire(&e));
-            let _ = tx.send(output(S::Stderr(msg.into_bytes()))).await;
+            let _ = tx.send(output(S::Stderr(msg.into()))).await;
             let _ = tx.send(output(S::Exit(e.exit_code()))).await;
             linger(inbound).await;
             return;
@@ -75,18 +107,25 @@ pub async fn run(
         pumps.push(tokio::spawn(async move {
             let mut buf = vec![0u8; CHUNK];
             loop {
-                match r.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => {
-                        let chunk = buf[..n].to_vec();
-                        let m = match stream {
-                            Stream::Stdout => S::Stdout(chunk),
-                            Stream::Stderr => S::Stderr(chunk),
-                        };
-                        if tx.send(output(m)).await.is_err() {
-                            return;
-                        }
+                let (filled, ended) = match r.read(&mut buf).await {
+                    Ok(0) | Err(_) => (0, true),
+                    Ok(n) => top_up(&mut r, &mut buf, n).await,
+                };
+                if filled > 0 {
+                    // One copy, into the frame; `buf` is reused.
+                    let chunk = bytes::Bytes::copy_from_slice(&buf[..filled]);
+                    let m = match stream {
+                        Stream::Stdout => S::Stdout(chunk),
+                        Stream::Stderr => S::Stderr(chunk),
+                    };
+                    // A full channel waits here: the pipe fills and the
+                    // command blocks, all the way back from the reader.
+                    if tx.send(output(m)).await.is_err() {
+                        return;
                     }
+                }
+                if ended {
+                    return;
                 }
             }
         }));

@@ -20,6 +20,10 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 
 /// What the supervisor learns from its environment.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub endpoint: String,

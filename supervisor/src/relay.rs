@@ -38,7 +38,9 @@ pub async fn serve(
     let Some(purpose) = open.purpose else {
         return Err(RelayError::UnsupportedPurpose);
     };
-    let (tx, rx) = mpsc::channel::<pb::RelayFrame>(64);
+    // At most 16 frames (2 MiB of output) wait here for the gateway; past
+    // that the pumps stop reading and the command's pipe fills.
+    let (tx, rx) = mpsc::channel::<pb::RelayFrame>(16);
     let init = pb::RelayFrame {
         frame: Some(pb::relay_frame::Frame::Init(pb::RelayInit {
             channel_id: open.channel_id.clone(),

@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::process::Stdio;
 
 use nix::sys::signal::{Signal, killpg};
@@ -204,24 +204,41 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
                 group,
             })
         }
-        None => Ok(Spawned {
-            stdin: child.stdin.take().map(|s| Box::new(s) as _),
-            readers: vec![
-                (
-                    Stream::Stdout,
-                    Box::new(child.stdout.take().expect("piped")) as _,
-                ),
-                (
-                    Stream::Stderr,
-                    Box::new(child.stderr.take().expect("piped")) as _,
-                ),
-            ],
-            child,
-            master: None,
-            group,
-        }),
+        None => {
+            for fd in [
+                child.stdout.as_ref().map(|s| s.as_fd()),
+                child.stderr.as_ref().map(|s| s.as_fd()),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                // A bigger pipe: a fast writer fills a whole output frame
+                // between reads. Best effort (pipe-max-size may be lower).
+                let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+            }
+            Ok(Spawned {
+                stdin: child.stdin.take().map(|s| Box::new(s) as _),
+                readers: vec![
+                    (
+                        Stream::Stdout,
+                        Box::new(child.stdout.take().expect("piped")) as _,
+                    ),
+                    (
+                        Stream::Stderr,
+                        Box::new(child.stderr.take().expect("piped")) as _,
+                    ),
+                ],
+                child,
+                master: None,
+                group,
+            })
+        }
     }
 }
+
+/// Capacity of sandbox code's stdout and stderr pipes (the kernel's
+/// default is 64 KiB; 1 MiB is what an unprivileged process may ask for).
+const PIPE_SIZE: nix::libc::c_int = 1 << 20;
 
 /// How a finished command is reported: its code, or 128+N for signal N.
 pub fn exit_code(status: std::io::Result<std::process::ExitStatus>) -> i32 {

@@ -93,6 +93,12 @@ pub async fn connect(t: &Target) -> anyhow::Result<Client> {
     }
     let channel = ep
         .connect_timeout(std::time::Duration::from_secs(5))
+        // Exec output arrives in frames of up to 128 KiB: let the gateway
+        // send each in two HTTP/2 frames, not eight, and keep a few in
+        // flight per stream.
+        .max_frame_size(256 * 1024)
+        .initial_stream_window_size(2 << 20)
+        .initial_connection_window_size(8 << 20)
         .connect()
         .await
         .map_err(|e| {

@@ -71,7 +71,7 @@ pub async fn run(c: &mut Client, a: ExecArgs) -> anyhow::Result<i32> {
         loop {
             let msg = match stdin.read(&mut buf).await {
                 Ok(0) | Err(_) => C::StdinEof(true),
-                Ok(n) => C::Stdin(buf[..n].to_vec()),
+                Ok(n) => C::Stdin(buf[..n].to_vec().into()),
             };
             let eof = matches!(msg, C::StdinEof(_));
             if tx

@@ -30,7 +30,7 @@ pub async fn run(
             let r = c
                 .load_plugin(pb::LoadPluginRequest {
                     name,
-                    component,
+                    component: component.into(),
                     grants,
                 })
                 .await

@@ -43,7 +43,7 @@ pub async fn proxy(c: &mut Client, sandbox: String) -> anyhow::Result<ExitCode> 
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
                     let frame = pb::SshTunnelFrame {
-                        frame: Some(T::Data(buf[..n].to_vec())),
+                        frame: Some(T::Data(buf[..n].to_vec().into())),
                     };
                     if tx.send(frame).await.is_err() {
                         return;

@@ -20,7 +20,7 @@ use crate::supervisor::relay::{Activity, Next, SandboxFrames};
 /// How long a client has to name the sandbox.
 const FIRST_FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn data(bytes: Vec<u8>) -> pb::RelayFrame {
+fn data(bytes: prost::bytes::Bytes) -> pb::RelayFrame {
     pb::RelayFrame {
         frame: Some(pb::relay_frame::Frame::Data(bytes)),
     }

@@ -65,7 +65,7 @@ impl SshServer {
                     Ok(0) | Err(_) => return,
                     Ok(n) => {
                         let frame = pb::RelayFrame {
-                            frame: Some(Frame::Data(buf[..n].to_vec())),
+                            frame: Some(Frame::Data(bytes::Bytes::copy_from_slice(&buf[..n]))),
                         };
                         if tx.send(frame).await.is_err() {
                             return;

@@ -5,6 +5,7 @@
 //! Every test starts its own gateway in its own temp dir, so they run in
 //! parallel; [`harness::Gateway`] kills its process even when a test panics.
 
+mod backpressure;
 mod crash;
 mod flood;
 mod gateway;

@@ -53,6 +53,10 @@ pub struct SocketLimits {
     pub stream_window: u32,
 }
 
+/// The largest HTTP/2 frame a supervisor may send (the protocol's default
+/// is 16 KiB, which cuts every output frame into eight).
+const MAX_FRAME: u32 = 256 * 1024;
+
 impl Default for SocketLimits {
     fn default() -> Self {
         Self {
@@ -61,8 +65,14 @@ impl Default for SocketLimits {
             relay_streams: 64,
             handshake: Duration::from_secs(3),
             first_message: Duration::from_secs(5),
-            max_message: 64 * 1024,
-            stream_window: 128 * 1024,
+            // An exec output frame carries up to 128 KiB (the supervisor's
+            // CHUNK) plus its framing.
+            max_message: 256 * 1024,
+            // Large enough that a relay's sender is not stalled by window
+            // updates on a fast path; small enough that all relays of a
+            // connection stalled at once hold 32 MiB, and the control
+            // stream always has a window of its own.
+            stream_window: 512 * 1024,
         }
     }
 }
@@ -139,6 +149,8 @@ impl Listeners {
                 .max_concurrent_streams(streams)
                 .initial_stream_window_size(limits.stream_window)
                 .initial_connection_window_size(limits.stream_window.saturating_mul(streams + 1))
+                // Fewer, larger HTTP/2 frames per relay message.
+                .max_frame_size(Some(MAX_FRAME))
                 .http2_max_header_list_size(16 * 1024)
                 .add_service(svc)
                 .serve_with_incoming_shutdown(incoming, async move {

@@ -159,7 +159,7 @@ impl TestGateway {
         self.client
             .load_plugin(pb::LoadPluginRequest {
                 name: "process".into(),
-                component: wasm,
+                component: wasm.into(),
                 grants: vec!["log".into(), "files".into(), "process".into()],
             })
             .await
@@ -183,7 +183,7 @@ impl TestGateway {
             .client
             .load_plugin(pb::LoadPluginRequest {
                 name: name.into(),
-                component,
+                component: component.into(),
                 grants: grants.iter().map(|g| g.to_string()).collect(),
             })
             .await?;

@@ -87,7 +87,7 @@ async fn garbage_is_not_a_component() {
         .client
         .load_plugin(pb::LoadPluginRequest {
             name: "junk".into(),
-            component: b"\0asm nonsense".to_vec(),
+            component: b"\0asm nonsense".to_vec().into(),
             grants: vec![],
         })
         .await
@@ -199,7 +199,9 @@ async fn reloading_a_changed_component_takes_effect_without_touching_running_san
         .client
         .load_plugin(pb::LoadPluginRequest {
             name: "echo".into(),
-            component: std::fs::read(crate::harness::wasm("fixture-echo-v2")).unwrap(),
+            component: std::fs::read(crate::harness::wasm("fixture-echo-v2"))
+                .unwrap()
+                .into(),
             grants: vec!["log".into(), "files".into()],
         })
         .await

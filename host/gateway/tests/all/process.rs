@@ -45,7 +45,7 @@ pub async fn exec(
     .unwrap();
     if let Some(data) = stdin {
         tx.send(pb::ExecClientMessage {
-            msg: Some(C::Stdin(data.to_vec())),
+            msg: Some(C::Stdin(data.to_vec().into())),
         })
         .await
         .unwrap();

@@ -15,7 +15,7 @@ use crate::process::{process_gateway, ready};
 
 fn data(b: &[u8]) -> pb::SshTunnelFrame {
     pb::SshTunnelFrame {
-        frame: Some(T::Data(b.to_vec())),
+        frame: Some(T::Data(b.to_vec().into())),
     }
 }
 
@@ -114,7 +114,7 @@ async fn without_a_supervisor_there_is_no_host_key_and_no_tunnel() {
     let err = tunnel(T::Sandbox("nosup".into())).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("not Ready"), "{err}");
-    let err = tunnel(T::Data(b"SSH-2.0-x\r\n".to_vec()))
+    let err = tunnel(T::Data(b"SSH-2.0-x\r\n".to_vec().into()))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");

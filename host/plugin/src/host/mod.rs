@@ -109,9 +109,27 @@ pub struct Outcome {
 pub(crate) struct Shared {
     pub(crate) config: PluginHostConfig,
     pub(crate) services: Arc<Services>,
+    /// Open handles on sandboxes' state dirs, so a call does no filesystem
+    /// work to find its own; dropped when the sandbox is deleted.
+    dirs: std::sync::Mutex<HashMap<String, Arc<cap_std::fs::Dir>>>,
 }
 
 impl Shared {
+    pub(crate) fn cached_dir(&self, sandbox_id: &str) -> Option<Arc<cap_std::fs::Dir>> {
+        let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        dirs.get(sandbox_id).cloned()
+    }
+
+    /// Keeps `dir` for `sandbox_id`, or returns the one another call kept first.
+    pub(crate) fn cache_dir(
+        &self,
+        sandbox_id: &str,
+        dir: Arc<cap_std::fs::Dir>,
+    ) -> Arc<cap_std::fs::Dir> {
+        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        dirs.entry(sandbox_id.to_owned()).or_insert(dir).clone()
+    }
+
     /// A sandbox's state dir, 0700 and root's: on the sandbox disk a
     /// subvolume under its quota, else a plain directory.
     pub(crate) fn create_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
@@ -141,6 +159,44 @@ impl Drop for PluginHost {
     }
 }
 
+/// Plugin instances that may be alive at once with the pooling allocator
+/// (a call holds one for its duration; launches are capped well below).
+/// A call past it fails, it does not wait.
+const POOLED_INSTANCES: u32 = 256;
+
+/// The engine: epoch interruption, a bounded wasm stack, and the pooling
+/// allocator (an instance is a slot reused warm, not fresh mappings per
+/// call), sized to [`POOLED_INSTANCES`] with memories capped at the
+/// per-instance limit. Where the pool's address space cannot be reserved
+/// (small VA, some emulators), the on-demand allocator, said in the log.
+fn engine(memory_limit: usize) -> Result<Engine, PluginError> {
+    let mut wcfg = Config::new();
+    wcfg.epoch_interruption(true);
+    wcfg.max_wasm_stack(512 << 10);
+    let mut pool = wasmtime::PoolingAllocationConfig::new();
+    pool.total_component_instances(POOLED_INSTANCES)
+        .total_core_instances(POOLED_INSTANCES * 8)
+        .total_memories(POOLED_INSTANCES * 2)
+        .total_tables(POOLED_INSTANCES * 8)
+        .total_stacks(POOLED_INSTANCES)
+        .max_memories_per_module(1)
+        .max_memory_size(memory_limit)
+        // Keep a warm slot's first pages mapped: a call's memory is small.
+        .linear_memory_keep_resident(1 << 20)
+        .table_keep_resident(64 << 10);
+    let mut pooled = wcfg.clone();
+    pooled.allocation_strategy(pool);
+    match Engine::new(&pooled) {
+        Ok(engine) => Ok(engine),
+        Err(e) => {
+            tracing::warn!(
+                "the plugin pooling allocator is unavailable ({e:#}); instantiating on demand"
+            );
+            Engine::new(&wcfg).map_err(|source| PluginError::Engine { source })
+        }
+    }
+}
+
 /// How often the epoch advances. Each tick lets a running guest yield, so a
 /// runaway loop cannot pin an async worker for longer than this.
 const EPOCH_TICK: Duration = Duration::from_millis(10);
@@ -152,10 +208,7 @@ impl PluginHost {
         config: PluginHostConfig,
         events: mpsc::UnboundedSender<HostEvent>,
     ) -> Result<Self, PluginError> {
-        let mut wcfg = Config::new();
-        wcfg.epoch_interruption(true);
-        wcfg.max_wasm_stack(512 << 10);
-        let engine = Engine::new(&wcfg).map_err(|source| PluginError::Engine { source })?;
+        let engine = engine(config.memory_limit)?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -215,7 +268,11 @@ impl PluginHost {
         Ok(Self {
             engine,
             linker,
-            shared: Arc::new(Shared { config, services }),
+            shared: Arc::new(Shared {
+                config,
+                services,
+                dirs: Default::default(),
+            }),
             plugins: RwLock::new(HashMap::new()),
             ticker_stop,
         })
@@ -387,6 +444,12 @@ impl PluginHost {
     pub fn remove(&self, name: &str) -> Option<Arc<Plugin>> {
         let mut map = self.plugins.write().unwrap_or_else(|p| p.into_inner());
         map.remove(name)
+    }
+
+    /// Forgets the handle on a sandbox's state dir (when it is deleted).
+    pub fn forget_sandbox_dir(&self, sandbox_id: &str) {
+        let mut dirs = self.shared.dirs.lock().unwrap_or_else(|p| p.into_inner());
+        dirs.remove(sandbox_id);
     }
 
     /// Detaches the sandbox disk, if there is one (at gateway shutdown).
