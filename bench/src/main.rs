@@ -349,12 +349,12 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     if !met {
         misses.push(format!(
             "- **exec round trip** ({} p50): the process spawn itself is {} (local baseline) and a unary RPC on the same connection {}. \
-             The same exec through a second listener on the same gateway runtime that sets TCP_NODELAY takes {} p50 ({} p99): \
-             **{} of the p50 is Nagle's algorithm meeting delayed ACKs** on the gateway's accepted TCP socket \
-             (`host/gateway/src/server.rs` serves a `TcpListenerStream` without `set_nodelay`, so a streaming response's small \
-             frames wait for the client's delayed ACK, ~40 ms on Linux). What remains is the relay: the ExecSandbox stream, \
-             the RelayOpen over the supervisor's control stream, the supervisor's new RelayStream call, the spawn inside the \
-             sandbox, and the exit frame back, all in debug builds.",
+             The same exec through a second listener with TCP_NODELAY set by hand takes {} p50 ({} p99), {} less: \
+             the API listener already sets it, so Nagle is not the cost. What remains is the relay's round trips in sequence: \
+             the ExecSandbox stream and a store lookup of the sandbox, the RelayOpen over the supervisor's control stream, \
+             the supervisor's new RelayStream call (it waits for the gateway's response headers before it spawns), the spawn \
+             inside the sandbox (seccomp filter, cgroup move, uid change), and the exit frame back. Opening the relay and \
+             spawning at once, and resolving the sandbox from the session table instead of the store, are the next steps.",
             fmt(rt.relay.p50()),
             fmt(rt.local.p50()),
             fmt(rt.unary.p50()),
@@ -381,7 +381,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     );
     if !met {
         misses.push(format!(
-            "- **exec stream** ({relay_mb:.0} MB/s vs {tcp_mb:.0} MB/s raw; {:.0} MB/s through the TCP_NODELAY listener): CPU-bound. Every byte is read by the supervisor in 32 KiB chunks, framed as a protobuf RelayFrame over HTTP/2 on the sandbox's unix socket, decoded by the gateway, re-encoded as an ExecServerMessage and framed again over HTTP/2 to the client: two protobuf encode/decode passes and two HTTP/2 framings per chunk, in unoptimized (debug) code, on 2 cores shared by client, gateway and supervisor. A `perf` profile of this stream shows the time spread over h2 framing, prost, tokio and memmove in the gateway/client process and the supervisor, with no single hot spot: the debug build is the first-order cost.",
+            "- **exec stream** ({relay_mb:.0} MB/s vs {tcp_mb:.0} MB/s raw; {:.0} MB/s through the TCP_NODELAY listener): CPU-bound on 2 cores shared by `head`, the supervisor, the gateway and the client (the client and the gateway are one process here). The supervisor reads up to 128 KiB per frame from a 1 MiB pipe and copies it once into the frame; the gateway decodes it (a slice of its receive buffer), encodes it again as an ExecServerMessage and frames it over HTTP/2 to the client (256 KiB frames): per byte, four user/kernel copies (pipe, unix socket both ways, TCP) and two into encode buffers, against the raw copy's two. A relay that forwards the supervisor's encoded frame without re-encoding it, and a gateway that splices rather than copies, are what remains.",
             tp_nd.mb_s(&tp_nd.relay)
         ));
     }
@@ -433,7 +433,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     );
     if !met {
         misses.push(format!(
-            "- **plugin call** ({} p50): a fresh instance per call is {} of it (instantiate p50); `describe()` (fresh instance, no imports, no sandbox scope) takes {}; the rest ({}) is the sandbox scope (create + chmod + open the state dir via cap-std) and the two host calls (a file write and a log line). The host side (wasmtime runtime, cap-std) is unoptimized in the dev profile; the guest code is Cranelift-compiled either way.",
+            "- **plugin call** ({} p50): a fresh instance per call is {} of it (instantiate p50); `describe()` (fresh instance, no imports, no sandbox scope) takes {}; the rest ({}) is the two host calls (a file write through cap-std on a blocking thread with its own deadline, and a log line) and the call's store, WASI context and deadline; the state dir handle is now kept per sandbox. Host file calls that run inline instead of on the blocking pool are the next step.",
             fmt(p.create.p50()),
             fmt(p.instantiate.p50()),
             fmt(p.describe.p50()),
@@ -479,6 +479,11 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
         "—",
         Verdict::of(readied >= 500.0),
     );
+    if readied < 500.0 {
+        misses.push(format!(
+            "- **creates per second** ({readied:.0}/s to Ready): each create is serial work on 2 cores: a driver `validate` and `create` call, two store writes, a btrfs subvolume and quota, a launcher fork (namespaces, cgroups, the new root) and a supervisor start and TLS-free HTTP/2 handshake; launches run up to 32 at a time (`--max-concurrent-launches`). The single create → Ready stage table above shows where one create spends its time."
+        ));
+    }
     let kib = sc.per_sandbox_kib();
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let outside_mib = mib(sc.children_rss) / sc.creates as f64;
@@ -501,7 +506,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     );
     if !met {
         misses.push(format!(
-            "- **gateway memory** ({kib:.0} KiB per sandbox): the RSS delta includes allocator pages not yet returned after the clients left, so it is an upper bound; per sandbox the gateway holds a supervisor session (an HTTP/2 connection on a unix socket), a listener task, a waiter thread (64 KiB stack) and its record."
+            "- **gateway memory** ({kib:.0} KiB per sandbox): the RSS delta includes allocator pages not yet returned after the clients left, so it is an upper bound; per sandbox the gateway holds a supervisor session (an HTTP/2 connection on a unix socket), a listener task, a waiter thread (64 KiB stack) and its record. Outside the gateway, {outside_mib:.2} MiB per sandbox: a launcher (the sandbox's host-side parent, waiting on init), init and the supervisor (a tokio runtime with two workers, its in-memory SSH host key and HTTP/2 session), each a separate process with its own page tables and libc/allocator arenas."
         ));
     }
 
