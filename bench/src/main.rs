@@ -433,7 +433,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     );
     if !met {
         misses.push(format!(
-            "- **plugin call** ({} p50): a fresh instance per call is {} of it (instantiate p50); `describe()` (fresh instance, no imports, no sandbox scope) takes {}; the rest ({}) is the two host calls (a file write through cap-std on a blocking thread with its own deadline, and a log line) and the call's store, WASI context and deadline; the state dir handle is now kept per sandbox. Host file calls that run inline instead of on the blocking pool are the next step.",
+            "- **plugin call** ({} p50): a fresh instance per call is {} of it (instantiate p50); `describe()` (fresh instance, no imports, no sandbox scope) takes {}; the rest ({}) is the two host calls (a file write through cap-std on a blocking thread with its own deadline, and a log line), opening the sandbox's state dir (cap-std), and the call's store, WASI context and deadline. Host file calls that run inline instead of on the blocking pool, and a state dir handle kept per sandbox (tried: it raced with delete and leaked descriptors), are the next steps.",
             fmt(p.create.p50()),
             fmt(p.instantiate.p50()),
             fmt(p.describe.p50()),

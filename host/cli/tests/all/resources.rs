@@ -6,16 +6,19 @@ use tempfile::TempDir;
 
 use crate::harness::{Gateway, as_strs, process_flags};
 
-fn sandbox_id(gw: &Gateway, name: &str) -> String {
+/// A field of `sandbox get NAME -o json`.
+fn field(gw: &Gateway, name: &str, key: &str) -> String {
     let get = gw.ok(["sandbox", "get", name, "-o", "json"]);
     let v: serde_json::Value = serde_json::from_str(&get.stdout).unwrap();
-    v["id"].as_str().unwrap().to_owned()
+    v[key].as_str().unwrap_or_default().to_owned()
+}
+
+fn sandbox_id(gw: &Gateway, name: &str) -> String {
+    field(gw, name, "id")
 }
 
 fn phase(gw: &Gateway, name: &str) -> String {
-    let get = gw.ok(["sandbox", "get", name, "-o", "json"]);
-    let v: serde_json::Value = serde_json::from_str(&get.stdout).unwrap();
-    v["phase"].as_str().unwrap_or_default().to_owned()
+    field(gw, name, "phase")
 }
 
 #[test]

@@ -43,7 +43,6 @@ impl ComputeRuntime {
         self.plugins.processes().kill(&sb.id.to_string()).await;
         self.plugins.vms().kill(&sb.id.to_string()).await;
         self.supervisors.stop(sb.id);
-        self.plugins.forget_sandbox_dir(&sb.id.to_string());
         let dir = self.plugins.sandbox_dir(&sb.id.to_string());
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound

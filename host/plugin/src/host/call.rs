@@ -104,18 +104,7 @@ impl Plugin {
         };
         let id = spec.id.as_str();
         let path = self.shared.config.sandboxes_dir.join(id);
-        if let Some(dir) = self.shared.cached_dir(id) {
-            return Ok(SandboxScope {
-                plugin: self.name.clone(),
-                sandbox_id: id.to_owned(),
-                sandbox_name: spec.name.clone(),
-                state_path: Some(path),
-                uid_slot: spec.uid_slot,
-                dir: Some(dir),
-            });
-        }
-        // The first call opens the dir (creating it); later ones reuse the
-        // handle until the sandbox is deleted.
+        // Every call opens the dir; only the first creates it.
         let open = || cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority());
         let dir = open()
             .or_else(|e| match e.kind() {
@@ -128,14 +117,13 @@ impl Plugin {
                 reason: "StateDirUnavailable".into(),
                 message: format!("cannot open {}: {e}", path.display()),
             })?;
-        let dir = self.shared.cache_dir(id, Arc::new(dir));
         Ok(SandboxScope {
             plugin: self.name.clone(),
             sandbox_id: id.to_owned(),
             sandbox_name: spec.name.clone(),
             state_path: Some(path),
             uid_slot: spec.uid_slot,
-            dir: Some(dir),
+            dir: Some(Arc::new(dir)),
         })
     }
 

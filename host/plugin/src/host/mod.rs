@@ -109,27 +109,9 @@ pub struct Outcome {
 pub(crate) struct Shared {
     pub(crate) config: PluginHostConfig,
     pub(crate) services: Arc<Services>,
-    /// Open handles on sandboxes' state dirs, so a call does no filesystem
-    /// work to find its own; dropped when the sandbox is deleted.
-    dirs: std::sync::Mutex<HashMap<String, Arc<cap_std::fs::Dir>>>,
 }
 
 impl Shared {
-    pub(crate) fn cached_dir(&self, sandbox_id: &str) -> Option<Arc<cap_std::fs::Dir>> {
-        let dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-        dirs.get(sandbox_id).cloned()
-    }
-
-    /// Keeps `dir` for `sandbox_id`, or returns the one another call kept first.
-    pub(crate) fn cache_dir(
-        &self,
-        sandbox_id: &str,
-        dir: Arc<cap_std::fs::Dir>,
-    ) -> Arc<cap_std::fs::Dir> {
-        let mut dirs = self.dirs.lock().unwrap_or_else(|p| p.into_inner());
-        dirs.entry(sandbox_id.to_owned()).or_insert(dir).clone()
-    }
-
     /// A sandbox's state dir, 0700 and root's: on the sandbox disk a
     /// subvolume under its quota, else a plain directory.
     pub(crate) fn create_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
@@ -268,11 +250,7 @@ impl PluginHost {
         Ok(Self {
             engine,
             linker,
-            shared: Arc::new(Shared {
-                config,
-                services,
-                dirs: Default::default(),
-            }),
+            shared: Arc::new(Shared { config, services }),
             plugins: RwLock::new(HashMap::new()),
             ticker_stop,
         })
@@ -444,12 +422,6 @@ impl PluginHost {
     pub fn remove(&self, name: &str) -> Option<Arc<Plugin>> {
         let mut map = self.plugins.write().unwrap_or_else(|p| p.into_inner());
         map.remove(name)
-    }
-
-    /// Forgets the handle on a sandbox's state dir (when it is deleted).
-    pub fn forget_sandbox_dir(&self, sandbox_id: &str) {
-        let mut dirs = self.shared.dirs.lock().unwrap_or_else(|p| p.into_inner());
-        dirs.remove(sandbox_id);
     }
 
     /// Detaches the sandbox disk, if there is one (at gateway shutdown).
