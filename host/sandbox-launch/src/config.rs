@@ -71,7 +71,40 @@ pub struct LaunchConfig {
     /// ([`WORKLOAD_FDS_ENV`]).
     #[serde(default)]
     pub supervised: bool,
+    /// The root is an image ([`ImageRoot`]) instead of the host's
+    /// read-only system directories.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<ImageRoot>,
 }
+
+/// A root filesystem made of an image: its unpacked layers, shared and
+/// read-only, under a writable layer of this sandbox's own (overlayfs,
+/// mounted by the sandbox's root inside its user namespace).
+///
+/// Layer files carry the image's own ids. The sandbox sees them through an
+/// idmapped mount shifted by [`IMAGE_ID_OFFSET`]: image uid `u` is sandbox
+/// uid `u + 1` (host `uid_base + 1 + u`), so the image's root is never the
+/// sandbox's root (the supervisor), and image ids `0..=MAX_IMAGE_ID` fit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRoot {
+    /// Unpacked layer directories, bottom first.
+    pub layers: Vec<PathBuf>,
+    /// The sandbox's writable layer (host dir, kept until the sandbox goes).
+    pub upper: PathBuf,
+    /// overlayfs's work directory, on the same filesystem as `upper`.
+    pub work: PathBuf,
+}
+
+/// How far image ids are shifted inside the sandbox (see [`ImageRoot`]).
+pub const IMAGE_ID_OFFSET: u32 = 1;
+
+/// The largest uid or gid an image may use: the rest of the sandbox's
+/// range after the offset.
+pub const MAX_IMAGE_ID: u32 = ID_RANGE - IMAGE_ID_OFFSET - 1;
+
+/// overlayfs stacks at most 500 lower layers; images rarely pass 100.
+pub const MAX_LAYERS: usize = 128;
 
 /// Names, for a supervised program, the descriptors (comma-separated
 /// numbers) each of which, written `0`, moves the writer into the
@@ -145,6 +178,8 @@ pub enum ConfigError {
     MemoryMib(u64),
     #[error("max_processes must be at most {MAX_PROCESSES_LIMIT}, got {0}")]
     MaxProcesses(u64),
+    #[error("an image root needs 1 to {MAX_LAYERS} layers, got {0}")]
+    Layers(usize),
     #[error("cpu_millis must be 0 or between {MIN_CPU_MILLIS} and {MAX_CPU_MILLIS}, got {0}")]
     CpuMillis(u64),
 }
@@ -172,6 +207,16 @@ fn validate(config: &LaunchConfig) -> Result<(), ConfigError> {
     check_path("program", &config.program)?;
     if let Some(root) = &config.cgroup_root {
         check_path("cgroup_root", root)?;
+    }
+    if let Some(image) = &config.image {
+        if !(1..=MAX_LAYERS).contains(&image.layers.len()) {
+            return Err(ConfigError::Layers(image.layers.len()));
+        }
+        for layer in &image.layers {
+            check_path("image.layers", layer)?;
+        }
+        check_path("image.upper", &image.upper)?;
+        check_path("image.work", &image.work)?;
     }
     let name = config.program.file_name().and_then(|name| name.to_str());
     if name.is_none_or(str::is_empty) {

@@ -8,11 +8,14 @@
 //!    into the `workload` cgroups), then root a cgroup namespace there, and
 //!    for a supervised launch move into the `supervisor` cgroups;
 //! 2. while file access is still host root's, open the bind sources and
-//!    mount the new root's tmpfs (paths under root-only 0700 directories are
-//!    reachable only now);
+//!    mount the new root's tmpfs, or for an image root attach the layers
+//!    the launcher idmapped and open what overlayfs needs (paths under
+//!    root-only 0700 directories are reachable only now);
 //! 3. become uid 0 of the namespace (host `uid_base`): from here on the host
 //!    sees an unprivileged user;
-//! 4. build the root, pivot into it, set the hostname, bring up `lo`;
+//! 4. mount an image root's overlay (as the sandbox's root, so overlayfs
+//!    works with no more privilege than that), build the root, pivot into
+//!    it, set the hostname, bring up `lo`;
 //! 5. fork the program (PID 2) and exec it, then reap children until it
 //!    exits, forwarding SIGTERM and SIGINT to it meanwhile.
 //!
@@ -86,11 +89,12 @@ pub fn init(
     config: &LaunchConfig,
     exec: &Exec,
     handoff: Handoff,
+    layers: Vec<OwnedFd>,
     go: OwnedFd,
     report: OwnedFd,
 ) -> ! {
     let started = panic::catch_unwind(AssertUnwindSafe(|| {
-        start(config, exec, handoff, go, &report)
+        start(config, exec, handoff, layers, go, &report)
     }));
     let status = match started {
         Ok(Ok(program)) => {
@@ -114,6 +118,7 @@ fn start(
     config: &LaunchConfig,
     exec: &Exec,
     handoff: Handoff,
+    layers: Vec<OwnedFd>,
     go: OwnedFd,
     report: &OwnedFd,
 ) -> Result<i32, LaunchError> {
@@ -137,7 +142,13 @@ fn start(
     let workload = handoff.workload;
 
     let sources = rootfs::Sources::open(config)?;
-    rootfs::mount_new_root(&config.new_root())?;
+    let image = match &config.image {
+        Some(image) => Some(rootfs::ImageMounts::attach(config, image, layers)?),
+        None => {
+            rootfs::mount_new_root(&config.new_root())?;
+            None
+        }
+    };
 
     sys::become_namespace_root().map_err(os("cannot become root of the user namespace"))?;
     // Changing credentials cleared the parent-death signal. Set it again,
@@ -149,6 +160,9 @@ fn start(
     }
     drop(go);
 
+    if let Some(image) = image {
+        image.mount()?;
+    }
     rootfs::populate(config, &sources)?;
     drop(sources);
     rootfs::enter()?;

@@ -16,7 +16,9 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 
 use crate::cgroup::Cgroups;
-use crate::config::{ID_RANGE, LaunchConfig};
+use std::path::{Path, PathBuf};
+
+use crate::config::{ID_RANGE, IMAGE_ID_OFFSET, ImageRoot, LaunchConfig, MAX_IMAGE_ID};
 use crate::error::{LaunchError, os};
 use crate::inside::{self, Exec, Handoff};
 use crate::sys::{self, Fork};
@@ -38,6 +40,11 @@ pub fn run(config: &LaunchConfig) -> Result<u8, LaunchError> {
         false => Handoff::default(),
     };
     let exec = Exec::new(config, &handoff.workload)?;
+    // Made before the clone, so init inherits them.
+    let layers = match &config.image {
+        Some(image) => image_layers(config, image)?,
+        None => Vec::new(),
+    };
     let (go_read, go_write) = sys::pipe().map_err(os("cannot create the go pipe"))?;
     let (report_read, report_write) = sys::pipe().map_err(os("cannot create the report pipe"))?;
 
@@ -46,12 +53,12 @@ pub fn run(config: &LaunchConfig) -> Result<u8, LaunchError> {
     {
         Fork::Child => {
             drop((go_write, report_read));
-            inside::init(config, &exec, handoff, go_read, report_write)
+            inside::init(config, &exec, handoff, layers, go_read, report_write)
         }
         Fork::Parent(pid) => pid,
     };
     // Init's to use; the launcher never moves anything with them.
-    drop(handoff);
+    drop((handoff, layers));
     drop((go_read, report_write));
     let go_write = File::from(go_write);
 
@@ -140,6 +147,10 @@ fn prepare_host(config: &LaunchConfig) -> Result<(), LaunchError> {
     dir.set_permissions(fs::Permissions::from_mode(0o755))
         .map_err(os(format!("cannot chmod workdir {workdir:?}")))?;
 
+    if let Some(image) = &config.image {
+        prepare_image_dirs(config, image)?;
+    }
+
     let program = fs::metadata(&config.program)
         .map_err(os(format!("cannot inspect program {:?}", config.program)))?;
     if !program.is_file() {
@@ -149,6 +160,127 @@ fn prepare_host(config: &LaunchConfig) -> Result<(), LaunchError> {
         )));
     }
     Ok(())
+}
+
+/// Creates the image root's host directories under the state dir (root's,
+/// 0700, so no one else can swap them): the writable layer, owned by the
+/// image's root as the sandbox sees it (overlayfs shows its root directory
+/// as the sandbox's `/`); overlayfs's work dir, the sandbox root's; and one
+/// mount point per layer. A directory kept from an earlier launch is reused
+/// (the writable layer persists), but never through a symlink.
+fn prepare_image_dirs(config: &LaunchConfig, image: &ImageRoot) -> Result<(), LaunchError> {
+    let inside = |name: &str, path: &Path| {
+        if path.parent() == Some(config.state_dir.as_path()) {
+            Ok(())
+        } else {
+            Err(LaunchError::Host(format!(
+                "image {name} {path:?} must be directly in state_dir"
+            )))
+        }
+    };
+    inside("upper", &image.upper)?;
+    inside("work", &image.work)?;
+    let image_root = config.uid_base + IMAGE_ID_OFFSET;
+    make_owned_dir(&image.upper, image_root, 0o755)?;
+    make_owned_dir(&image.work, config.uid_base, 0o700)?;
+    let lower = lower_dir(config);
+    make_owned_dir(&lower, 0, 0o700)?;
+    for i in 0..image.layers.len() {
+        make_owned_dir(&lower.join(i.to_string()), 0, 0o700)?;
+    }
+    for layer in &image.layers {
+        require_dir("image layer", layer)?;
+    }
+    Ok(())
+}
+
+/// Where init attaches the layers, one numbered mount point each.
+pub fn lower_dir(config: &LaunchConfig) -> PathBuf {
+    config.state_dir.join("lower")
+}
+
+fn make_owned_dir(path: &Path, owner: u32, mode: u32) -> Result<(), LaunchError> {
+    match DirBuilder::new().mode(mode).create(path) {
+        Err(err) if err.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(os(format!("cannot create {path:?}"))(err));
+        }
+        _ => {}
+    }
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(os(format!("cannot open {path:?} (it must be a directory)")))?;
+    std::os::unix::fs::fchown(&dir, Some(owner), Some(owner))
+        .map_err(os(format!("cannot chown {path:?}")))?;
+    dir.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(os(format!("cannot chmod {path:?}")))
+}
+
+/// The image's layers as detached idmapped mounts, read-only, bottom
+/// first: image id `u` appears as host `uid_base + IMAGE_ID_OFFSET + u`.
+fn image_layers(config: &LaunchConfig, image: &ImageRoot) -> Result<Vec<OwnedFd>, LaunchError> {
+    let first = config.uid_base + IMAGE_ID_OFFSET;
+    let userns = idmap_namespace(first, MAX_IMAGE_ID + 1)?;
+    let attrs = sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+    image
+        .layers
+        .iter()
+        .map(|layer| {
+            sys::idmapped_tree(layer, userns.as_fd(), attrs).map_err(os(format!(
+                "cannot make an idmapped mount of layer {layer:?}"
+            )))
+        })
+        .collect()
+}
+
+/// A user namespace mapping ids `0..count` to host ids from `first`, held
+/// only by the returned descriptor: an idmapped mount takes its mapping
+/// from a namespace. Made by a throwaway child that unshares it and waits
+/// while the launcher writes the maps and opens it.
+fn idmap_namespace(first: u32, count: u32) -> Result<OwnedFd, LaunchError> {
+    let (ready_read, ready_write) = sys::pipe().map_err(os("cannot create a pipe"))?;
+    let (done_read, done_write) = sys::pipe().map_err(os("cannot create a pipe"))?;
+    let child = match sys::fork().map_err(os("cannot fork the idmap helper"))? {
+        Fork::Child => {
+            drop((ready_read, done_write));
+            let status = match sys::unshare(libc::CLONE_NEWUSER) {
+                Ok(()) => {
+                    let _ = File::from(ready_write).write_all(b"u");
+                    // Until the launcher closes its end.
+                    let _ = File::from(done_read).read(&mut [0]);
+                    0
+                }
+                Err(_) => 1,
+            };
+            sys::exit_now(status)
+        }
+        Fork::Parent(pid) => pid,
+    };
+    drop((ready_write, done_read));
+    let made = (|| {
+        let mut byte = [0];
+        if File::from(ready_read)
+            .read(&mut byte)
+            .map_err(os("cannot read the idmap helper"))?
+            == 0
+        {
+            return Err(LaunchError::Host(
+                "cannot create a user namespace for the image's idmapping".into(),
+            ));
+        }
+        let map = format!("0 {first} {count}\n");
+        for file in ["uid_map", "gid_map"] {
+            let path = format!("/proc/{child}/{file}");
+            fs::write(&path, &map).map_err(os(format!("cannot write {path}")))?;
+        }
+        File::open(format!("/proc/{child}/ns/user"))
+            .map(OwnedFd::from)
+            .map_err(os("cannot open the idmap namespace"))
+    })();
+    drop(done_write);
+    let _ = sys::reap(child);
+    made
 }
 
 /// Opens the directory `path` from `/` one component at a time, following

@@ -19,13 +19,13 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{OpenOptionsExt, symlink};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
 use libc::c_ulong;
 
-use crate::config::{LaunchConfig, PROGRAM_DIR};
+use crate::config::{ImageRoot, LaunchConfig, PROGRAM_DIR};
 use crate::error::{LaunchError, os};
 use crate::sys;
 
@@ -83,11 +83,9 @@ fn fd_path(fd: &OwnedFd) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
-/// Makes every mount private (nothing propagates back to the host), mounts
-/// the root tmpfs at `new_root` and changes into it. Runs while file access
-/// is still host root's, so `new_root` is reachable; everything after works
-/// relative to the current directory.
-pub fn mount_new_root(new_root: &Path) -> Result<(), LaunchError> {
+/// Makes every mount private: nothing init mounts propagates back to the
+/// host.
+fn make_private() -> Result<(), LaunchError> {
     let none = Path::new("none");
     sys::mount(
         none,
@@ -96,16 +94,115 @@ pub fn mount_new_root(new_root: &Path) -> Result<(), LaunchError> {
         libc::MS_REC | libc::MS_PRIVATE,
         None,
     )
-    .map_err(os("cannot make the mounts private"))?;
+    .map_err(os("cannot make the mounts private"))
+}
+
+/// Makes every mount private, mounts the root tmpfs at `new_root` and
+/// changes into it. Runs while file access is still host root's, so
+/// `new_root` is reachable; everything after works relative to the current
+/// directory.
+pub fn mount_new_root(new_root: &Path) -> Result<(), LaunchError> {
+    make_private()?;
     // uid=0 is read in the new user namespace: the sandbox's root owns `/`.
     let options = "mode=0755,uid=0,gid=0";
     mount_tmpfs(new_root, libc::MS_NOSUID | libc::MS_NODEV, options)?;
     std::env::set_current_dir(new_root).map_err(os(format!("cannot enter {new_root:?}")))
 }
 
+/// An image root on its way to becoming `/`: the layers attached in init's
+/// mount namespace and every directory overlayfs needs, opened while file
+/// access is still host root's (they are under the root-only state dir).
+#[derive(Debug)]
+pub struct ImageMounts {
+    lowers: Vec<OwnedFd>,
+    upper: OwnedFd,
+    work: OwnedFd,
+    new_root: OwnedFd,
+}
+
+impl ImageMounts {
+    /// `layers` are the launcher's idmapped layer mounts, bottom first.
+    pub fn attach(
+        config: &LaunchConfig,
+        image: &ImageRoot,
+        layers: Vec<OwnedFd>,
+    ) -> Result<ImageMounts, LaunchError> {
+        make_private()?;
+        let lower = crate::launch::lower_dir(config);
+        let mut lowers = Vec::with_capacity(layers.len());
+        for (i, tree) in layers.iter().enumerate() {
+            let point = lower.join(i.to_string());
+            sys::attach(tree.as_fd(), &point).map_err(os(format!("cannot attach layer {i}")))?;
+            lowers.push(sys::open_path(&point).map_err(os(format!("cannot open layer {i}")))?);
+        }
+        let open = |path: &Path| sys::open_path(path).map_err(os(format!("cannot open {path:?}")));
+        Ok(ImageMounts {
+            lowers,
+            upper: open(&image.upper)?,
+            work: open(&image.work)?,
+            new_root: open(&config.new_root())?,
+        })
+    }
+
+    /// Mounts the overlay at the new root and changes into it. Runs as the
+    /// sandbox's root, so overlayfs acts with no more than its privilege
+    /// (its mounter's credentials are the ones it uses for copy-up).
+    pub fn mount(self) -> Result<(), LaunchError> {
+        let fd = |f: &OwnedFd| format!("/proc/self/fd/{}", f.as_raw_fd());
+        // `lowerdir+` (Linux 6.8) adds one layer per call, top first, so the
+        // layer count is not bound by fsconfig's 256-byte string.
+        let mut options: Vec<(&str, String)> = self
+            .lowers
+            .iter()
+            .rev()
+            .map(|l| ("lowerdir+", fd(l)))
+            .collect();
+        options.push(("upperdir", fd(&self.upper)));
+        options.push(("workdir", fd(&self.work)));
+        let options: Vec<(&str, &str)> = options.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        // userxattr: a user namespace may not write trusted.* xattrs; the
+        // image store marks opaque directories with user.overlay.opaque.
+        let attrs = sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV;
+        let root = sys::overlay(&options, &["userxattr"], attrs).map_err(os(
+            "cannot mount the image's overlay (image roots need Linux 6.8 or later)",
+        ))?;
+        sys::attach_on(root.as_fd(), self.new_root.as_fd())
+            .map_err(os("cannot attach the image's overlay"))?;
+        sys::change_dir(root.as_fd()).map_err(os("cannot enter the image's root"))
+    }
+}
+
+/// Where the sandbox mounts its own things over an image's tree. An image
+/// may not hold a symlink on their way: the mounts happen before the pivot,
+/// where an absolute link would lead into the host's tree.
+const IMAGE_MOUNT_POINTS: [&str; 7] = [
+    "sandbox",
+    "run",
+    "run/openshell",
+    "run/openshell-bin",
+    "proc",
+    "dev",
+    "tmp",
+];
+
+fn refuse_image_symlinks() -> Result<(), LaunchError> {
+    for path in IMAGE_MOUNT_POINTS {
+        if fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(LaunchError::Host(format!(
+                "the image has a symlink at /{path}, where the sandbox mounts its own directory; make it a directory in the image"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Fills the new root (the current directory).
 pub fn populate(config: &LaunchConfig, sources: &Sources) -> Result<(), LaunchError> {
-    for name in SYSTEM_DIRS {
+    let image = config.image.is_some();
+    if image {
+        refuse_image_symlinks()?;
+    }
+    for name in SYSTEM_DIRS.iter().filter(|_| !image) {
         let host = Path::new("/").join(name);
         match fs::symlink_metadata(&host) {
             Err(err) if err.kind() == io::ErrorKind::NotFound => {}
@@ -132,7 +229,16 @@ pub fn populate(config: &LaunchConfig, sources: &Sources) -> Result<(), LaunchEr
         None,
     )
     .map_err(os("cannot mount /proc"))?;
-    mount_tmpfs(&make_dir("tmp")?, WRITABLE, "mode=1777")?;
+    if image {
+        // An image's /tmp is its own, kept in its writable layer.
+        if fs::symlink_metadata("tmp").is_err() {
+            make_dir("tmp")?;
+            fs::set_permissions("tmp", fs::Permissions::from_mode(0o1777))
+                .map_err(os("cannot chmod /tmp"))?;
+        }
+    } else {
+        mount_tmpfs(&make_dir("tmp")?, WRITABLE, "mode=1777")?;
+    }
     populate_dev()
 }
 

@@ -453,6 +453,155 @@ pub fn reset_signals() -> io::Result<()> {
     set_mask(libc::SIG_SETMASK, &empty)
 }
 
+/// `unshare(2)` with `flags` (`CLONE_NEW*`).
+pub fn unshare(flags: c_int) -> io::Result<()> {
+    // SAFETY: unshare takes a flag set.
+    check(unsafe { libc::unshare(flags) }).map(drop)
+}
+
+/// Opens `path` with `O_PATH` (a handle for `*at` calls and
+/// `/proc/self/fd` paths, not for I/O), never through a final symlink.
+pub fn open_path(path: &Path) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let flags = libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `path` is NUL-terminated and outlives the call; the result is
+    // owned at once.
+    let fd = check(unsafe { libc::open(path.as_ptr(), flags) })?;
+    // SAFETY: open just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `struct mount_attr` of `mount_setattr(2)` (linux/mount.h).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+
+fn owned(ret: libc::c_long) -> io::Result<OwnedFd> {
+    let fd = check(ret as c_int)?;
+    // SAFETY: the call just returned this descriptor and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// A detached copy of the mount tree at `path` whose files' ids are
+/// mapped through `userns` (an idmapped mount), with `attrs` (read-only,
+/// nosuid, nodev) set. Needs host root: idmapping a filesystem is a
+/// privilege of its owning (initial) user namespace.
+pub fn idmapped_tree(path: &Path, userns: BorrowedFd<'_>, attrs: u64) -> io::Result<OwnedFd> {
+    let path = c_path(path)?;
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint;
+    // SAFETY: `path` is NUL-terminated and outlives the call.
+    let tree =
+        owned(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) })?;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_IDMAP | attrs,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: userns.as_raw_fd() as u64,
+    };
+    // SAFETY: `tree` is an open mount descriptor, the empty path with
+    // AT_EMPTY_PATH names it, and `attr` is a mount_attr of the size passed.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    } as c_int)?;
+    Ok(tree)
+}
+
+/// Attaches the detached mount `tree` at `target`.
+pub fn attach(tree: BorrowedFd<'_>, target: &Path) -> io::Result<()> {
+    let target = c_path(target)?;
+    // SAFETY: `tree` is an open descriptor named by the empty path, and
+    // `target` is NUL-terminated; both outlive the call.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    } as c_int)
+    .map(drop)
+}
+
+/// Attaches the detached mount `tree` on the directory `target` is open on.
+pub fn attach_on(tree: BorrowedFd<'_>, target: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: both are open descriptors, each named by the empty path.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    } as c_int)
+    .map(drop)
+}
+
+/// A detached overlayfs mount (new mount API): `options` are string
+/// options in order (`lowerdir+` once per layer, `upperdir`, `workdir`),
+/// `flags` flag options (`userxattr`), `attrs` the mount's `MOUNT_ATTR_*`.
+pub fn overlay(options: &[(&str, &str)], flags: &[&str], attrs: u64) -> io::Result<OwnedFd> {
+    // SAFETY: the name is NUL-terminated.
+    let fs =
+        owned(unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) })?;
+    let config = |cmd: libc::c_uint, key: Option<&CStr>, value: Option<&CStr>| {
+        let key = key.map_or(std::ptr::null(), CStr::as_ptr);
+        let value = value.map_or(std::ptr::null(), CStr::as_ptr);
+        // SAFETY: `fs` is an open filesystem context; key and value are
+        // NUL-terminated strings (or null where the command takes none).
+        check(
+            unsafe { libc::syscall(libc::SYS_fsconfig, fs.as_raw_fd(), cmd, key, value, 0) }
+                as c_int,
+        )
+    };
+    for (key, value) in options {
+        config(
+            FSCONFIG_SET_STRING,
+            Some(&c_str(key)?),
+            Some(&c_str(value)?),
+        )?;
+    }
+    for key in flags {
+        config(FSCONFIG_SET_FLAG, Some(&c_str(key)?), None)?;
+    }
+    config(FSCONFIG_CMD_CREATE, None, None)?;
+    // SAFETY: `fs` is a created filesystem context.
+    owned(unsafe { libc::syscall(libc::SYS_fsmount, fs.as_raw_fd(), FSMOUNT_CLOEXEC, attrs) })
+}
+
+/// `fchdir(2)`.
+pub fn change_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: fchdir takes an open descriptor.
+    check(unsafe { libc::fchdir(dir.as_raw_fd()) }).map(drop)
+}
+
 /// `execve(2)`; returns only on failure.
 pub fn exec(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Error {
     let mut argv: Vec<*const libc::c_char> = argv.iter().map(|arg| arg.as_ptr()).collect();

@@ -344,6 +344,7 @@ impl CallState {
             max_processes: c.max_processes.into(),
             cpu_millis: c.cpu_millis.into(),
             cgroup_root: None,
+            image: None,
             supervised: true,
         };
         let json = config

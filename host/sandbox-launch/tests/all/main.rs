@@ -7,6 +7,7 @@
 mod cgroups;
 mod config;
 mod harness;
+mod image_root;
 mod isolation;
 mod lifecycle;
 mod limits;

@@ -145,6 +145,7 @@ fn case(
         max_processes,
         cpu_millis,
         cgroup_root: None,
+        image: None,
         supervised,
     }
     .to_json()
