@@ -16,9 +16,11 @@ default:
 setup:
     scripts/setup.sh
 
-# Build the host workspace and the driver components.
+# Build the host workspace, the static supervisor (what image-rooted sandboxes
+# and VM guests run) and the driver components.
 build: drivers
     cargo build --workspace
+    cargo build -p openshell-supervisor --target x86_64-unknown-linux-musl
 
 # Build the driver components (and test fixtures) to WebAssembly.
 drivers:

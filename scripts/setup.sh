@@ -7,7 +7,9 @@ need_apt=()
 # openssh-client and openssh-sftp-server: the SSH tests run ssh and scp, and
 # sandboxes see the host's /usr, so the host's sftp-server is theirs.
 # btrfs-progs: mkfs.btrfs makes the sandbox disk (per-sandbox quotas).
-for pkg in protobuf-compiler postgresql musl-tools tmux python3-venv openssh-client openssh-sftp-server btrfs-progs; do
+# attr: tests mark overlayfs opaque directories with setfattr.
+# docker-registry: the image store's pull tests run a real registry on loopback.
+for pkg in protobuf-compiler postgresql musl-tools tmux python3-venv openssh-client openssh-sftp-server btrfs-progs attr docker-registry; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
 if ((${#need_apt[@]})); then

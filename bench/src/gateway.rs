@@ -92,6 +92,7 @@ impl BenchGateway {
             limits: Default::default(),
             uid_base: None,
             disk: Default::default(),
+            images: Default::default(),
         })
         .await?;
         let url = format!("http://{}", gw.addr);

@@ -45,6 +45,7 @@ fn spec() -> DriverSpec {
         environment: vec![],
         resources: Resources::default(),
         uid_slot: Some(7),
+        image: None,
     }
 }
 

@@ -9,6 +9,7 @@
 //! same way ([`spawn`]). Nothing ever connects into the sandbox.
 
 mod exec;
+mod identity;
 mod relay;
 mod report;
 mod seccomp;
@@ -43,7 +44,29 @@ pub struct Config {
     /// while the supervisor stays outside them. Empty where nothing hands
     /// them over.
     pub workload_cgroups: Vec<std::os::fd::RawFd>,
+    /// In a sandbox rooted in an image: the image's `User`, as given
+    /// (empty: root). Settled into [`Config::image`] at start.
+    pub image_user: Option<String>,
+    /// Sandbox code's identity in a sandbox rooted in an image
+    /// ([`identity`]); `None` otherwise (it runs as [`Config::run_as`]).
+    pub image: Option<ImageIdentity>,
+    /// Where commands run unless told otherwise: the image's `WorkingDir`,
+    /// or `/sandbox`.
+    pub workdir: String,
 }
+
+/// Sandbox code's user and the nested namespace it joins to be that user.
+#[derive(Clone, Debug)]
+pub struct ImageIdentity {
+    pub user: identity::ImageUser,
+    /// Open for the supervisor's life, close-on-exec.
+    pub userns: std::os::fd::RawFd,
+}
+
+/// Variables an image-rooted launch sets: the image's `User` and
+/// `WorkingDir`.
+const IMAGE_USER: &str = "OPENSHELL_IMAGE_USER";
+const IMAGE_WORKDIR: &str = "OPENSHELL_IMAGE_WORKDIR";
 
 /// The variable naming [`Config::workload_cgroups`].
 const WORKLOAD_FDS: &str = "OPENSHELL_WORKLOAD_CGROUP_FDS";
@@ -70,10 +93,12 @@ pub enum ConfigError {
 }
 
 /// Variables that sandbox code never sees.
-const PRIVATE_VARS: [&str; 3] = [
+const PRIVATE_VARS: [&str; 5] = [
     "OPENSHELL_SANDBOX_SECRET",
     "OPENSHELL_SANDBOX_UID",
     WORKLOAD_FDS,
+    IMAGE_USER,
+    IMAGE_WORKDIR,
 ];
 
 impl Config {
@@ -132,7 +157,30 @@ impl Config {
             run_as,
             child_env,
             workload_cgroups,
+            image_user: all.get(IMAGE_USER).cloned(),
+            image: None,
+            workdir: all
+                .get(IMAGE_WORKDIR)
+                .filter(|w| w.starts_with('/'))
+                .cloned()
+                .unwrap_or_else(|| spawn::DEFAULT_WORKDIR.into()),
         })
+    }
+
+    /// In a sandbox rooted in an image: resolves the image's user in its
+    /// root, makes the nested namespace sandbox code joins, and hands it
+    /// `/sandbox`. Must run before any thread starts.
+    fn settle_image_identity(&mut self) -> Result<(), identity::IdentityError> {
+        use std::os::fd::IntoRawFd;
+        let Some(user) = &self.image_user else {
+            return Ok(());
+        };
+        let user = identity::resolve_in_root(user)?;
+        let userns = identity::nested_namespace()?.into_raw_fd();
+        identity::own_workdir(&user)?;
+        identity::default_env(&user, &mut self.child_env);
+        self.image = Some(ImageIdentity { user, userns });
+        Ok(())
     }
 
     /// Takes the workload descriptors for this process's lifetime: each
@@ -160,7 +208,7 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cfg = match Config::from_env(std::env::vars()) {
+    let mut cfg = match Config::from_env(std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("openshell-supervisor: {}", report::chain(&e));
@@ -168,6 +216,10 @@ fn main() -> ExitCode {
         }
     };
     if let Err(e) = cfg.claim_workload_cgroups() {
+        eprintln!("openshell-supervisor: {}", report::chain(&e));
+        return ExitCode::from(2);
+    }
+    if let Err(e) = cfg.settle_image_identity() {
         eprintln!("openshell-supervisor: {}", report::chain(&e));
         return ExitCode::from(2);
     }

@@ -89,6 +89,9 @@ mod tests {
             run_as: None,
             child_env: Default::default(),
             workload_cgroups: Vec::new(),
+            image_user: None,
+            image: None,
+            workdir: crate::spawn::DEFAULT_WORKDIR.into(),
         }
     }
 

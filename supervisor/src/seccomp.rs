@@ -133,15 +133,34 @@ fn rules() -> Result<BTreeMap<i64, Vec<SeccompRule>>, BackendError> {
 
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
         REFUSED.iter().map(|&(_, nr)| (nr, Vec::new())).collect();
-    // A new user namespace: every capability inside it, and so the
-    // namespace, netfilter and mount code behind them (`unshare -Urn`).
-    // Flags are argument 0 of both calls on x86_64 and aarch64; CLONE_NEWUSER
-    // is in their low word. `clone3` passes its flags in memory a filter
-    // cannot read, so it is refused outright, with ENOSYS (see `prologue`).
-    let newuser = libc::CLONE_NEWUSER as u64;
-    for nr in [libc::SYS_unshare, libc::SYS_clone] {
-        rules.insert(nr, vec![when(vec![arg(0, MaskedEq(newuser), newuser)?])?]);
-    }
+    // A new namespace of any kind. A user namespace grants every
+    // capability inside it, and so the namespace, netfilter and mount code
+    // behind them (`unshare -Urn`); sandbox code rooted in an image is root
+    // of a nested user namespace already, where a new network or mount
+    // namespace would be its own to configure. Flags are argument 0 of both
+    // calls on x86_64 and aarch64, all in their low word. `clone3` passes
+    // its flags in memory a filter cannot read, so it is refused outright,
+    // with ENOSYS (see `prologue`). CLONE_NEWTIME shares its bit with
+    // clone's exit signal, so only unshare is checked for it.
+    let namespaces = [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
+    ];
+    let any_of = |flags: &[libc::c_int]| {
+        flags
+            .iter()
+            .map(|&f| when(vec![arg(0, MaskedEq(f as u64), f as u64)?]))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    rules.insert(libc::SYS_clone, any_of(&namespaces)?);
+    let mut unshared = namespaces.to_vec();
+    unshared.push(libc::CLONE_NEWTIME);
+    rules.insert(libc::SYS_unshare, any_of(&unshared)?);
     // Tracing a process that did not ask for it: only a child that called
     // PTRACE_TRACEME can be traced (`gdb CMD` and `strace CMD` work,
     // `strace -p` and `gdb -p` do not).

@@ -66,7 +66,8 @@ pub struct Command {
     pub argv: Vec<OsString>,
     /// Added to the sandbox's environment (and overriding it).
     pub env: BTreeMap<String, String>,
-    /// Absolute path; `None` means [`DEFAULT_WORKDIR`] if it exists.
+    /// Absolute path; `None` means the sandbox's default (the image's
+    /// `WorkingDir`, else [`DEFAULT_WORKDIR`]) if it exists.
     pub workdir: Option<String>,
     /// Run under a pseudo-terminal of this size.
     pub tty: Option<nix::pty::Winsize>,
@@ -130,7 +131,7 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
         .envs(&cfg.child_env)
         .envs(&c.env)
         .kill_on_drop(true);
-    let workdir = c.workdir.as_deref().unwrap_or(DEFAULT_WORKDIR);
+    let workdir = c.workdir.as_deref().unwrap_or(&cfg.workdir);
     if std::path::Path::new(workdir).is_dir() {
         cmd.current_dir(workdir);
     } else if c.workdir.is_some() {
@@ -138,7 +139,10 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
             path: workdir.chars().take(200).collect(),
         });
     }
-    if let Some(uid) = cfg.run_as {
+    // In an image's sandbox the ids are set in the nested namespace, after
+    // joining it (below); std would set them before.
+    let image = cfg.image.clone();
+    if let (Some(uid), None) = (cfg.run_as, &image) {
         cmd.uid(uid).gid(uid);
     }
     let tty = c.tty.is_some();
@@ -161,8 +165,9 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
         reason = "session and privilege setup between fork and exec"
     )]
     // SAFETY: the closure runs in the forked child before exec and calls
-    // only async-signal-safe functions (write, setsid, ioctl, prctl,
-    // seccomp); the filter was compiled before the fork.
+    // only async-signal-safe functions (write, setns, setgroups, setres*id,
+    // setsid, ioctl, prctl, seccomp); the filter was compiled before the
+    // fork, and the namespace descriptor lives as long as the supervisor.
     unsafe {
         cmd.pre_exec(move || {
             // Into the limits before anything of the command runs; a move
@@ -171,6 +176,16 @@ pub fn spawn(cfg: &Config, c: &Command) -> Result<Spawned, SpawnError> {
                 if nix::libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            if let Some(id) = &image {
+                let ns = std::os::fd::BorrowedFd::borrow_raw(id.userns);
+                nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWUSER)?;
+                let (uid, gid) = (id.user.uid, id.user.gid);
+                nix::unistd::setgroups(&[])?;
+                let gid = nix::unistd::Gid::from_raw(gid);
+                nix::unistd::setresgid(gid, gid, gid)?;
+                let uid = nix::unistd::Uid::from_raw(uid);
+                nix::unistd::setresuid(uid, uid, uid)?;
             }
             if tty {
                 nix::unistd::setsid()?;

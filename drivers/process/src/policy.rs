@@ -97,6 +97,7 @@ mod tests {
                 memory_mib,
                 max_processes: 0,
             },
+            image: None,
         }
     }
 

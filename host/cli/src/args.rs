@@ -37,6 +37,10 @@ pub enum Output {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per run; the gateway's flags are the big one"
+)]
 pub enum Command {
     /// Checks that the gateway answers.
     Status,
@@ -49,6 +53,9 @@ pub enum Command {
     /// Manages driver plugins (WebAssembly components).
     #[command(subcommand)]
     Plugin(PluginCmd),
+    /// Pulls, imports, lists and removes OCI images in the gateway's store.
+    #[command(subcommand)]
+    Image(ImageCmd),
     /// Carries one SSH connection to a sandbox over stdin and stdout: the
     /// ProxyCommand that `openshell sandbox ssh-config` writes.
     #[command(hide = true)]
@@ -140,6 +147,22 @@ pub struct GatewayStart {
     /// The in-sandbox supervisor binary; default: next to this binary.
     #[arg(long, env = "OPENSHELL_SUPERVISOR")]
     pub supervisor: Option<PathBuf>,
+    /// The static (musl) supervisor for sandboxes rooted in an image;
+    /// default: `openshell-supervisor-static` next to this binary, else
+    /// cargo's x86_64-unknown-linux-musl build of the same profile.
+    #[arg(long, env = "OPENSHELL_STATIC_SUPERVISOR")]
+    pub static_supervisor: Option<PathBuf>,
+    /// Image for process sandboxes created without --image (a reference
+    /// or an imported image's name); default: none (the host's /usr).
+    #[arg(long, env = "OPENSHELL_DEFAULT_IMAGE")]
+    pub default_image: Option<String>,
+    /// Registry (host or host:port) that may be pulled from over plain
+    /// HTTP (repeatable); every other registry is HTTPS only.
+    #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+    pub insecure_registries: Vec<String>,
+    /// USER:PASSWORD for registries (overrides ~/.docker/config.json).
+    #[arg(long, env = "OPENSHELL_REGISTRY_AUTH", value_name = "USER:PASSWORD")]
+    pub registry_auth: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -213,6 +236,11 @@ pub struct SandboxCreate {
     /// Environment variable for sandbox code (repeatable).
     #[arg(long = "env", value_name = "KEY=VALUE", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
+    /// OCI image to root the sandbox in: a registry reference
+    /// (`python:3.12`, `registry.example:5000/team/py:3.12`,
+    /// `name@sha256:...`) or an imported image's name; pulled if missing.
+    #[arg(long)]
+    pub image: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub vcpus: u32,
     #[arg(long, default_value_t = 0)]
@@ -244,7 +272,7 @@ pub enum PluginCmd {
         /// Name to install it under; default: the file name without extension.
         #[arg(long)]
         name: Option<String>,
-        /// Capability to grant (repeatable): log, files, process, network, rootfs, vm.
+        /// Capability to grant (repeatable): log, files, image, process, network, rootfs, vm.
         #[arg(long = "grant")]
         grants: Vec<String>,
     },
@@ -254,6 +282,30 @@ pub enum PluginCmd {
     Unload {
         name: String,
         /// Unload even while sandboxes use it.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Pulls an image from its registry into the gateway's store.
+    Pull { reference: String },
+    /// Imports an OCI layout directory, an OCI archive or a `docker save`
+    /// tarball.
+    Import {
+        path: PathBuf,
+        /// Name to store it under; default: the archive's own.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Lists stored images and the sandboxes using them.
+    #[command(visible_alias = "ls")]
+    List,
+    /// Removes an image (a name or a digest), then what nothing uses.
+    Rm {
+        name: String,
+        /// Remove it even while sandboxes use it (they keep running).
         #[arg(long)]
         force: bool,
     },

@@ -55,6 +55,12 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
             size_gib: a.sandbox_disk_gib,
             quota_mib: a.sandbox_disk_quota_mib,
         },
+        images: openshell_gateway::server::ImageOptions {
+            static_supervisor: a.static_supervisor,
+            default_image: a.default_image,
+            insecure_registries: a.insecure_registries,
+            registry_auth: a.registry_auth,
+        },
     })
     .await?;
     if gw.client.ca_pem.is_some() || gw.client.token.is_some() {

@@ -9,6 +9,7 @@ mod client;
 mod config;
 mod exec;
 mod gateway;
+mod image;
 mod output;
 mod plugin;
 mod sandbox;
@@ -67,6 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Sandbox(cmd) => sandbox::run(&target, cli.output, cmd).await,
         Command::Plugin(cmd) => plugin::run(&target, cli.output, cmd).await,
+        Command::Image(cmd) => image::run(&target, cli.output, cmd).await,
         Command::SshProxy { name } => ssh::proxy(&mut client::connect(&target).await?, name).await,
     }
 }

@@ -34,7 +34,56 @@ pub fn sandbox_json(s: &pb::Sandbox) -> Value {
         "updated_at_ms": s.updated_at_ms,
         "revision": s.revision,
         "isolation": s.isolation,
+        "image": spec.image,
+        "image_digest": spec.image_digest,
     })
+}
+
+fn image_json(i: &pb::Image) -> Value {
+    json!({
+        "names": i.names, "digest": i.digest, "size": i.size,
+        "layers": i.layers, "sandboxes": i.sandboxes,
+    })
+}
+
+/// Bytes as a person reads them.
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+pub fn images(out: Output, list: &[pb::Image]) {
+    if out == Output::Json {
+        return print_json(&json!({"images": list.iter().map(image_json).collect::<Vec<_>>()}));
+    }
+    println!("{:<48} {:<20} {:>10} SANDBOXES", "NAME", "DIGEST", "SIZE");
+    for i in list {
+        let short = i.digest.get(..19).unwrap_or(&i.digest);
+        let names = if i.names.is_empty() {
+            vec!["<none>".to_owned()]
+        } else {
+            i.names.clone()
+        };
+        for name in names {
+            println!(
+                "{:<48} {:<20} {:>10} {}",
+                name,
+                short,
+                bytes(i.size),
+                i.sandboxes.join(",")
+            );
+        }
+    }
 }
 
 fn print_json(v: &Value) {
@@ -71,6 +120,10 @@ pub fn sandbox(out: Output, s: &pb::Sandbox) {
     println!("Phase:    {}", phase_name(s.phase));
     println!("Driver:   {}", spec.driver);
     println!("Isolation: {}", s.isolation);
+    if !spec.image.is_empty() {
+        println!("Image:    {}", spec.image);
+        println!("Digest:   {}", spec.image_digest);
+    }
     println!("Revision: {}", s.revision);
     if !spec.environment.is_empty() {
         let mut keys: Vec<_> = spec.environment.keys().collect();

@@ -230,6 +230,10 @@ async fn delete_and_wait(c: &mut Client, name: &str) -> anyhow::Result<()> {
 }
 
 async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result<ExitCode> {
+    // Pulled first, with progress; the create then finds it stored.
+    if let Some(image) = &a.image {
+        crate::image::pull(c, image).await?;
+    }
     let r = c
         .create_sandbox(pb::CreateSandboxRequest {
             name: a.name.unwrap_or_default(),
@@ -241,6 +245,8 @@ async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result
                     memory_mib: a.memory_mib,
                     max_processes: a.max_processes,
                 }),
+                image: a.image.clone().unwrap_or_default(),
+                image_digest: String::new(),
             }),
             request_id: a.request_id.unwrap_or_default(),
         })

@@ -17,5 +17,5 @@ pub use name::{NameError, SandboxName};
 pub use phase::{
     Condition, ConditionStatus, Event, Phase, ReadyReason, Rejection, Status, apply, derive_phase,
 };
-pub use sandbox::{Isolation, Resources, Sandbox, SandboxId, SandboxSpec};
+pub use sandbox::{Isolation, Resources, Sandbox, SandboxId, SandboxImage, SandboxSpec};
 pub use validate::SpecError;

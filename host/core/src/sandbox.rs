@@ -49,6 +49,19 @@ pub struct SandboxSpec {
     pub driver: String,
     pub environment: BTreeMap<String, String>,
     pub resources: Resources,
+    /// The image the sandbox is rooted in; `None`: the driver's default
+    /// root (the host's system directories for a process sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<SandboxImage>,
+}
+
+/// An image as a sandbox records it: the reference the user gave and the
+/// manifest digest it resolved to at create, which every later launch
+/// uses (so a restart runs exactly the same image).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SandboxImage {
+    pub reference: String,
+    pub digest: String,
 }
 
 /// How strongly a sandbox is separated from its host, reported honestly.

@@ -1,6 +1,6 @@
 //! Proto messages to and from domain types.
 
-use openshell_core::{ConditionStatus, Phase, Resources, Sandbox, SandboxSpec};
+use openshell_core::{ConditionStatus, Phase, Resources, Sandbox, SandboxImage, SandboxSpec};
 use openshell_proto::v1 as pb;
 
 pub fn phase(p: Phase) -> pb::SandboxPhase {
@@ -34,6 +34,18 @@ pub fn sandbox(s: &Sandbox, isolation: &str) -> pb::Sandbox {
                 memory_mib: s.spec.resources.memory_mib,
                 max_processes: s.spec.resources.max_processes,
             }),
+            image: s
+                .spec
+                .image
+                .as_ref()
+                .map(|i| i.reference.clone())
+                .unwrap_or_default(),
+            image_digest: s
+                .spec
+                .image
+                .as_ref()
+                .map(|i| i.digest.clone())
+                .unwrap_or_default(),
         }),
         phase: phase(s.status.phase).into(),
         conditions: s
@@ -54,7 +66,8 @@ pub fn sandbox(s: &Sandbox, isolation: &str) -> pb::Sandbox {
     }
 }
 
-/// The spec as asked; the driver is resolved later.
+/// The spec as asked; the driver (and the image's digest) are resolved
+/// later. A digest sent in `image_digest` is output only and ignored.
 pub fn spec(p: Option<pb::SandboxSpec>) -> SandboxSpec {
     let p = p.unwrap_or_default();
     let r = p.resources.unwrap_or_default();
@@ -66,5 +79,9 @@ pub fn spec(p: Option<pb::SandboxSpec>) -> SandboxSpec {
             memory_mib: r.memory_mib,
             max_processes: r.max_processes,
         },
+        image: (!p.image.is_empty()).then(|| SandboxImage {
+            reference: p.image,
+            digest: String::new(),
+        }),
     }
 }

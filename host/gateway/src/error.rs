@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use openshell_core::{NameError, Phase, SpecError};
+use openshell_image::ImageError;
 use openshell_plugin::{CallError, GrantError, PluginError};
 use openshell_store::StoreError;
 use tonic::{Code, Status};
@@ -127,12 +128,34 @@ pub enum ApiError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    /// Boxed: image errors are large and every request result carries one.
+    #[error(transparent)]
+    Image(Box<ImageError>),
+    #[error("this gateway has no image store")]
+    NoImageStore,
+    #[error("no image named {}; `openshell image list` shows what is stored", echo(.name))]
+    ImageNotFound { name: String },
+    #[error(
+        "{count} sandbox(es) use image {} (for example {example:?}); delete them first or pass --force",
+        echo(.image)
+    )]
+    ImageInUse {
+        image: String,
+        count: usize,
+        example: String,
+    },
     #[error("driver {driver}: {source}")]
     Driver {
         driver: String,
         #[source]
         source: CallError,
     },
+}
+
+impl From<ImageError> for ApiError {
+    fn from(e: ImageError) -> Self {
+        ApiError::Image(Box::new(e))
+    }
 }
 
 fn in_parens(d: &str) -> String {
@@ -219,6 +242,9 @@ pub fn to_status(e: ApiError) -> Status {
                 Code::Internal
             }
         },
+        ApiError::NoImageStore | ApiError::ImageInUse { .. } => Code::FailedPrecondition,
+        ApiError::ImageNotFound { .. } => Code::NotFound,
+        ApiError::Image(i) => image_code(i),
         ApiError::Driver { source, .. } => match source {
             CallError::Invalid(_) => Code::InvalidArgument,
             CallError::Unsupported(_) | CallError::Failed { .. } => Code::FailedPrecondition,
@@ -228,6 +254,39 @@ pub fn to_status(e: ApiError) -> Status {
         },
     };
     Status::new(code, e.to_string())
+}
+
+/// Image store failures by meaning: the caller's input, the registry, the
+/// image itself, the host.
+fn image_code(e: &ImageError) -> Code {
+    match e {
+        ImageError::InvalidReference { .. }
+        | ImageError::InvalidDigest { .. }
+        | ImageError::NotFound { .. }
+        | ImageError::NameRequired { .. }
+        | ImageError::AmbiguousImport { .. } => Code::InvalidArgument,
+        ImageError::NotInRegistry { .. } => Code::NotFound,
+        ImageError::Unreachable { .. } | ImageError::StoreBusy { .. } => Code::Unavailable,
+        ImageError::Unauthorized { .. } => Code::PermissionDenied,
+        ImageError::InsecureRefused { .. }
+        | ImageError::Registry { .. }
+        | ImageError::NoPlatform { .. }
+        | ImageError::DigestMismatch { .. }
+        | ImageError::SizeMismatch { .. }
+        | ImageError::LayerEscapes { .. }
+        | ImageError::UidOutOfRange { .. }
+        | ImageError::LayerInvalidEntry { .. }
+        | ImageError::LayerUnreadable { .. }
+        | ImageError::ArchiveUnreadable { .. }
+        | ImageError::InvalidJson { .. }
+        | ImageError::InvalidImage { .. }
+        | ImageError::Unsupported { .. } => Code::FailedPrecondition,
+        ImageError::TooLarge { .. } | ImageError::DiskFull { .. } => Code::ResourceExhausted,
+        ImageError::InsecureStore { .. } | ImageError::NotRoot | ImageError::Io { .. } => {
+            tracing::error!("image store failure: {e}");
+            Code::Internal
+        }
+    }
 }
 
 #[cfg(test)]

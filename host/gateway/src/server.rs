@@ -50,6 +50,24 @@ pub struct GatewayConfig {
     pub uid_base: Option<u32>,
     /// The sandbox disk: pool size and per-sandbox quota (size 0: off).
     pub disk: openshell_plugin::disk::DiskConfig,
+    /// Images: the static supervisor, the default image, how to pull.
+    pub images: ImageOptions,
+}
+
+/// What the gateway needs for sandboxes rooted in images. The store
+/// itself is always `<state>/images` (root-only).
+#[derive(Clone, Debug, Default)]
+pub struct ImageOptions {
+    /// The static (musl) supervisor; default: `openshell-supervisor-static`
+    /// next to the running executable, else cargo's musl build of the same
+    /// profile.
+    pub static_supervisor: Option<PathBuf>,
+    /// The image of process sandboxes created without one.
+    pub default_image: Option<String>,
+    /// Registries (host[:port]) that may be pulled over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    /// `USER:PASSWORD` for registries, over `~/.docker/config.json`.
+    pub registry_auth: Option<String>,
 }
 
 impl GatewayConfig {
@@ -117,6 +135,10 @@ pub enum GatewayError {
     },
     #[error("cannot open the database: {0}")]
     Store(#[from] openshell_store::StoreError),
+    #[error("cannot open the image store: {0}")]
+    Images(#[source] Box<openshell_image::ImageError>),
+    #[error("--registry-auth must be USER:PASSWORD")]
+    RegistryAuth,
     #[error("cannot start the plugin host: {0}")]
     Plugins(#[from] openshell_plugin::PluginError),
     #[error("unknown bundled driver {name:?}: bundled drivers are process and vm")]
@@ -259,6 +281,12 @@ impl Gateway {
             .supervisor
             .clone()
             .or_else(|| sibling_binary("openshell-supervisor"));
+        host_cfg.static_supervisor = cfg
+            .images
+            .static_supervisor
+            .clone()
+            .or_else(static_supervisor_beside);
+        host_cfg.images = Some(Arc::new(open_images(&cfg.state_dir, &cfg.images)?));
         // Always made, even when the API port is plaintext: a VM guest's
         // supervisor dials over TLS verified against this CA.
         let pki = crate::tls::ensure_pki(&cfg.state_dir, &cfg.tls_sans, cfg.bind)?;
@@ -278,6 +306,7 @@ impl Gateway {
                     relays: cfg.relays,
                 },
                 limits: cfg.limits,
+                default_image: cfg.images.default_image.clone(),
             },
         );
         runtime.spawn_host_events(events_rx);
@@ -386,6 +415,58 @@ impl Gateway {
 }
 
 /// A binary installed next to the running executable, if there is one.
+/// The static supervisor next to the executable, or (in a cargo target
+/// dir) the x86_64-unknown-linux-musl build of the executable's profile.
+fn static_supervisor_beside() -> Option<PathBuf> {
+    if let Some(p) = sibling_binary("openshell-supervisor-static") {
+        return Some(p);
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    // target/<profile>/openshell, or target/<profile>/deps/<test binary>.
+    let dir = if dir.ends_with("deps") {
+        dir.parent()?
+    } else {
+        dir
+    };
+    let profile = dir.file_name()?;
+    let p = dir
+        .parent()?
+        .join("x86_64-unknown-linux-musl")
+        .join(profile)
+        .join("openshell-supervisor");
+    p.is_file().then_some(p)
+}
+
+/// Opens the image store under the state dir, with how to pull into it.
+fn open_images(
+    state_dir: &Path,
+    opts: &ImageOptions,
+) -> Result<openshell_plugin::Images, GatewayError> {
+    let store = openshell_image::ImageStore::open(&state_dir.join("images"))
+        .map_err(|e| GatewayError::Images(Box::new(e)))?;
+    let auth = match &opts.registry_auth {
+        Some(raw) => {
+            let (user, pass) = raw.split_once(':').ok_or(GatewayError::RegistryAuth)?;
+            Some((user.to_owned(), pass.to_owned()))
+        }
+        None => None,
+    };
+    let docker_config = std::env::var_os("DOCKER_CONFIG")
+        .map(|d| PathBuf::from(d).join("config.json"))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")))
+        .filter(|p| p.is_file());
+    Ok(openshell_plugin::Images {
+        store: Arc::new(store),
+        pull: openshell_image::PullOptions {
+            insecure_registries: opts.insecure_registries.clone(),
+            auth,
+            docker_config,
+            platform: ("linux".into(), "amd64".into()),
+        },
+    })
+}
+
 fn sibling_binary(name: &str) -> Option<PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let p = exe.parent()?.join(name);
@@ -473,6 +554,7 @@ mod tests {
             limits: Default::default(),
             uid_base: None,
             disk: openshell_plugin::disk::DiskConfig::OFF,
+            images: Default::default(),
         }
     }
 

@@ -27,6 +27,20 @@ pub struct Service {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchSandboxEvent, Status>> + Send>>;
+type PullStream = Pin<Box<dyn Stream<Item = Result<pb::PullImageProgress, Status>> + Send>>;
+
+/// Largest archive ImportImage accepts.
+pub const MAX_IMPORT_BYTES: u64 = 64 << 30;
+
+fn image_info(image: &openshell_image::Image, sandboxes: Vec<String>) -> pb::Image {
+    pb::Image {
+        names: image.names.clone(),
+        digest: image.digest.to_string(),
+        size: image.size,
+        layers: image.layers.len() as u32,
+        sandboxes,
+    }
+}
 
 fn plugin_info(p: &openshell_plugin::Plugin, sandboxes: u64, loaded_at_ms: i64) -> pb::Plugin {
     pb::Plugin {
@@ -287,6 +301,121 @@ impl OpenShell for Service {
             out.push(plugin_info(&p, users, loaded_at));
         }
         Ok(Response::new(pb::ListPluginsResponse { plugins: out }))
+    }
+
+    type PullImageStream = PullStream;
+
+    async fn pull_image(
+        &self,
+        req: Request<pb::PullImageRequest>,
+    ) -> Result<Response<PullStream>, Status> {
+        let reference = req.into_inner().reference;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let runtime = self.runtime.clone();
+        tokio::spawn(async move {
+            let progress_tx = tx.clone();
+            let progress = move |p: openshell_image::PullProgress| {
+                // Progress is advisory: a slow client misses some, never the end.
+                let _ = progress_tx.try_send(Ok(pb::PullImageProgress {
+                    layers_done: p.layers_done as u32,
+                    layers_total: p.layers_total as u32,
+                    bytes_done: p.bytes_done,
+                    bytes_total: p.bytes_total,
+                    image: None,
+                }));
+            };
+            let last = match runtime.pull_image(&reference, &progress).await {
+                Ok(image) => Ok(pb::PullImageProgress {
+                    layers_done: image.layers.len() as u32,
+                    layers_total: image.layers.len() as u32,
+                    bytes_done: image.size,
+                    bytes_total: image.size,
+                    image: Some(image_info(&image, Vec::new())),
+                }),
+                Err(e) => Err(to_status(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn import_image(
+        &self,
+        req: Request<tonic::Streaming<pb::ImportImageChunk>>,
+    ) -> Result<Response<pb::ImportImageResponse>, Status> {
+        use tokio::io::AsyncWriteExt;
+        let mut chunks = req.into_inner();
+        let dir = self.runtime.image_upload_dir().map_err(to_status)?;
+        let upload = tempfile::Builder::new()
+            .prefix("upload-")
+            .tempfile_in(&dir)
+            .map_err(|e| Status::internal(format!("cannot stage the upload: {e}")))?;
+        let (file, path) = upload.into_parts();
+        // Removed on every way out (the path guard), the file closed first.
+        let staged = path;
+        let mut file = tokio::fs::File::from_std(file);
+        let mut name = None;
+        let mut total = 0u64;
+        while let Some(chunk) = chunks.message().await? {
+            if name.is_none() {
+                name = Some(chunk.name.clone()).filter(|n| !n.is_empty());
+            }
+            total += chunk.data.len() as u64;
+            if total > MAX_IMPORT_BYTES {
+                return Err(to_status(ApiError::TooLarge {
+                    what: "the image archive",
+                    len: usize::try_from(total).unwrap_or(usize::MAX),
+                    limit: usize::try_from(MAX_IMPORT_BYTES).unwrap_or(usize::MAX),
+                    hint: ": import a smaller image",
+                }));
+            }
+            file.write_all(&chunk.data)
+                .await
+                .map_err(|e| Status::resource_exhausted(format!("cannot stage the upload: {e}")))?;
+        }
+        file.flush()
+            .await
+            .map_err(|e| Status::internal(format!("cannot stage the upload: {e}")))?;
+        drop(file);
+        let image = self
+            .runtime
+            .import_image(staged.to_path_buf(), name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::ImportImageResponse {
+            image: Some(image_info(&image, Vec::new())),
+        }))
+    }
+
+    async fn list_images(
+        &self,
+        _: Request<pb::ListImagesRequest>,
+    ) -> Result<Response<pb::ListImagesResponse>, Status> {
+        let images = self.runtime.list_images().await.map_err(to_status)?;
+        Ok(Response::new(pb::ListImagesResponse {
+            images: images
+                .into_iter()
+                .map(|(image, users)| image_info(&image, users))
+                .collect(),
+        }))
+    }
+
+    async fn remove_image(
+        &self,
+        req: Request<pb::RemoveImageRequest>,
+    ) -> Result<Response<pb::RemoveImageResponse>, Status> {
+        let req = req.into_inner();
+        let (image, reclaimed) = self
+            .runtime
+            .remove_image(&req.name, req.force)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::RemoveImageResponse {
+            image: Some(image_info(&image, Vec::new())),
+            reclaimed_bytes: reclaimed,
+        }))
     }
 
     async fn unload_plugin(

@@ -1,6 +1,6 @@
 //! The one place the WIT world is turned into Rust (host side).
 
-pub use crate::caps::{NetworkHandle, ProcessHandle, RootfsHandle, VmHandle};
+pub use crate::caps::{ImageHandle, NetworkHandle, ProcessHandle, RootfsHandle, VmHandle};
 
 wasmtime::component::bindgen!({
     world: "compute-driver",
@@ -11,6 +11,7 @@ wasmtime::component::bindgen!({
         "openshell:compute/types.cap-error" => crate::caps::CapabilityError,
     },
     with: {
+        "openshell:compute/image.prepared-image": ImageHandle,
         "openshell:compute/process.sandbox-process": ProcessHandle,
         "openshell:compute/network.vm-network": NetworkHandle,
         "openshell:compute/rootfs.staged-rootfs": RootfsHandle,

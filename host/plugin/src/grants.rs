@@ -11,10 +11,15 @@ use std::fmt;
 /// The WIT package every capability interface lives in.
 pub const PACKAGE: &str = "openshell:compute";
 
+/// The version of `wit/world.wit` this host provides; a component built
+/// against another is refused at load with [`GrantError::OtherWorld`].
+pub const WORLD_VERSION: &str = "0.2.0";
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Capability {
     Log,
     Files,
+    Image,
     Process,
     Network,
     Rootfs,
@@ -22,9 +27,10 @@ pub enum Capability {
 }
 
 impl Capability {
-    pub const ALL: [Capability; 6] = [
+    pub const ALL: [Capability; 7] = [
         Capability::Log,
         Capability::Files,
+        Capability::Image,
         Capability::Process,
         Capability::Network,
         Capability::Rootfs,
@@ -35,6 +41,7 @@ impl Capability {
         match self {
             Capability::Log => "log",
             Capability::Files => "files",
+            Capability::Image => "image",
             Capability::Process => "process",
             Capability::Network => "network",
             Capability::Rootfs => "rootfs",
@@ -61,7 +68,7 @@ impl fmt::Display for Capability {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
     #[error(
-        "unknown capability {name:?}: grantable capabilities are log, files, process, network, rootfs, vm"
+        "unknown capability {name:?}: grantable capabilities are log, files, image, process, network, rootfs, vm"
     )]
     UnknownCapability { name: String },
     #[error(
@@ -72,9 +79,13 @@ pub enum GrantError {
         import: String,
     },
     #[error(
-        "the component imports {import:?}, which this host does not provide; a driver may import only openshell:compute@0.1.0 capabilities and WASI"
+        "the component imports {import:?}, which this host does not provide; a driver may import only openshell:compute@{WORLD_VERSION} capabilities and WASI"
     )]
     UnknownImport { import: String },
+    #[error(
+        "the component was built against openshell:compute@{version} ({name}); this gateway provides openshell:compute@{WORLD_VERSION}: rebuild the plugin against the gateway's wit/world.wit"
+    )]
+    OtherWorld { name: String, version: String },
 }
 
 /// What one import of a component is.
@@ -101,15 +112,40 @@ pub fn classify(import: &str) -> Result<Import, GrantError> {
         .and_then(|r| r.strip_prefix('/'))
         .ok_or_else(unknown)?;
     let (iface, version) = rest.split_once('@').ok_or_else(unknown)?;
-    if version != "0.1.0" {
-        return Err(unknown());
-    }
+    check_version(import, version)?;
     if iface == "types" {
         return Ok(Import::Types);
     }
     Capability::parse(iface)
         .map(Import::Capability)
         .map_err(|_| unknown())
+}
+
+/// Refuses an interface of another version of the world, naming it.
+fn check_version(name: &str, version: &str) -> Result<(), GrantError> {
+    if version == WORLD_VERSION {
+        Ok(())
+    } else {
+        Err(GrantError::OtherWorld {
+            name: name.chars().take(120).collect(),
+            version: version.chars().take(32).collect(),
+        })
+    }
+}
+
+/// Refuses a component whose exports come from another version of the
+/// world (a driver that imports nothing versioned is caught here).
+pub fn check_exports<'a>(exports: impl IntoIterator<Item = &'a str>) -> Result<(), GrantError> {
+    for export in exports {
+        let versioned = export
+            .strip_prefix(PACKAGE)
+            .and_then(|r| r.strip_prefix('/'))
+            .and_then(|r| r.split_once('@'));
+        if let Some((_, version)) = versioned {
+            check_version(export, version)?;
+        }
+    }
+    Ok(())
 }
 
 /// Checks every import against the grants; returns the capabilities the
@@ -149,12 +185,12 @@ mod tests {
 
     #[test]
     fn nothing_is_granted_by_default() {
-        let err = check(["openshell:compute/vm@0.1.0"], &[]).unwrap_err();
+        let err = check(["openshell:compute/vm@0.2.0"], &[]).unwrap_err();
         assert_eq!(
             err,
             GrantError::NotGranted {
                 capability: Capability::Vm,
-                import: "openshell:compute/vm@0.1.0".into()
+                import: "openshell:compute/vm@0.2.0".into()
             }
         );
         assert!(err.to_string().contains("--grant vm"));
@@ -165,10 +201,10 @@ mod tests {
         let used = check(
             [
                 "wasi:cli/environment@0.2.6",
-                "openshell:compute/types@0.1.0",
-                "openshell:compute/log@0.1.0",
-                "openshell:compute/files@0.1.0",
-                "openshell:compute/log@0.1.0",
+                "openshell:compute/types@0.2.0",
+                "openshell:compute/log@0.2.0",
+                "openshell:compute/files@0.2.0",
+                "openshell:compute/log@0.2.0",
             ],
             &[Capability::Files, Capability::Log, Capability::Vm],
         )
@@ -179,8 +215,7 @@ mod tests {
     #[test]
     fn foreign_and_future_imports_are_refused() {
         for bad in [
-            "openshell:compute/root@0.1.0",
-            "openshell:compute/log@0.2.0",
+            "openshell:compute/root@0.2.0",
             "openshell:compute/log",
             "acme:evil/net@1.0.0",
             "env",
@@ -193,5 +228,22 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn a_component_of_another_world_version_is_refused_by_name() {
+        let err = check(["openshell:compute/log@0.1.0"], &Capability::ALL).unwrap_err();
+        assert!(matches!(err, GrantError::OtherWorld { .. }), "{err:?}");
+        let text = err.to_string();
+        assert!(
+            text.contains("@0.1.0") && text.contains("rebuild"),
+            "{text}"
+        );
+        let exports = ["openshell:compute/driver@0.1.0"];
+        assert!(matches!(
+            check_exports(exports),
+            Err(GrantError::OtherWorld { .. })
+        ));
+        assert!(check_exports(["openshell:compute/driver@0.2.0", "wasi:x/y@1.0.0"]).is_ok());
     }
 }

@@ -24,7 +24,7 @@ pub mod host_limits {
     pub use openshell_vm::MAX_SOCKET_PATH;
 }
 
-pub use caps::{HostEvent, ProcessConfig, ProcessTable, VmConfig, VmTable};
+pub use caps::{HostEvent, Images, ProcessConfig, ProcessTable, VmConfig, VmTable};
 pub use grants::{Capability, GrantError};
 pub use host::{
     CallError, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost, PluginHostConfig,

@@ -63,7 +63,9 @@ impl Guest for Escape {
         ];
         // Workdirs that would hand sandbox code the state dir itself (where
         // the gateway keeps its socket and logs) or a host path.
-        let workdirs = [".", "", "..", "../x", "a/../..", "/etc", "run"];
+        let workdirs = [
+            ".", "", "..", "../x", "a/../..", "/etc", "run", "upper", "work", "lower",
+        ];
         let spawns = workdirs.map(|w| {
             let spec = process::SpawnSpec {
                 environment: vec![],
@@ -77,7 +79,7 @@ impl Guest for Escape {
             };
             (
                 format!("spawn(workdir {w:?})"),
-                process::spawn(&spec).map(drop),
+                process::spawn(&spec, None).map(drop),
             )
         });
         let attempts = attempts

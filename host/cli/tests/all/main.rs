@@ -10,6 +10,7 @@ mod crash;
 mod flood;
 mod gateway;
 mod harness;
+mod images;
 mod process;
 mod resources;
 mod restart;

@@ -39,7 +39,7 @@ fn pids_of(id: &str) -> Vec<u32> {
     out
 }
 
-fn sigkill(pid: u32) {
+pub fn sigkill(pid: u32) {
     let kill = run({
         let mut c = std::process::Command::new("kill");
         c.args(["-KILL", &pid.to_string()]);

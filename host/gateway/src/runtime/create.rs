@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use openshell_core::{Sandbox, SandboxName, SandboxSpec, uid_slot, validate};
+use openshell_core::{Sandbox, SandboxImage, SandboxName, SandboxSpec, uid_slot, validate};
 use openshell_plugin::{DriverSpec, Plugin};
 use openshell_store::StoreError;
 use rand::RngCore;
@@ -83,6 +83,12 @@ impl ComputeRuntime {
         validate::resources(&spec.resources)?;
         let plugin = self.resolve_driver(&spec.driver)?;
         spec.driver = plugin.name.clone();
+        if spec.image.is_none() && plugin.info.isolation == "process" {
+            spec.image = self.default_image.clone().map(|reference| SandboxImage {
+                reference,
+                digest: String::new(),
+            });
+        }
 
         let probe = driver_spec_of("", name.as_ref().map_or("", |n| n.as_str()), &spec);
         plugin
@@ -95,6 +101,17 @@ impl ComputeRuntime {
 
         admit_host_pids(&read_host_tasks().await)?;
         let admission = self.admit()?;
+        // Held until the record that holds the image is stored, so garbage
+        // collection cannot take the layers in between.
+        let _gc = self.images_gc.read().await;
+        if let Some(image) = &mut spec.image {
+            // Pulled before anything is stored: a failure stores nothing.
+            image.digest = self
+                .pull_image(&image.reference, &|_| {})
+                .await?
+                .digest
+                .to_string();
+        }
         let (stored, fresh) = self.insert(name, spec, request_id).await?;
         if !fresh {
             return Ok(stored);
@@ -220,6 +237,7 @@ fn driver_spec_of(id: &str, name: &str, spec: &SandboxSpec) -> DriverSpec {
         environment: spec.environment.clone().into_iter().collect(),
         resources: spec.resources,
         uid_slot: None,
+        image: spec.image.clone(),
     }
 }
 

@@ -54,7 +54,11 @@ impl ComputeRuntime {
                 if removed {
                     self.admitted.fetch_sub(1, Ordering::SeqCst);
                 }
-                self.watch.notify(sb.id)
+                self.watch.notify(sb.id);
+                // Its image may have been removed meanwhile (`image rm --force`).
+                if removed && sb.spec.image.is_some() {
+                    self.collect_images().await;
+                }
             }
             Err(e) => tracing::error!(sandbox = %sb.id, "cannot delete the record: {e}"),
         }

@@ -13,6 +13,7 @@
 
 mod create;
 mod delete;
+mod images;
 mod plugins;
 mod recover;
 
@@ -40,10 +41,12 @@ pub fn now_ms() -> i64 {
 }
 
 /// Tunables of the runtime.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct RuntimeOptions {
     pub supervisors: SupervisorOptions,
     pub limits: SandboxLimits,
+    /// The image of process sandboxes created without one.
+    pub default_image: Option<String>,
 }
 
 /// Backpressure: past these the gateway refuses creates with
@@ -77,6 +80,11 @@ pub struct ComputeRuntime {
     /// removal: admission is decided here, without a racy count query.
     admitted: AtomicUsize,
     launches: Semaphore,
+    /// Image garbage collection (write) against creates resolving an
+    /// image (read): see `images.rs`.
+    images_gc: tokio::sync::RwLock<()>,
+    /// The image of process sandboxes created without one.
+    default_image: Option<String>,
 }
 
 /// Turns registry transitions into stored phase changes, in order, off the
@@ -111,6 +119,8 @@ impl ComputeRuntime {
             limits: opts.limits,
             admitted: AtomicUsize::new(0),
             launches: Semaphore::new(opts.limits.max_concurrent_launches.max(1)),
+            images_gc: tokio::sync::RwLock::new(()),
+            default_image: opts.default_image,
         });
         let weak: Weak<Self> = Arc::downgrade(&runtime);
         tokio::spawn(async move {

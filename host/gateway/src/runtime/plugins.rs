@@ -13,7 +13,7 @@ use crate::error::ApiError;
 pub fn bundled_grants(driver: &str) -> Option<&'static [Capability]> {
     use Capability::*;
     match driver {
-        "process" => Some(&[Log, Files, Process]),
+        "process" => Some(&[Log, Files, Image, Process]),
         "vm" => Some(&[Log, Files, Network, Rootfs, Vm]),
         _ => None,
     }

@@ -129,6 +129,7 @@ impl TestGateway {
             // The CLI tests run the sandbox disk; in-process gateways here
             // would each mount one in the test process.
             disk: openshell_plugin::disk::DiskConfig::OFF,
+            images: Default::default(),
         }
     }
 

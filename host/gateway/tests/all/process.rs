@@ -98,6 +98,7 @@ pub async fn ready(gw: &mut TestGateway, name: &str, memory_mib: u64) -> pb::San
                     memory_mib,
                     ..Default::default()
                 }),
+                ..Default::default()
             }),
             request_id: String::new(),
         })

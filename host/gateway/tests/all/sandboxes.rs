@@ -131,6 +131,7 @@ fn req(name: &str, env: &[(&str, &str)]) -> pb::CreateSandboxRequest {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
             resources: None,
+            ..Default::default()
         }),
         request_id: String::new(),
     }

@@ -9,6 +9,7 @@
 //! or a trap for host bugs (a bad resource handle), so `?` works for both.
 
 mod files;
+pub mod image;
 pub mod limits;
 mod log;
 pub mod network;
@@ -23,6 +24,7 @@ use wasmtime::StoreLimits;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
+pub use image::{ImageHandle, Images};
 pub use network::NetworkHandle;
 pub use process::{HostEvent, ProcessConfig, ProcessHandle, ProcessTable};
 pub use rootfs::RootfsHandle;
@@ -78,6 +80,8 @@ pub struct Services {
     /// Where sandboxes' state dirs live with a quota each; None: plain
     /// directories, no quota.
     pub disk: Option<crate::disk::SandboxDisk>,
+    /// The image store; `None`: images are unavailable.
+    pub images: Option<Arc<Images>>,
     /// Deadline for one capability call that does I/O.
     pub io_timeout: Duration,
 }

@@ -40,6 +40,8 @@ pub struct ProcessHandle {
 pub struct ProcessConfig {
     pub launcher: Option<PathBuf>,
     pub supervisor: Option<PathBuf>,
+    /// The static supervisor, for sandboxes rooted in an image.
+    pub static_supervisor: Option<PathBuf>,
     /// In-sandbox uids 0..65536 map to host uids from here.
     pub uid_base: u32,
 }
@@ -213,10 +215,59 @@ fn occupied(dir: &Path) -> bool {
     })
 }
 
-/// Names in a sandbox's state dir that belong to the host (the run dir and
-/// the new root's mount point); files the host keeps there all have a dot
-/// in their name (`launch.json`, `supervisor.log`, `initrd.cpio`, ...).
-const RESERVED: [&str; 2] = ["run", "root"];
+/// Names in a sandbox's state dir that belong to the host (the run dir, the
+/// new root's mount point, an image root's writable layer, overlayfs's work
+/// dir and the layers' mount points); files the host keeps there all have a
+/// dot in their name (`launch.json`, `supervisor.log`, `initrd.cpio`, ...).
+const RESERVED: [&str; 5] = ["run", "root", UPPER, WORK, "lower"];
+
+/// An image root's writable layer and overlayfs's work dir, in the state dir.
+const UPPER: &str = "upper";
+const WORK: &str = "work";
+
+/// The launch of a sandbox rooted in an image: the layers, the image's
+/// environment under the spec's, its `User` and `WorkingDir` for the
+/// supervisor, and the static supervisor (the image's libc is not ours).
+fn image_launch(
+    config: &mut openshell_sandbox_launch::config::LaunchConfig,
+    image: &crate::caps::ImageHandle,
+    static_supervisor: Option<&PathBuf>,
+) -> Result<(), CapError> {
+    let supervisor = static_supervisor.ok_or_else(|| {
+        CapError::Unavailable(
+            "sandboxes rooted in an image need the static supervisor (cargo build -p openshell-supervisor --target x86_64-unknown-linux-musl; just build does it)".into(),
+        )
+    })?;
+    config.program = supervisor.clone();
+    let state = &config.state_dir;
+    config.image = Some(openshell_sandbox_launch::config::ImageRoot {
+        layers: image.layers.clone(),
+        upper: state.join(UPPER),
+        work: state.join(WORK),
+    });
+    let cfg = &image.image.config;
+    // The image's variables first, so the spec's (and the host's) win; an
+    // image cannot set the supervisor's own.
+    let mut env: Vec<(String, String)> = cfg
+        .env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("OPENSHELL_") && openshell_core::validate::is_env_key(k))
+        .filter(|(k, _)| !config.env.iter().any(|(s, _)| s == k))
+        .cloned()
+        .collect();
+    env.append(&mut config.env);
+    env.push((
+        "OPENSHELL_IMAGE_USER".into(),
+        cfg.user.clone().unwrap_or_default(),
+    ));
+    let workdir = cfg.working_dir.clone().filter(|w| w.starts_with('/'));
+    env.push((
+        "OPENSHELL_IMAGE_WORKDIR".into(),
+        workdir.unwrap_or_else(|| "/sandbox".into()),
+    ));
+    config.env = env;
+    Ok(())
+}
 
 /// A workdir is one plain name directly in the state dir: letters, digits,
 /// `-` and `_`, not a name the host uses. The launcher hands it to sandbox
@@ -297,7 +348,13 @@ fn hand_socket_to_sandbox_root(state: &Path, uid_base: u32) -> Result<(), CapErr
 }
 
 impl CallState {
-    fn launch_command(&self, id: &str, slot: u32, spec: &SpawnSpec) -> Result<Command, CapError> {
+    fn launch_command(
+        &self,
+        id: &str,
+        slot: u32,
+        spec: &SpawnSpec,
+        image: Option<&crate::caps::ImageHandle>,
+    ) -> Result<Command, CapError> {
         // What the plugin asked is checked before anything the host has.
         check_workdir(&spec.workdir)?;
         let cfg = &self.services.processes.config;
@@ -329,7 +386,7 @@ impl CallState {
         let c = &spec.confinement;
         // The launcher's own type: the schema is checked here at compile
         // time; the launcher validates what it reads.
-        let config = openshell_sandbox_launch::config::LaunchConfig {
+        let mut config = openshell_sandbox_launch::config::LaunchConfig {
             sandbox_id: id.to_owned(),
             hostname: self.scope.sandbox_name.clone(),
             workdir: state.join(&spec.workdir),
@@ -347,6 +404,9 @@ impl CallState {
             image: None,
             supervised: true,
         };
+        if let Some(image) = image {
+            image_launch(&mut config, image, cfg.static_supervisor.as_ref())?;
+        }
         let json = config
             .to_json()
             .map_err(|e| CapError::Failed(format!("cannot encode the launch config: {e}")))?;
@@ -380,7 +440,11 @@ impl CallState {
 }
 
 impl Host for CallState {
-    async fn spawn(&mut self, spec: SpawnSpec) -> Result<Resource<ProcessHandle>, CapabilityError> {
+    async fn spawn(
+        &mut self,
+        spec: SpawnSpec,
+        root: Option<Resource<crate::caps::ImageHandle>>,
+    ) -> Result<Resource<ProcessHandle>, CapabilityError> {
         let id = self.require_sandbox()?.to_owned();
         limits::check_environment(&spec.environment)?;
         limits::check_path_len("workdir", &spec.workdir)?;
@@ -392,7 +456,11 @@ impl Host for CallState {
         if slot >= openshell_core::uid_slot::UID_SLOTS {
             return Err(CapError::Invalid(format!("uid slot {slot} is out of range")).into());
         }
-        let cmd = self.launch_command(&id, slot, &spec)?;
+        let image = match &root {
+            Some(h) => Some(self.table.get(h)?),
+            None => None,
+        };
+        let cmd = self.launch_command(&id, slot, &spec, image)?;
         let services = self.services.clone();
         services.processes.spawn(&id, cmd).await?;
         Ok(self.table.push(ProcessHandle { sandbox_id: id })?)

@@ -239,6 +239,10 @@ fn to_wit(spec: &DriverSpec) -> wit::SandboxSpec {
             memory_mib: spec.resources.memory_mib,
             max_processes: spec.resources.max_processes,
         },
+        image: spec.image.as_ref().map(|i| wit::ImageRef {
+            reference: i.reference.clone(),
+            digest: i.digest.clone(),
+        }),
     }
 }
 

@@ -22,7 +22,7 @@ pub enum PluginError {
         source: wasmtime::Error,
     },
     #[error(
-        "the component does not implement the openshell:compute@0.1.0 compute-driver world: {source:#}"
+        "the component does not implement the openshell:compute@{world} compute-driver world: {source:#}", world = crate::grants::WORLD_VERSION
     )]
     WrongWorld {
         #[source]

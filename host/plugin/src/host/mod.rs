@@ -51,6 +51,11 @@ pub struct PluginHostConfig {
     pub launcher: Option<PathBuf>,
     /// `openshell-supervisor`, run inside each process sandbox.
     pub supervisor: Option<PathBuf>,
+    /// The static (musl) supervisor, run inside process sandboxes rooted in
+    /// an image: it must not depend on the image's libc.
+    pub static_supervisor: Option<PathBuf>,
+    /// The image store and how to pull; `None`: no image capability.
+    pub images: Option<Arc<crate::caps::Images>>,
     /// Host uid that a process sandbox's root maps to.
     pub uid_base: u32,
     /// The VM runtime and backend choice, for VM sandboxes.
@@ -70,6 +75,8 @@ impl PluginHostConfig {
             io_timeout: Duration::from_secs(5),
             launcher: None,
             supervisor: None,
+            static_supervisor: None,
+            images: None,
             uid_base: 100_000,
             vm: VmConfig::default(),
             disk: crate::disk::DiskConfig::OFF,
@@ -97,6 +104,8 @@ pub struct DriverSpec {
     /// The host uid range the gateway allocated to this sandbox (None for
     /// calls not about a stored sandbox, such as validate).
     pub uid_slot: Option<u32>,
+    /// The image asked for, with its digest once resolved.
+    pub image: Option<openshell_core::SandboxImage>,
 }
 
 /// What a driver returned: events for the state machine and its state blob.
@@ -233,6 +242,7 @@ impl PluginHost {
         let process_cfg = ProcessConfig {
             launcher: config.launcher.clone(),
             supervisor: config.supervisor.clone(),
+            static_supervisor: config.static_supervisor.clone(),
             uid_base: config.uid_base,
         };
         // One spawner thread forks every host child (process and VM).
@@ -245,6 +255,7 @@ impl PluginHost {
             vms: VmTable::new(spawner.clone(), events.clone(), config.vm.clone()),
             processes: ProcessTable::new(spawner, events, process_cfg),
             disk,
+            images: config.images.clone(),
             io_timeout: config.io_timeout,
         });
         Ok(Self {
@@ -335,6 +346,11 @@ impl PluginHost {
             .map(|(n, _)| n.to_owned())
             .collect();
         let imports = grants::check(import_names.iter().map(String::as_str), grants)?;
+        let export_names: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_owned())
+            .collect();
+        grants::check_exports(export_names.iter().map(String::as_str))?;
 
         let pre = self
             .linker

@@ -224,6 +224,7 @@ async fn vm_host(
         environment: vec![],
         resources: Resources::default(),
         uid_slot: Some(7),
+        image: None,
     };
     (host, plugin, spec)
 }

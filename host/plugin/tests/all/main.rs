@@ -39,6 +39,7 @@ fn spec(id: &str) -> DriverSpec {
         environment: vec![],
         resources: Resources::default(),
         uid_slot: Some(7),
+        image: None,
     }
 }
 

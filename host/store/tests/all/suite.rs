@@ -23,6 +23,11 @@ pub fn sandbox(name: &str) -> Sandbox {
             memory_mib: 512,
             max_processes: 64,
         },
+        // The digest a create resolved round-trips with the record.
+        image: Some(openshell_core::SandboxImage {
+            reference: "docker.io/library/python:3.12".into(),
+            digest: format!("sha256:{}", "ab".repeat(32)),
+        }),
     };
     let mut s = Sandbox::new(SandboxName::parse(name).unwrap(), spec, None, 1_000);
     s.status = apply(

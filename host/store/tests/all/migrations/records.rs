@@ -44,6 +44,8 @@ pub fn sandboxes() -> Vec<Stored> {
             memory_mib: 512,
             max_processes: 64,
         },
+        // Records from before images load with none.
+        image: None,
     };
     let new = |id: &str, name: &str, driver: &str, created_at_ms: i64| {
         let mut s = Sandbox::new(
