@@ -186,11 +186,11 @@ pub fn own_workdir(user: &ImageUser) -> Result<(), IdentityError> {
     .map_err(IdentityError::Workdir)
 }
 
-/// The environment entries an image user implies unless set already.
+/// The environment entries an image user implies unless the image or the
+/// spec set them: HOME from the image's passwd, else `/sandbox`.
 pub fn default_env(user: &ImageUser, env: &mut BTreeMap<String, String>) {
-    if let Some(home) = &user.home {
-        env.entry("HOME".into()).or_insert_with(|| home.clone());
-    }
+    let home = user.home.clone().unwrap_or_else(|| "/sandbox".into());
+    env.entry("HOME".into()).or_insert(home);
 }
 
 #[cfg(test)]

@@ -134,9 +134,12 @@ impl Config {
         child_env.entry("PATH".into()).or_insert_with(|| {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
         });
-        child_env
-            .entry("HOME".into())
-            .or_insert_with(|| "/sandbox".into());
+        // In an image's sandbox HOME comes from its passwd, once settled.
+        if !all.contains_key(IMAGE_USER) {
+            child_env
+                .entry("HOME".into())
+                .or_insert_with(|| "/sandbox".into());
+        }
         let endpoint = need("OPENSHELL_ENDPOINT")?;
         let gateway_tls = if endpoint.starts_with("https://") {
             let ca = need("OPENSHELL_GATEWAY_CA").map_err(|_| ConfigError::NoTrust)?;

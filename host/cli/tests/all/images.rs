@@ -388,3 +388,68 @@ fn issue_16_every_image_failure_fails_the_create_clearly_and_changes_nothing() {
 fn good_layers() -> Vec<Layer> {
     test_image().layers
 }
+
+/// Attack, from sandbox code that is root of an image (no `User`): it owns
+/// the image's files, and nothing of its supervisor, its network or the
+/// host.
+#[test]
+fn issue_16_root_of_an_image_owns_its_files_but_not_its_supervisor_network_or_namespaces() {
+    let mut l1 = host_userland(&["/bin/sh", "/usr/bin/id", "/usr/bin/cat", "/usr/bin/unshare"]);
+    l1.extend([
+        dir("etc/", 0o755),
+        file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644),
+        dir("root/", 0o700),
+    ]);
+    let layers = vec![Layer::new(&l1, Comp::Gzip)];
+    let diff_ids: Vec<String> = layers
+        .iter()
+        .map(|l| openshell_image::testing::fixture::sha(&l.tar))
+        .collect();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    }))
+    .unwrap();
+    let image = TestImage::with_config(layers, config);
+    let dir = TempDir::new().unwrap();
+    let layout = dir.path().join("layout");
+    image.write_oci_layout(&layout, Some("example.com/rooty:v1"));
+    let gw = gateway(dir.path(), None, &[]);
+    gw.ok(["image", "import", layout.to_str().unwrap()]);
+    gw.ok([
+        "sandbox",
+        "create",
+        "--name",
+        "rooty",
+        "--image",
+        "example.com/rooty:v1",
+    ]);
+    let script = "
+        echo \"uid: $(id -u) home: $HOME pwd: $(pwd)\"
+        echo written > /etc/mine && echo 'image files: writable'
+        kill -9 1 2>/dev/null && echo 'init: killed' || echo 'init: refused'
+        kill -9 2 2>/dev/null && echo 'supervisor: killed' || echo 'supervisor: refused'
+        echo x > /run/openshell/planted 2>/dev/null && echo 'run dir: writable' || echo 'run dir: refused'
+        cat /proc/2/environ >/dev/null 2>&1 && echo 'environ: read' || echo 'environ: refused'
+        unshare -n true 2>/dev/null && echo 'netns: made' || echo 'netns: refused'
+        unshare -m true 2>/dev/null && echo 'mountns: made' || echo 'mountns: refused'
+        unshare -U true 2>/dev/null && echo 'userns: made' || echo 'userns: refused'
+    ";
+    let run = exec(&gw, "rooty", script);
+    for want in [
+        "uid: 0 home: /root pwd: /sandbox",
+        "image files: writable",
+        "init: refused",
+        "supervisor: refused",
+        "run dir: refused",
+        "environ: refused",
+        "netns: refused",
+        "mountns: refused",
+        "userns: refused",
+    ] {
+        assert!(run.stdout.contains(want), "{want:?} missing:\n{run}");
+    }
+    // The sandbox still serves.
+    let again = exec(&gw, "rooty", "cat /etc/mine");
+    assert_eq!(again.stdout, "written\n", "{again}");
+}
