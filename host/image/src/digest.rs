@@ -16,6 +16,32 @@ use crate::ImageError;
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest([u8; 32]);
 
+/// Checks what arrived against its descriptor: size first (a short read
+/// says more than a hash), then digest.
+pub(crate) fn verify(
+    what: &str,
+    expected: &Digest,
+    size: u64,
+    got: &Digest,
+    count: u64,
+) -> Result<(), ImageError> {
+    if count != size {
+        return Err(ImageError::SizeMismatch {
+            what: what.to_owned(),
+            expected: size,
+            got: count,
+        });
+    }
+    if got != expected {
+        return Err(ImageError::DigestMismatch {
+            what: what.to_owned(),
+            expected: expected.clone(),
+            got: got.clone(),
+        });
+    }
+    Ok(())
+}
+
 impl Digest {
     /// Parses `sha256:<64 lowercase hex>`; anything else is an error naming it.
     pub fn parse(s: &str) -> Result<Digest, ImageError> {

@@ -380,20 +380,7 @@ impl Registry {
             on_bytes(chunk.len() as u64);
         }
         let (got, count, _) = hash.finish();
-        if count != size {
-            return Err(ImageError::SizeMismatch {
-                what: what.to_string(),
-                expected: size,
-                got: count,
-            });
-        }
-        if &got != d {
-            return Err(ImageError::DigestMismatch {
-                what: what.to_string(),
-                expected: d.clone(),
-                got,
-            });
-        }
+        crate::digest::verify(what, d, size, &got, count)?;
         file.sync_all().await.map_err(io_err("sync", path))?;
         Ok(())
     }

@@ -713,20 +713,7 @@ impl<'s> Staging<'s> {
             file.write_all(&buf[..n]).map_err(io_err("write", &path))?;
         }
         let (got, count, _) = src.finish();
-        if count != size {
-            return Err(ImageError::SizeMismatch {
-                what: what.to_string(),
-                expected: size,
-                got: count,
-            });
-        }
-        if &got != d {
-            return Err(ImageError::DigestMismatch {
-                what: what.to_string(),
-                expected: d.clone(),
-                got,
-            });
-        }
+        crate::digest::verify(what, d, size, &got, count)?;
         file.sync_all().map_err(io_err("sync", &path))?;
         self.blob_staged(d);
         Ok(())
