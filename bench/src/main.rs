@@ -217,7 +217,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     gw.load(
         "process",
         &gateway::wasm("openshell-driver-process"),
-        &["log", "files", "process"],
+        &["log", "files", "image", "process"],
     )
     .await?;
     let load_rpc = t.elapsed();

@@ -57,7 +57,12 @@ pub async fn measure(warmup: usize, runs: usize, load_runs: usize) -> anyhow::Re
     let process_file = gateway::wasm("openshell-driver-process");
     let process = std::fs::read(&process_file)
         .with_context(|| format!("reading {}", process_file.display()))?;
-    let process_grants = [Capability::Log, Capability::Files, Capability::Process];
+    let process_grants = [
+        Capability::Log,
+        Capability::Files,
+        Capability::Image,
+        Capability::Process,
+    ];
 
     let h = host(state.path())?;
     let t = Instant::now();

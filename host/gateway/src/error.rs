@@ -133,6 +133,8 @@ pub enum ApiError {
     Image(Box<ImageError>),
     #[error("this gateway has no image store")]
     NoImageStore,
+    #[error("cannot stage the uploaded image archive: {0}")]
+    ImageUpload(#[source] std::io::Error),
     #[error("no image named {}; `openshell image list` shows what is stored", echo(.name))]
     ImageNotFound { name: String },
     #[error(
@@ -243,6 +245,14 @@ pub fn to_status(e: ApiError) -> Status {
             }
         },
         ApiError::NoImageStore | ApiError::ImageInUse { .. } => Code::FailedPrecondition,
+        ApiError::ImageUpload(e) => match e.raw_os_error() {
+            Some(libc_enospc)
+                if libc_enospc == nix::libc::ENOSPC || libc_enospc == nix::libc::EDQUOT =>
+            {
+                Code::ResourceExhausted
+            }
+            _ => Code::Internal,
+        },
         ApiError::ImageNotFound { .. } => Code::NotFound,
         ApiError::Image(i) => image_code(i),
         ApiError::Driver { source, .. } => match source {

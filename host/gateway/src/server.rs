@@ -443,7 +443,7 @@ fn open_images(
     state_dir: &Path,
     opts: &ImageOptions,
 ) -> Result<openshell_plugin::Images, GatewayError> {
-    let store = openshell_image::ImageStore::open(&state_dir.join("images"))
+    let store = openshell_image::ImageStore::shared(&state_dir.join("images"))
         .map_err(|e| GatewayError::Images(Box::new(e)))?;
     let auth = match &opts.registry_auth {
         Some(raw) => {
@@ -457,7 +457,7 @@ fn open_images(
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".docker/config.json")))
         .filter(|p| p.is_file());
     Ok(openshell_plugin::Images {
-        store: Arc::new(store),
+        store,
         pull: openshell_image::PullOptions {
             insecure_registries: opts.insecure_registries.clone(),
             auth,

@@ -351,7 +351,7 @@ impl OpenShell for Service {
         let upload = tempfile::Builder::new()
             .prefix("upload-")
             .tempfile_in(&dir)
-            .map_err(|e| Status::internal(format!("cannot stage the upload: {e}")))?;
+            .map_err(|e| to_status(ApiError::ImageUpload(e)))?;
         let (file, path) = upload.into_parts();
         // Removed on every way out (the path guard), the file closed first.
         let staged = path;
@@ -373,11 +373,11 @@ impl OpenShell for Service {
             }
             file.write_all(&chunk.data)
                 .await
-                .map_err(|e| Status::resource_exhausted(format!("cannot stage the upload: {e}")))?;
+                .map_err(|e| to_status(ApiError::ImageUpload(e)))?;
         }
         file.flush()
             .await
-            .map_err(|e| Status::internal(format!("cannot stage the upload: {e}")))?;
+            .map_err(|e| to_status(ApiError::ImageUpload(e)))?;
         drop(file);
         let image = self
             .runtime

@@ -72,6 +72,9 @@ pub(crate) struct Stored {
     pub(crate) config: ImageConfig,
 }
 
+/// How long [`ImageStore::open`] waits for another holder of the root.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these maps leaves it consistent (each
     // update is one insert or remove), so a poisoned lock is still usable.
@@ -96,6 +99,27 @@ impl ImageStore {
     /// Opens (creating if needed) the store at `root`: a directory of mode
     /// 0700 owned by root. Leftovers of a crashed pull or import in `tmp/`
     /// are removed.
+    /// The process's one store at `root`: the open one if this process
+    /// has it open already (a gateway restarted in the same process), else
+    /// a newly opened one. Opening a root twice in one process would
+    /// conflict with itself on the lock.
+    pub fn shared(root: &Path) -> Result<std::sync::Arc<ImageStore>, ImageError> {
+        use std::sync::{Arc, Weak};
+        static OPEN: Mutex<Vec<(PathBuf, Weak<ImageStore>)>> = Mutex::new(Vec::new());
+        let mut open = lock(&OPEN);
+        open.retain(|(_, w)| w.strong_count() > 0);
+        if let Some(store) = open
+            .iter()
+            .find(|(p, _)| p == root)
+            .and_then(|(_, w)| w.upgrade())
+        {
+            return Ok(store);
+        }
+        let store = Arc::new(ImageStore::open(root)?);
+        open.push((root.to_path_buf(), Arc::downgrade(&store)));
+        Ok(store)
+    }
+
     pub fn open(root: &Path) -> Result<ImageStore, ImageError> {
         if !rustix::process::geteuid().is_root() {
             return Err(ImageError::NotRoot);
@@ -118,17 +142,25 @@ impl ImageStore {
             .mode(0o600)
             .open(&lock_path)
             .map_err(io_err("open", &lock_path))?;
-        match rustix::fs::flock(
-            &lock_file,
-            rustix::fs::FlockOperation::NonBlockingLockExclusive,
-        ) {
-            Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => {
-                return Err(ImageError::StoreBusy {
-                    path: root.to_path_buf(),
-                });
+        // A holder that is going away (a gateway restarting in the same
+        // process, one stopping beside us) gets a moment to let go.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match rustix::fs::flock(
+                &lock_file,
+                rustix::fs::FlockOperation::NonBlockingLockExclusive,
+            ) {
+                Ok(()) => break,
+                Err(Errno::WOULDBLOCK) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(Errno::WOULDBLOCK) => {
+                    return Err(ImageError::StoreBusy {
+                        path: root.to_path_buf(),
+                    });
+                }
+                Err(e) => return Err(ImageError::io("lock", &lock_path, e.into())),
             }
-            Err(e) => return Err(ImageError::io("lock", &lock_path, e.into())),
         }
         let store = ImageStore {
             root: root.to_path_buf(),

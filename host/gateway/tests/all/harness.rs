@@ -161,7 +161,12 @@ impl TestGateway {
             .load_plugin(pb::LoadPluginRequest {
                 name: "process".into(),
                 component: wasm.into(),
-                grants: vec!["log".into(), "files".into(), "process".into()],
+                grants: vec![
+                    "log".into(),
+                    "files".into(),
+                    "image".into(),
+                    "process".into(),
+                ],
             })
             .await
             .unwrap();

@@ -49,7 +49,11 @@ async fn neither_files_nor_a_workdir_can_escape_the_sandbox_dir() {
     let host = host(tmp.path());
     let bytes = std::fs::read(wasm("fixture-escape")).unwrap();
     let (plugin, _) = host
-        .install("escape", &bytes, &[Capability::Files, Capability::Process])
+        .install(
+            "escape",
+            &bytes,
+            &[Capability::Files, Capability::Image, Capability::Process],
+        )
         .await
         .unwrap();
 
