@@ -315,7 +315,45 @@ def check_rpcs(checks, stub, pb2, wasm):
         assert not left.plugins, left
         return "echo"
 
+    def list_images():
+        r = stub.ListImages(pb2.ListImagesRequest(), timeout=TIMEOUT)
+        assert not r.images, f"a fresh gateway stores no image: {r}"
+        return "none stored"
+
+    def pull_image_malformed():
+        try:
+            for _ in stub.PullImage(pb2.PullImageRequest(reference="UPPER/Case::bad"), timeout=TIMEOUT):
+                pass
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, describe(e)
+            assert "UPPER/Case::bad" in e.details(), describe(e)
+            return f"INVALID_ARGUMENT: {e.details()}"
+        raise AssertionError("a malformed reference was pulled")
+
+    def import_image_garbage():
+        chunks = iter([pb2.ImportImageChunk(name="example.com/x:v1", data=b"not an archive")])
+        try:
+            stub.ImportImage(chunks, timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION), describe(e)
+            left = stub.ListImages(pb2.ListImagesRequest(), timeout=TIMEOUT)
+            assert not left.images, left
+            return f"{e.code().name}: {e.details()}"
+        raise AssertionError("garbage was imported")
+
+    def remove_unknown_image():
+        try:
+            stub.RemoveImage(pb2.RemoveImageRequest(name="example.com/nope:v1"), timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, describe(e)
+            return f"NOT_FOUND: {e.details()}"
+        raise AssertionError("an unknown image was removed")
+
     checks.run("Health", health)
+    checks.run("ListImages", list_images)
+    checks.run("PullImage of a malformed reference", pull_image_malformed)
+    checks.run("ImportImage of garbage", import_image_garbage)
+    checks.run("RemoveImage of an unknown image", remove_unknown_image)
     checks.run("LoadPlugin", load_plugin)
     checks.run("ListPlugins", list_plugins)
     checks.run("CreateSandbox", create_sandbox)
