@@ -336,6 +336,7 @@ def check_rpcs(checks, stub, pb2, wasm):
             stub.ImportImage(chunks, timeout=TIMEOUT)
         except grpc.RpcError as e:
             assert e.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION), describe(e)
+            assert "the uploaded archive" in e.details() and "/state/" not in e.details(), describe(e)
             left = stub.ListImages(pb2.ListImagesRequest(), timeout=TIMEOUT)
             assert not left.images, left
             return f"{e.code().name}: {e.details()}"

@@ -266,6 +266,14 @@ pub fn to_status(e: ApiError) -> Status {
     Status::new(code, e.to_string())
 }
 
+/// [`to_status`], with a host path the client should not learn (where an
+/// upload was staged) named as `shown` instead.
+pub fn to_status_naming(e: ApiError, path: &std::path::Path, shown: &str) -> Status {
+    let status = to_status(e);
+    let message = status.message().replace(&path.display().to_string(), shown);
+    Status::new(status.code(), message)
+}
+
 /// Image store failures by meaning: the caller's input, the registry, the
 /// image itself, the host.
 fn image_code(e: &ImageError) -> Code {

@@ -383,7 +383,7 @@ impl OpenShell for Service {
             .runtime
             .import_image(staged.to_path_buf(), name)
             .await
-            .map_err(to_status)?;
+            .map_err(|e| crate::error::to_status_naming(e, &staged, "the uploaded archive"))?;
         Ok(Response::new(pb::ImportImageResponse {
             image: Some(image_info(&image, Vec::new())),
         }))
