@@ -286,28 +286,23 @@ impl ImageStore {
             image: name_or_digest.to_string(),
         };
         let names = self.read_names()?;
-        let (digest, doomed): (Digest, Vec<String>) = if name_or_digest.starts_with("sha256:") {
-            let d = Digest::parse(name_or_digest)?;
+        // Removing by digest removes every name of it.
+        let all_names_of = |d: Digest| {
             let doomed = names
                 .iter()
                 .filter(|r| r.digest == d)
                 .map(|r| r.name.clone())
                 .collect();
             (d, doomed)
+        };
+        let (digest, doomed): (Digest, Vec<String>) = if name_or_digest.starts_with("sha256:") {
+            all_names_of(Digest::parse(name_or_digest)?)
         } else {
             let r = ImageRef::parse(name_or_digest)?;
             let name = r.to_string();
             match names.iter().find(|rec| rec.name == name) {
                 Some(rec) => (rec.digest.clone(), vec![name]),
-                None => {
-                    let d = r.digest.clone().ok_or_else(not_found)?;
-                    let doomed = names
-                        .iter()
-                        .filter(|r| r.digest == d)
-                        .map(|r| r.name.clone())
-                        .collect();
-                    (d, doomed)
-                }
+                None => all_names_of(r.digest.clone().ok_or_else(not_found)?),
             }
         };
         let image = self.image(&digest)?.ok_or_else(not_found)?;

@@ -73,6 +73,17 @@ fn gateway(dir: &Path, registry: Option<&Registry>, extra: &[&str]) -> Gateway {
     Gateway::start(dir, &args)
 }
 
+/// A fresh gateway in `dir` with `image` imported (as an OCI layout) under
+/// `name`, and a sandbox `sandbox` rooted in it.
+fn imported(dir: &Path, image: &TestImage, name: &str, sandbox: &str) -> Gateway {
+    let layout = dir.join("layout");
+    image.write_oci_layout(&layout, Some(name));
+    let gw = gateway(dir, None, &[]);
+    gw.ok(["image", "import", layout.to_str().unwrap()]);
+    gw.ok(["sandbox", "create", "--name", sandbox, "--image", name]);
+    gw
+}
+
 fn exec(gw: &Gateway, name: &str, script: &str) -> Run {
     run(gw.cli(["sandbox", "exec", name, "--", "sh", "-c", script]))
 }
@@ -214,18 +225,7 @@ fn issue_16_an_image_imported_from_an_oci_layout_or_a_docker_save_tarball_behave
 fn issue_16_a_file_written_in_an_image_sandbox_survives_a_sigkilled_gateway() {
     let dir = TempDir::new().unwrap();
     let image = test_image();
-    let layout = dir.path().join("layout");
-    image.write_oci_layout(&layout, Some("example.com/team/app:v1"));
-    let gw = gateway(dir.path(), None, &[]);
-    gw.ok(["image", "import", layout.to_str().unwrap()]);
-    gw.ok([
-        "sandbox",
-        "create",
-        "--name",
-        "kept",
-        "--image",
-        "example.com/team/app:v1",
-    ]);
+    let gw = imported(dir.path(), &image, "example.com/team/app:v1", "kept");
     let wrote = exec(
         &gw,
         "kept",
@@ -412,18 +412,7 @@ fn issue_16_root_of_an_image_owns_its_files_but_not_its_supervisor_network_or_na
     .unwrap();
     let image = TestImage::with_config(layers, config);
     let dir = TempDir::new().unwrap();
-    let layout = dir.path().join("layout");
-    image.write_oci_layout(&layout, Some("example.com/rooty:v1"));
-    let gw = gateway(dir.path(), None, &[]);
-    gw.ok(["image", "import", layout.to_str().unwrap()]);
-    gw.ok([
-        "sandbox",
-        "create",
-        "--name",
-        "rooty",
-        "--image",
-        "example.com/rooty:v1",
-    ]);
+    let gw = imported(dir.path(), &image, "example.com/rooty:v1", "rooty");
     let script = "
         echo \"uid: $(id -u) home: $HOME pwd: $(pwd)\"
         echo written > /etc/mine && echo 'image files: writable'
