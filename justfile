@@ -22,13 +22,41 @@ build: drivers
     cargo build --workspace
     cargo build -p openshell-supervisor --target x86_64-unknown-linux-musl
 
+# `openshell` has the bundled drivers built in; the launcher and the supervisors
+# (the static musl one as openshell-supervisor-static) go next to it, where the
+# gateway looks, so `openshell gateway start --drivers process` needs no path
+# flags. Extra args go to cargo install (e.g. --debug).
+# Install openshell, the sandbox launcher and the supervisors into ROOT/bin (default ~/.cargo/bin).
+install root=(env_var("HOME") / ".cargo") *args:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    for pkg in host/cli host/sandbox-launch supervisor; do
+        cargo install --locked --target-dir {{target}} --root {{root}} --path $pkg {{args}}
+    done
+    static=$(mktemp -d)
+    trap 'rm -rf "$static"' EXIT
+    cargo install --locked --target-dir {{target}} --root "$static" --path supervisor \
+        --target x86_64-unknown-linux-musl {{args}}
+    install -m 0755 "$static/bin/openshell-supervisor" {{root}}/bin/openshell-supervisor-static
+    echo "installed openshell, openshell-sandbox-launch, openshell-supervisor and openshell-supervisor-static in {{root}}/bin"
+
+# Issue 18 item 5, in CI: empty HOME, empty working dir, no OPENSHELL_* settings.
+# `just install` into a temp root, then `gateway start --drivers process` (no path flags) runs `sandbox create -- echo hi`.
+install-check:
+    e2e/install.sh
+
 # Build the driver components (and test fixtures) to WebAssembly.
 drivers:
     cargo build --release --target wasm32-wasip2 --manifest-path drivers/Cargo.toml
 
-# Run a gateway on 127.0.0.1:8080 with the process driver (state in ./.state).
+# Run a gateway on 127.0.0.1:8080 with the process driver and the base image
+# (built first, only if its inputs changed), which sandboxes default to
+# (state in ./.state).
 gateway *args: build
-    cargo run -q -p openshell-cli -- gateway start --state-dir .state --drivers process --driver-dir {{wasm_dir}} {{args}}
+    scripts/image-base.sh
+    cargo run -q -p openshell-cli -- gateway start --state-dir .state --drivers process --driver-dir {{wasm_dir}} \
+        --import-image ${OPENSHELL_VM_RUNTIME:-runtime}/images/base=openshell/base:bookworm \
+        --default-image openshell/base:bookworm {{args}}
 
 # Format everything.
 fmt:
@@ -81,14 +109,16 @@ bench: vm-stage drivers
 vm-stage: vm-setup vm-rootfs
 
 # Prints each stage's time and, at the end (also on failure), all of them.
-# What CI runs: lint, stage the VM runtime, every test (the VM ones must run), then the VM e2e smoke in both modes.
+# What CI runs: lint, stage the VM runtime, every test (the VM ones must run), the install check, then the VM e2e smoke in both modes.
 ci:
     #!/usr/bin/env bash
     set -euo pipefail
     source scripts/stage.sh
     stage lint just lint
     stage vm-stage just vm-stage
+    stage image-base scripts/image-base.sh
     stage test env OPENSHELL_REQUIRE_VM=1 just test
+    stage install-check just install-check
     stage e2e-vm just e2e-vm
     stage "e2e-vm --secure" just e2e-vm --secure
 
@@ -100,6 +130,21 @@ vm-setup *args:
 vm-rootfs:
     cargo build -p openshell-supervisor --target x86_64-unknown-linux-musl
     scripts/vm-rootfs.sh {{target}}/x86_64-unknown-linux-musl/debug/openshell-supervisor
+
+# Build the base OCI image (Debian bookworm: Python, pip, git, curl, Node.js, npm) into runtime/images/base; import it as openshell/base:bookworm if a gateway answers.
+image-base:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    scripts/image-base.sh
+    cli={{target}}/debug/openshell
+    layout=${OPENSHELL_VM_RUNTIME:-runtime}/images/base
+    if [[ ! -x $cli ]]; then
+        echo "image-base: not imported: no CLI at $cli (just build)"
+    elif ! "$cli" status >/dev/null 2>&1; then
+        echo "image-base: not imported: no gateway answers (openshell status)"
+    else
+        "$cli" image import "$layout" --name openshell/base:bookworm
+    fi
 
 # VM sandboxes end to end on this machine's VM backend (QEMU/TCG here);
 # `just e2e-vm --secure` runs it with TLS and auth on.

@@ -226,6 +226,9 @@ def check_rpcs(checks, stub, pb2, wasm):
         assert sb.spec.driver == "echo", "the only driver is the default"
         assert sb.phase == Phase.SANDBOX_PHASE_PROVISIONING, Phase.Name(sb.phase)
         assert dict(sb.spec.environment) == {"GREETING": "hi"}, sb.spec
+        # None asked: the gateway's default is stored (root's gateway has a
+        # sandbox disk; without one there is no size).
+        assert sb.spec.disk_gib == (8 if os.geteuid() == 0 else 0), sb.spec
         # Idempotent with the same request_id.
         again = stub.CreateSandbox(
             pb2.CreateSandboxRequest(name="g1", request_id="grpc-generic-1"), timeout=TIMEOUT
@@ -233,6 +236,18 @@ def check_rpcs(checks, stub, pb2, wasm):
         assert again.sandbox.id == sb.id, (again.sandbox.id, sb.id)
         state["id"] = sb.id
         return f"g1 {Phase.Name(sb.phase)}"
+
+    def create_sandbox_with_too_big_a_disk():
+        try:
+            stub.CreateSandbox(
+                pb2.CreateSandboxRequest(name="g2", spec=pb2.SandboxSpec(disk_gib=1 << 20)),
+                timeout=TIMEOUT,
+            )
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, describe(e)
+            assert "disk_gib = 1048576" in e.details(), e.details()
+            return f"INVALID_ARGUMENT: {e.details()}"
+        raise AssertionError("a 1 PiB sandbox was accepted")
 
     def get_sandbox():
         by_name = stub.GetSandbox(pb2.GetSandboxRequest(name="g1"), timeout=TIMEOUT).sandbox
@@ -300,6 +315,81 @@ def check_rpcs(checks, stub, pb2, wasm):
             return f"FAILED_PRECONDITION: {e.details()}"
         raise AssertionError(f"a host key without a supervisor: {r}")
 
+    def upload_files_not_ready():
+        # Files ride a relay too: the sandbox must be READY.
+        start = pb2.UploadFilesMessage(start=pb2.UploadFilesStart(sandbox="g1", path="/sandbox"))
+        try:
+            r = stub.UploadFiles(iter([start]), timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, describe(e)
+            return f"FAILED_PRECONDITION: {e.details()}"
+        raise AssertionError(f"an upload to a sandbox that is not READY answered {r}")
+
+    def download_files_not_ready():
+        try:
+            got = list(stub.DownloadFiles(pb2.DownloadFilesRequest(sandbox="g1", path="/sandbox"), timeout=TIMEOUT))
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, describe(e)
+            return f"FAILED_PRECONDITION: {e.details()}"
+        raise AssertionError(f"a download from a sandbox that is not READY answered {got}")
+
+    def forward_tcp_bad_port():
+        first = pb2.ForwardTcpFrame(start=pb2.ForwardTcpStart(sandbox="g1", port=70000))
+        try:
+            got = list(stub.ForwardTcp(iter([first]), timeout=TIMEOUT))
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, describe(e)
+            assert "70000" in e.details(), describe(e)
+            return f"INVALID_ARGUMENT: {e.details()}"
+        raise AssertionError(f"a forward to port 70000 answered {got}")
+
+    def stop_sandbox_not_ready():
+        # Only a READY sandbox stops; g1 is still being launched.
+        try:
+            r = stub.StopSandbox(pb2.StopSandboxRequest(name="g1"), timeout=TIMEOUT)
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, describe(e)
+            return f"FAILED_PRECONDITION: {e.details()}"
+        raise AssertionError(f"a sandbox that is not READY was stopped: {r}")
+
+    def start_sandbox_provisioning():
+        # Idempotent: starting one that is already starting changes nothing.
+        before = stub.GetSandbox(pb2.GetSandboxRequest(name="g1"), timeout=TIMEOUT).sandbox
+        r = stub.StartSandbox(pb2.StartSandboxRequest(name="g1"), timeout=TIMEOUT)
+        assert r.sandbox.id == state["id"], r
+        assert r.sandbox.revision == before.revision, (before.revision, r.sandbox.revision)
+        return f"g1 {Phase.Name(r.sandbox.phase)}, revision {r.sandbox.revision} unchanged"
+
+    def get_sandbox_stats():
+        r = stub.GetSandboxStats(pb2.GetSandboxStatsRequest(name="g1"), timeout=TIMEOUT)
+        return f"{r}".replace("\n", " ")[:120] or "empty"
+
+    def get_sandbox_policy():
+        r = stub.GetSandboxPolicy(pb2.GetSandboxPolicyRequest(name="g1"), timeout=TIMEOUT)
+        assert r.policy.source == "none" and r.policy.revision == 0, r
+        return "none: nothing reachable"
+
+    def set_sandbox_policy():
+        bad = "version: 1\nnetwork_policies:\n  x:\n    endpoints:\n      - host: '*.com'\n        port: 443\n"
+        try:
+            stub.SetSandboxPolicy(pb2.SetSandboxPolicyRequest(name="g1", yaml=bad), timeout=TIMEOUT)
+            raise AssertionError("an overly broad host was accepted")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, describe(e)
+        good = "version: 1\nnetwork_policies:\n  pypi:\n    endpoints:\n      - host: pypi.org\n        port: 443\n"
+        r = stub.SetSandboxPolicy(pb2.SetSandboxPolicyRequest(name="g1", yaml=good), timeout=TIMEOUT)
+        assert r.policy.revision == 1 and list(r.policy.rules) == ["pypi"], r
+        got = stub.GetSandboxPolicy(pb2.GetSandboxPolicyRequest(name="g1"), timeout=TIMEOUT)
+        assert got.policy.yaml == good and got.policy.source == "set", got
+        return "refused *.com; then revision 1 (pypi)"
+
+    def sandbox_logs():
+        records = list(stub.SandboxLogs(pb2.SandboxLogsRequest(name="g1"), timeout=TIMEOUT))
+        texts = [r.data.decode() for r in records]
+        assert any(t.startswith("created") for t in texts), texts
+        assert all(r.source == pb2.LOG_SOURCE_EVENT for r in records), records
+        return f"{len(records)} event(s): {texts[0]}"
+
     def delete_sandbox():
         r = stub.DeleteSandbox(pb2.DeleteSandboxRequest(name="g1"), timeout=TIMEOUT)
         assert r.sandbox.id == state["id"], r
@@ -358,6 +448,7 @@ def check_rpcs(checks, stub, pb2, wasm):
     checks.run("LoadPlugin", load_plugin)
     checks.run("ListPlugins", list_plugins)
     checks.run("CreateSandbox", create_sandbox)
+    checks.run("CreateSandbox with more disk than the gateway has", create_sandbox_with_too_big_a_disk)
     checks.run("GetSandbox", get_sandbox)
     checks.run("GetSandbox of an unknown name", get_unknown_sandbox)
     checks.run("ListSandboxes", list_sandboxes)
@@ -365,6 +456,15 @@ def check_rpcs(checks, stub, pb2, wasm):
     checks.run("ExecSandbox in a sandbox that is not READY", exec_sandbox_not_ready)
     checks.run("SshTunnel to a sandbox that is not READY", ssh_tunnel_not_ready)
     checks.run("GetSshHostKey without a supervisor", get_ssh_host_key_without_supervisor)
+    checks.run("UploadFiles to a sandbox that is not READY", upload_files_not_ready)
+    checks.run("DownloadFiles from a sandbox that is not READY", download_files_not_ready)
+    checks.run("ForwardTcp to port 70000", forward_tcp_bad_port)
+    checks.run("GetSandboxPolicy", get_sandbox_policy)
+    checks.run("SetSandboxPolicy", set_sandbox_policy)
+    checks.run("SandboxLogs", sandbox_logs)
+    checks.run("StopSandbox of a sandbox that is not READY", stop_sandbox_not_ready)
+    checks.run("StartSandbox of a sandbox that is starting", start_sandbox_provisioning)
+    checks.run("GetSandboxStats", get_sandbox_stats)
     checks.run("DeleteSandbox", delete_sandbox)
     checks.run("UnloadPlugin", unload_plugin)
 

@@ -9,14 +9,30 @@ need_apt=()
 # btrfs-progs: mkfs.btrfs makes the sandbox disk (per-sandbox quotas).
 # attr: tests mark overlayfs opaque directories with setfattr.
 # docker-registry: the image store's pull tests run a real registry on loopback.
-for pkg in protobuf-compiler postgresql musl-tools tmux python3-venv openssh-client openssh-sftp-server btrfs-progs attr docker-registry; do
+# mmdebstrap and umoci: scripts/image-base.sh builds the base image with them.
+for pkg in protobuf-compiler postgresql curl python3 musl-tools tmux python3-venv openssh-client openssh-sftp-server btrfs-progs attr docker-registry mmdebstrap umoci; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need_apt+=("$pkg")
 done
+sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
 if ((${#need_apt[@]})); then
   echo "setup: installing ${need_apt[*]}"
-  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
   $sudo_ apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+# The docker-registry package also runs a system registry, on every interface
+# (`addr: :5000`). Nothing here uses it (the tests start their own on a free
+# loopback port), so bind it to loopback and restart it if it is running,
+# under systemd or the package's init script.
+registry_config=/etc/docker/registry/config.yml
+if [ -f "$registry_config" ] && grep -qE '^\s*addr: *(0\.0\.0\.0|\[::\])?:[0-9]+\s*$' "$registry_config"; then
+  echo "setup: binding the system docker-registry to 127.0.0.1 ($registry_config)"
+  $sudo_ sed -i -E 's/^(\s*addr: *)(0\.0\.0\.0|\[::\])?:([0-9]+)\s*$/\1127.0.0.1:\3/' "$registry_config"
+  if [ -d /run/systemd/system ]; then
+    $sudo_ systemctl try-restart docker-registry.service
+  elif $sudo_ /etc/init.d/docker-registry status >/dev/null 2>&1; then
+    $sudo_ /etc/init.d/docker-registry restart >/dev/null
+  fi
 fi
 
 # The toolchain and targets pinned in rust-toolchain.toml.

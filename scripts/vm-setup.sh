@@ -5,7 +5,7 @@
 #   runtime/bin/gvproxy            gvproxy 0.8.1 from trixie (dpkg -x, not installed)
 #   runtime/libkrunfw/             libkrunfw.so.5 from sid (for the libkrun backend)
 #   runtime/kernel/vmlinux         bookworm cloud kernel, uncompressed (QEMU boots it via PVH)
-#   runtime/kernel/modules/*.ko    the virtio-net modules the guest's /init loads
+#   runtime/kernel/modules/*.ko    the virtio modules (net, console, blk) and overlay the guest's /init loads
 #   runtime/bin/busybox            busybox-static (guest userland, probe guest)
 #   runtime/backend                the cached backend verdict (delete it, or pass --reprobe)
 #
@@ -27,7 +27,7 @@ GVPROXY_VERSION=0.8.1-3
 LIBKRUNFW_VERSION=5.5.0+ds-1
 # virtio_console: the identity channel (a virtio-serial port) the guest's
 # init reads its launch secret and environment from.
-MODULES=(virtio_ring virtio virtio_mmio failover net_failover virtio_net virtio_console)
+MODULES=(virtio_ring virtio virtio_mmio failover net_failover virtio_net virtio_console virtio_blk overlay)
 
 say() { echo "vm-setup: $*"; }
 mkdir -p "$RT"/{debs,bin,kernel/modules}

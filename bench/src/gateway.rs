@@ -57,8 +57,9 @@ pub struct BenchGateway {
 
 impl BenchGateway {
     /// A gateway on a fresh state dir with the default on-disk SQLite
-    /// database (what `openshell gateway start` uses), on 127.0.0.1.
-    pub async fn start() -> anyhow::Result<Self> {
+    /// database (what `openshell gateway start` uses), on 127.0.0.1, that
+    /// may pull from `insecure_registry` over plain HTTP.
+    pub async fn start(insecure_registry: Option<&str>) -> anyhow::Result<Self> {
         for b in ["openshell-sandbox-launch", "openshell-supervisor"] {
             if !bin(b).is_file() {
                 bail!(
@@ -77,6 +78,8 @@ impl BenchGateway {
             state_dir: state.path().to_owned(),
             drivers: vec![],
             driver_dir: None,
+            embedded_drivers: &[],
+            metrics_addr: None,
             disable_tls: true,
             disable_auth: true,
             plugin_call_timeout: Duration::from_secs(10),
@@ -92,7 +95,12 @@ impl BenchGateway {
             limits: Default::default(),
             uid_base: None,
             disk: Default::default(),
-            images: Default::default(),
+            images: openshell_gateway::server::ImageOptions {
+                insecure_registries: insecure_registry.into_iter().map(Into::into).collect(),
+                ..Default::default()
+            },
+            default_policy: None,
+            egress: Default::default(),
         })
         .await?;
         let url = format!("http://{}", gw.addr);
@@ -196,6 +204,18 @@ pub async fn create_to_ready(
     name: &str,
     timeout: Duration,
 ) -> anyhow::Result<CreateTimes> {
+    create_from_to_ready(client, driver, name, None, timeout).await
+}
+
+/// Creates a sandbox rooted in `image` (none: the host root) and watches it
+/// to READY.
+pub async fn create_from_to_ready(
+    client: &mut Client,
+    driver: &str,
+    name: &str,
+    image: Option<&str>,
+    timeout: Duration,
+) -> anyhow::Result<CreateTimes> {
     let t0_ms = wall_ms();
     let t0 = Instant::now();
     client
@@ -203,9 +223,11 @@ pub async fn create_to_ready(
             name: name.into(),
             spec: Some(pb::SandboxSpec {
                 driver: driver.into(),
+                image: image.unwrap_or_default().into(),
                 ..Default::default()
             }),
             request_id: String::new(),
+            policy: String::new(),
         })
         .await?;
     let ack = t0.elapsed();
@@ -301,8 +323,13 @@ pub async fn delete_and_wait(client: &mut Client, name: &str) -> anyhow::Result<
 #[derive(Debug, Default)]
 pub struct ExecResult {
     pub stdout_bytes: u64,
+    /// The first [`KEPT`] bytes of stdout.
+    pub stdout: Vec<u8>,
     pub exit: i32,
 }
+
+/// Stdout bytes an [`ExecResult`] keeps.
+const KEPT: usize = 1 << 20;
 
 /// Runs `argv` in a READY sandbox and drains its output.
 pub async fn exec(client: &mut Client, sandbox: &str, argv: &[&str]) -> anyhow::Result<ExecResult> {
@@ -322,7 +349,11 @@ pub async fn exec(client: &mut Client, sandbox: &str, argv: &[&str]) -> anyhow::
     let mut out = ExecResult::default();
     while let Some(m) = stream.message().await? {
         match m.msg {
-            Some(S::Stdout(b)) => out.stdout_bytes += b.len() as u64,
+            Some(S::Stdout(b)) => {
+                out.stdout_bytes += b.len() as u64;
+                let room = KEPT.saturating_sub(out.stdout.len());
+                out.stdout.extend_from_slice(&b[..b.len().min(room)]);
+            }
             Some(S::Stderr(_)) | None => {}
             Some(S::Exit(code)) => {
                 out.exit = code;

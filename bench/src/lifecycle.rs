@@ -28,10 +28,12 @@ impl Stages {
     }
 }
 
-/// Creates, watches to READY and deletes one sandbox per run, one at a time.
+/// Creates (from `image`, if given), watches to READY and deletes one
+/// sandbox per run, one at a time.
 pub async fn create_to_ready(
     gw: &mut BenchGateway,
     driver: &str,
+    image: Option<&str>,
     warmup: usize,
     runs: usize,
     timeout: Duration,
@@ -41,7 +43,8 @@ pub async fn create_to_ready(
     let started = std::time::Instant::now();
     for i in 0..warmup + runs {
         let name = format!("bench-{driver}-{i}");
-        let t = gateway::create_to_ready(&mut gw.client, driver, &name, timeout).await?;
+        let t =
+            gateway::create_from_to_ready(&mut gw.client, driver, &name, image, timeout).await?;
         gateway::delete_and_wait(&mut gw.client, &name).await?;
         if i >= warmup {
             stages.push(&t);
@@ -85,6 +88,7 @@ pub async fn vm(gw: &mut BenchGateway, runs: usize) -> Result<Stages, String> {
     create_to_ready(
         gw,
         "vm",
+        None,
         0,
         runs,
         Duration::from_secs(180),

@@ -11,8 +11,10 @@
 //! Start at [`run`]; each measure lives in its own module.
 
 mod attack;
+mod egress;
 mod exec;
 mod gateway;
+mod images;
 mod lifecycle;
 mod plugin;
 mod report;
@@ -43,6 +45,9 @@ struct Args {
 /// How many runs of each measure.
 struct Plan {
     create: (usize, usize),
+    /// Creates that pull the image first; creates from the stored image.
+    image_first: usize,
+    image_cached: usize,
     exec: (usize, usize),
     stream_bytes: u64,
     stream_runs: usize,
@@ -59,6 +64,8 @@ impl Plan {
         if quick {
             Plan {
                 create: (1, 5),
+                image_first: 1,
+                image_cached: 5,
                 exec: (5, 30),
                 stream_bytes: 16 << 20,
                 stream_runs: 1,
@@ -72,6 +79,8 @@ impl Plan {
         } else {
             Plan {
                 create: (3, 30),
+                image_first: 5,
+                image_cached: 30,
                 exec: (20, 300),
                 stream_bytes: 256 << 20,
                 stream_runs: 3,
@@ -119,7 +128,7 @@ fn header(took: Duration, quick: bool) -> String {
          - **Setup:** the gateway runs inside the benchmark process on 127.0.0.1 (started the way \
          `host/gateway/tests/all/harness.rs` starts it, with the default on-disk SQLite store); \
          every figure except plugin overhead goes through real gRPC over loopback TCP. The process \
-         driver is `openshell_driver_process.wasm` with grants log, files, process; \
+         driver is `openshell_driver_process.wasm` with grants log, files, image, process; \
          launcher and supervisor come from `$CARGO_TARGET_DIR/{profile}/`. Percentiles are nearest-rank.\n\n",
         profile = gateway::profile(),
         release = if gateway::profile() == "perf" {
@@ -211,8 +220,13 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     eprintln!("plugin overhead ...");
     let p = plugin::measure(plan.plugin.0, plan.plugin.1, plan.loads).await?;
 
+    eprintln!("building the bench image and starting a registry on loopback ...");
+    let image = images::bench_image();
+    let registry = images::registry(&image).await;
+    let insecure = registry.as_ref().ok().map(|(r, _)| r.addr.clone());
+
     eprintln!("starting the gateway ...");
-    let mut gw = gateway::BenchGateway::start().await?;
+    let mut gw = gateway::BenchGateway::start(insecure.as_deref()).await?;
     let t = Instant::now();
     gw.load(
         "process",
@@ -226,12 +240,25 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     let c = lifecycle::create_to_ready(
         &mut gw,
         "process",
+        None,
         plan.create.0,
         plan.create.1,
         Duration::from_secs(30),
         Duration::from_secs(300),
     )
     .await?;
+
+    eprintln!("process create → Ready from an image ...");
+    let img = match &registry {
+        Ok((_, reference)) => {
+            images::measure(&mut gw, reference, plan.image_first, plan.image_cached)
+                .await
+                .map_err(|e| format!("an image run failed: {e:#}"))
+        }
+        Err(why) => Err(why.clone()),
+    };
+    let registry_ref = registry.as_ref().ok().map(|(_, r)| r.clone());
+    drop(registry);
 
     eprintln!("exec ...");
     gateway::create_to_ready(
@@ -255,6 +282,8 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     let rt_nd = exec::round_trip(&mut nodelay, "bench-exec", plan.exec.0, plan.exec.1 / 3).await?;
     let tp_nd = exec::throughput(&mut nodelay, "bench-exec", plan.stream_bytes, 1).await?;
     drop(nodelay);
+    eprintln!("egress ...");
+    let eg = egress::measure(&mut gw, plan.stream_bytes, plan.stream_runs.max(3)).await?;
     eprintln!("Health under attack ...");
     let got = gw
         .client
@@ -280,6 +309,16 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
 
     eprintln!("vm ...");
     let vm = lifecycle::vm(&mut gw, plan.vm_runs).await;
+    let vm_img = match (&vm, &registry_ref, &img) {
+        (Ok(_), Some(reference), Ok(_)) => {
+            eprintln!("vm from an image ...");
+            images::vm(&mut gw, reference, plan.vm_runs / 2)
+                .await
+                .map_err(|e| format!("a VM image run failed: {e:#}"))
+        }
+        (Err(_), _, _) => Err("no VM can boot here (see the VM row)".to_owned()),
+        _ => Err("the process image runs did not store the image".to_owned()),
+    };
     gw.stop().await?;
 
     // create → Ready, process driver.
@@ -300,6 +339,61 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             fmt(d),
             pct(d, c.total.p50())
         ));
+    }
+
+    // create → Ready from an image, process driver.
+    let weight = format!(
+        "{} layers, {} files, {:.1} MiB unpacked",
+        image.image.diff_ids().len(),
+        image.files,
+        image.bytes as f64 / (1 << 20) as f64
+    );
+    match &img {
+        Ok(i) => {
+            report.row(
+                &format!("process create → Ready, first create of an image ({weight}): pull from a loopback registry + unpack + Ready, p50 (p95)"),
+                format!(
+                    "{} ({}); {:.1} MiB pulled; {:.1}× a create without an image",
+                    fmt(i.first.total.p50()),
+                    fmt(i.first.total.pct(95.0)),
+                    i.pulled as f64 / (1 << 20) as f64,
+                    i.first.total.p50().as_secs_f64() / c.total.p50().as_secs_f64().max(1e-9)
+                ),
+                "— (issue 16 sets none)",
+                "—",
+                Verdict::None,
+            );
+            let added = i.cached.total.p50().saturating_sub(c.total.p50());
+            let met = added <= Duration::from_millis(10);
+            report.row(
+                "process create → Ready from a cached image, p50 (p95); added to a create without an image",
+                format!(
+                    "{} ({}); adds {} to the no-image p50 ({})",
+                    fmt(i.cached.total.p50()),
+                    fmt(i.cached.total.pct(95.0)),
+                    fmt(added),
+                    fmt(c.total.p50())
+                ),
+                "adds ≤ 10 ms (issue 16)",
+                "—",
+                Verdict::of(met),
+            );
+            if !met {
+                let (stage, d) = dominant(&i.cached);
+                misses.push(format!(
+                    "- **cached image create** (adds {}): dominated by the **{stage}** stage ({}); see its stage table.",
+                    fmt(added),
+                    fmt(d)
+                ));
+            }
+        }
+        Err(why) => report.row(
+            "process create → Ready from an image (first and cached)",
+            format!("not measured: {why}"),
+            "cached adds ≤ 10 ms (issue 16)",
+            "—",
+            Verdict::None,
+        ),
     }
 
     // create → Ready, VM driver.
@@ -327,6 +421,43 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             format!("not measured: {why}"),
             "p50 ≤ 3 s (QEMU/TCG here)",
             "VM e2e smoke ~10 s (PR #901); cold microVM to Ready ~15 s (e2e-vm.sh); first boot 10–30 s (real KVM)",
+            Verdict::None,
+        ),
+    }
+
+    // create → Ready from an image, VM driver.
+    match (&vm_img, &vm) {
+        (Ok(i), Ok(v)) => {
+            let added = i.cached.total.p50().saturating_sub(v.total.p50());
+            let met = added <= Duration::from_millis(200);
+            report.row(
+                &format!("VM create → Ready from an image ({weight}), p50 (p95); first create (builds its ext4 disk)"),
+                format!(
+                    "{} ({}); adds {} to the no-image VM p50 ({}); first {}",
+                    fmt(i.cached.total.p50()),
+                    fmt(i.cached.total.pct(95.0)),
+                    fmt(added),
+                    fmt(v.total.p50()),
+                    fmt(i.first.seen)
+                ),
+                "cached adds ≤ 200 ms (issue 17)",
+                "—",
+                Verdict::of(met),
+            );
+            if !met {
+                let (stage, d) = dominant(&i.cached);
+                misses.push(format!(
+                    "- **VM create from a cached image** (adds {}): dominated by the **{stage}** stage ({}): the guest loads virtio-blk and overlay, mounts two ext4 disks and the overlay, copies the supervisor into the new root and switches to it, all under TCG (20-30x slower than the host).",
+                    fmt(added),
+                    fmt(d)
+                ));
+            }
+        }
+        (Err(why), _) | (_, Err(why)) => report.row(
+            "VM create → Ready from an image",
+            format!("not measured: {why}"),
+            "cached adds ≤ 200 ms (issue 17)",
+            "—",
             Verdict::None,
         ),
     }
@@ -385,6 +516,81 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
             tp_nd.mb_s(&tp_nd.relay)
         ));
     }
+
+    // Egress (issue 19).
+    let (eg_mb, direct_mb) = (eg.mb_s(&eg.through), eg.mb_s(&eg.direct));
+    let ratio = eg_mb / direct_mb.max(1e-9);
+    let met = ratio >= 0.5;
+    report.row(
+        &format!(
+            "egress download, {} MiB by curl through the sandbox's proxy and the gateway (p50 of {})",
+            eg.bytes >> 20,
+            eg.through.len()
+        ),
+        format!("{eg_mb:.0} MB/s = {ratio:.2} × the same curl on the host's loopback ({direct_mb:.0} MB/s)"),
+        "≥ 0.5 × direct (issue 19)",
+        "none published",
+        Verdict::of(met),
+    );
+    if !met {
+        misses.push(format!(
+            "- **egress throughput** ({eg_mb:.0} vs {direct_mb:.0} MB/s direct): each byte crosses the sandbox's loopback into the supervisor, a gRPC frame on the supervisor's unix socket, and the gateway's TCP connection to the destination: three copies and an HTTP/2 framing where the direct copy has one loopback hop; on 2 shared cores curl, the supervisor, the gateway and the server compete."
+        ));
+    }
+    let added = eg.connect.p50().saturating_sub(eg.direct_connect.p50());
+    let met = added <= Duration::from_millis(2);
+    report.row(
+        &format!(
+            "egress connect: CONNECT to `200` through the proxy, p50 (p95) of {}",
+            eg.connect.len()
+        ),
+        format!(
+            "{} ({}); a direct loopback connect {}: {} added",
+            fmt(eg.connect.p50()),
+            fmt(eg.connect.pct(95.0)),
+            fmt(eg.direct_connect.p50()),
+            fmt(added)
+        ),
+        "≤ 2 ms added, p50 (issue 19)",
+        "none published",
+        Verdict::of(met),
+    );
+    if !met {
+        misses.push(format!(
+            "- **egress connect** ({} added): per connection the supervisor finds the caller in /proc (the TCP table, then every process's descriptors, then the exe chain, hashed once per file), opens a gRPC stream and waits for the gateway's dial and verdict.",
+            fmt(added)
+        ));
+    }
+    report.row(
+        "egress refusal: CONNECT to a destination no rule allows, to its `403`, p50 (p95)",
+        format!("{} ({})", fmt(eg.denial.p50()), fmt(eg.denial.pct(95.0))),
+        "fails fast (≤ 100 ms, issue 19)",
+        "none published",
+        Verdict::of(eg.denial.pct(95.0) <= Duration::from_millis(100)),
+    );
+    report.row(
+        "policy replacement (SetSandboxPolicy; in force, disallowed connections closed, when it returns), p50 (p95)",
+        format!("{} ({})", fmt(eg.update.p50()), fmt(eg.update.pct(95.0))),
+        "≤ 1 s (issue 19)",
+        "policy poll every 10 s (upstream)",
+        Verdict::of(eg.update.pct(95.0) <= Duration::from_secs(1)),
+    );
+    report.row(
+        &format!(
+            "exec `true` in one sandbox while another holds {} egress connections (its limit), p50 (p95)",
+            eg.held
+        ),
+        format!(
+            "{} ({}); idle {} ({})",
+            fmt(eg.exec_loaded.p50()),
+            fmt(eg.exec_loaded.pct(95.0)),
+            fmt(eg.exec_idle.p50()),
+            fmt(eg.exec_idle.pct(95.0))
+        ),
+        "— (issue 19 item 6: it still succeeds)",
+        "—",
+        Verdict::None,
+    );
 
     // Health under attack.
     let quiet = attack.quiet.p50();
@@ -511,6 +717,22 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     }
 
     report.section("create → Ready stages, process driver", stage_table(&c));
+    if let Ok(i) = &img {
+        report.section(
+            "create → Ready stages, process driver, first create of an image",
+            format!("The API + store stage holds the pull and the unpack: the image is stored before the sandbox record.\n\n{}", stage_table(&i.first)),
+        );
+        report.section(
+            "create → Ready stages, process driver, cached image",
+            stage_table(&i.cached),
+        );
+    }
+    if let Ok(i) = &vm_img {
+        report.section(
+            "create → Ready stages, VM driver, cached image",
+            stage_table(&i.cached),
+        );
+    }
     if let Ok(v) = &vm {
         report.section("create → Ready stages, VM driver", stage_table(v));
     }

@@ -66,6 +66,7 @@ pub async fn measure(
                             ..Default::default()
                         }),
                         request_id: String::new(),
+                        policy: String::new(),
                     })
                     .await?;
                 acks.push((t0.elapsed(), start.elapsed()));

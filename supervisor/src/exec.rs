@@ -78,11 +78,27 @@ where
 pub async fn run(
     cfg: &Config,
     start: pb::ExecStart,
+    inbound: tonic::Streaming<pb::RelayFrame>,
+    tx: mpsc::Sender<pb::RelayFrame>,
+) {
+    run_command(cfg, &command(&start), start.timeout_ms, inbound, tx).await
+}
+
+/// Runs `cmd` over an opened relay, exec's protocol both ways; a
+/// `timeout_ms` of 0 is none.
+pub async fn run_command(
+    cfg: &Config,
+    cmd: &spawn::Command,
+    timeout_ms: u64,
     mut inbound: tonic::Streaming<pb::RelayFrame>,
     tx: mpsc::Sender<pb::RelayFrame>,
 ) {
-    let argv0 = start.argv.first().cloned().unwrap_or_default();
-    let spawned = match spawn::spawn(cfg, &command(&start)) {
+    let argv0 = cmd
+        .argv
+        .first()
+        .map(|a| a.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let spawned = match spawn::spawn(cfg, cmd) {
         Ok(s) => s,
         Err(e) => {
             tracing::info!(argv0, "cannot spawn: {}", report::chain(&e));
@@ -131,7 +147,7 @@ pub async fn run(
         }));
     }
 
-    let timeout = match start.timeout_ms {
+    let timeout = match timeout_ms {
         0 => Duration::MAX,
         ms => Duration::from_millis(ms),
     };

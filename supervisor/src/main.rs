@@ -8,8 +8,12 @@
 //! a command ([`exec`]) or an SSH connection ([`ssh`]), both started the
 //! same way ([`spawn`]). Nothing ever connects into the sandbox.
 
+mod egress;
 mod exec;
+mod files;
+mod forward;
 mod identity;
+mod main_process;
 mod relay;
 mod report;
 mod seccomp;
@@ -134,6 +138,10 @@ impl Config {
         child_env.entry("PATH".into()).or_insert_with(|| {
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
         });
+        // Ordinary clients reach the outside through our proxy.
+        for (k, v) in egress::proxy_env() {
+            child_env.entry(k.into()).or_insert(v);
+        }
         // In an image's sandbox HOME comes from its passwd, once settled.
         if !all.contains_key(IMAGE_USER) {
             child_env
@@ -204,6 +212,11 @@ impl Config {
 }
 
 fn main() -> ExitCode {
+    // Re-executed as the file helper, as the sandbox's user ([`files`]).
+    let args: Vec<_> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == files::HELPER_ARG) {
+        return files::helper_main(&args[2..]);
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("OPENSHELL_LOG")

@@ -1,8 +1,11 @@
 //! Relays: a channel the gateway asked for, opened by us on the connection
 //! we dialled (nothing connects into the sandbox). The first frame names
 //! the channel; what follows depends on the purpose: an exec ([`crate::exec`])
-//! or an SSH connection ([`crate::ssh`]).
+//! an SSH connection ([`crate::ssh`]), a file transfer ([`crate::files`])
+//! a TCP connection to a port inside ([`crate::forward`]), or the main
+//! process's output ([`crate::main_process`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use openshell_proto::v1 as pb;
@@ -13,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::Config;
+use crate::main_process::MainProcess;
 use crate::ssh::SshServer;
 
 /// Why a relay could not be opened; the gateway is told (bounded, see
@@ -25,6 +29,8 @@ pub enum RelayError {
     Closed,
     #[error("cannot open the relay")]
     Open(#[source] tonic::Status),
+    #[error(transparent)]
+    Forward(#[from] crate::forward::ForwardError),
 }
 
 /// Serves one relay: opens the stream, then runs what it is for. An error
@@ -32,11 +38,17 @@ pub enum RelayError {
 pub async fn serve(
     cfg: &Config,
     ssh: &SshServer,
+    main: &Arc<MainProcess>,
     channel: Channel,
     open: pb::RelayOpen,
 ) -> Result<(), RelayError> {
     let Some(purpose) = open.purpose else {
         return Err(RelayError::UnsupportedPurpose);
+    };
+    // A forward dials its port first: a refusal is the relay's failure.
+    let tcp = match &purpose {
+        Purpose::Forward(f) => Some(crate::forward::dial(f).await?),
+        _ => None,
     };
     // At most 16 frames (2 MiB of output) wait here for the gateway; past
     // that the pumps stop reading and the command's pipe fills.
@@ -44,6 +56,7 @@ pub async fn serve(
     let init = pb::RelayFrame {
         frame: Some(pb::relay_frame::Frame::Init(pb::RelayInit {
             channel_id: open.channel_id.clone(),
+            egress: None,
         })),
     };
     tx.send(init).await.map_err(|_| RelayError::Closed)?;
@@ -56,6 +69,13 @@ pub async fn serve(
     match purpose {
         Purpose::Exec(start) => crate::exec::run(cfg, start, inbound, tx).await,
         Purpose::Ssh(_) => ssh.serve(cfg, inbound, tx).await,
+        Purpose::Main(m) => main.clone().serve(cfg, m, inbound, tx).await,
+        Purpose::Files(t) => crate::files::serve(cfg, t, inbound, tx).await,
+        Purpose::Forward(_) => {
+            if let Some(tcp) = tcp {
+                crate::forward::pipe(tcp, Vec::new(), crate::exec::CHUNK, inbound, tx).await;
+            }
+        }
     }
     Ok(())
 }
@@ -104,7 +124,8 @@ mod tests {
             channel_id: "c1".into(),
             purpose: None,
         };
-        let e = serve(&cfg(), &ssh, channel, open).await.unwrap_err();
+        let main = Arc::default();
+        let e = serve(&cfg(), &ssh, &main, channel, open).await.unwrap_err();
         assert!(matches!(e, RelayError::UnsupportedPurpose), "{e:?}");
         assert_eq!(crate::report::wire(&e), "unsupported relay purpose");
     }

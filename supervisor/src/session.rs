@@ -71,8 +71,22 @@ pub enum SessionEnded {
 /// Connects, serves, reconnects; never returns.
 pub async fn run_forever(cfg: Config, ssh: Arc<SshServer>) {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+    // Outlives every session: the main process does not end with one.
+    let main = Arc::new(crate::main_process::MainProcess::default());
+    let (uplink_tx, uplink) = crate::egress::Uplink::new();
+    match tokio::net::TcpListener::bind(crate::egress::PROXY_ADDR).await {
+        Ok(l) => {
+            tokio::spawn(crate::egress::proxy::serve(l, uplink));
+        }
+        Err(e) => tracing::warn!(
+            "cannot listen on {} for the egress proxy: {e}; sandbox code has no network",
+            crate::egress::PROXY_ADDR
+        ),
+    }
     loop {
-        match session_once(&cfg, &ssh).await {
+        let ended = session_once(&cfg, &ssh, &main, &uplink_tx).await;
+        uplink_tx.send_replace(None);
+        match ended {
             Ok(ended) => {
                 tracing::warn!("session ended: {}; reconnecting", report::chain(&ended));
                 backoff.reset();
@@ -141,18 +155,31 @@ pub async fn connect(
     }
 }
 
+/// This supervisor process's id, the same for every session it opens: a
+/// new one tells the gateway the sandbox's supervisor started afresh (and
+/// its main process with it).
+fn instance_id() -> &'static str {
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| uuid::Uuid::new_v4().to_string())
+}
+
 fn out(m: Out) -> pb::SupervisorMessage {
     pb::SupervisorMessage { msg: Some(m) }
 }
 
 /// One session: `Err` if it was never accepted, else why it ended.
-async fn session_once(cfg: &Config, ssh: &Arc<SshServer>) -> Result<SessionEnded, SessionError> {
+async fn session_once(
+    cfg: &Config,
+    ssh: &Arc<SshServer>,
+    main: &Arc<crate::main_process::MainProcess>,
+    uplink: &tokio::sync::watch::Sender<Option<Channel>>,
+) -> Result<SessionEnded, SessionError> {
     let channel = connect(&cfg.endpoint, cfg.gateway_tls.as_ref()).await?;
     let mut client = SupervisorClient::new(channel.clone());
     let (tx, rx) = mpsc::channel(32);
     let hello = Out::Hello(pb::SupervisorHello {
         sandbox_id: cfg.sandbox_id.clone(),
-        instance_id: uuid::Uuid::new_v4().to_string(),
+        instance_id: instance_id().to_owned(),
         secret: cfg.secret.clone(),
         ssh_host_key: ssh.public_key().to_owned(),
     });
@@ -175,6 +202,14 @@ async fn session_once(cfg: &Config, ssh: &Arc<SshServer>) -> Result<SessionEnded
         Err(_) => return Err(SessionError::NoAnswer),
     };
     tracing::info!(?interval, "session accepted");
+    // Egress rides a connection of its own: a saturated or stalled
+    // outbound connection never holds the window heartbeats need.
+    match connect(&cfg.endpoint, cfg.gateway_tls.as_ref()).await {
+        Ok(c) => {
+            uplink.send_replace(Some(c));
+        }
+        Err(e) => tracing::warn!("no egress connection this session: {}", report::chain(&e)),
+    }
 
     let mut tick = tokio::time::interval(interval);
     loop {
@@ -186,10 +221,10 @@ async fn session_once(cfg: &Config, ssh: &Arc<SshServer>) -> Result<SessionEnded
                 Ok(Err(s)) => return Ok(SessionEnded::Stream(s)),
                 Ok(Ok(None)) => return Ok(SessionEnded::Closed),
                 Ok(Ok(Some(pb::GatewayMessage { msg: Some(In::RelayOpen(open)) }))) => {
-                    let (cfg, ssh, channel, tx) = (cfg.clone(), ssh.clone(), channel.clone(), tx.clone());
+                    let (cfg, ssh, main, channel, tx) = (cfg.clone(), ssh.clone(), main.clone(), channel.clone(), tx.clone());
                     tokio::spawn(async move {
                         let id = open.channel_id.clone();
-                        if let Err(e) = crate::relay::serve(&cfg, &ssh, channel, open).await {
+                        if let Err(e) = crate::relay::serve(&cfg, &ssh, &main, channel, open).await {
                             tracing::warn!(channel = id, "relay failed: {}", report::chain(&e));
                             let _ = tx.send(out(Out::RelayFailed(pb::RelayOpenFailed {
                                 channel_id: id,

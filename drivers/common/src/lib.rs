@@ -73,6 +73,22 @@ pub fn check_env_var(name: &str, value: &str) -> Result<(), DriverError> {
     validate::env_var(name, value).map_err(|e| DriverError::Invalid(e.to_string()))
 }
 
+/// The sandbox's image, by the digest the gateway stored at create (the
+/// reference only if no digest was recorded).
+pub fn prepare_image(
+    asked: &openshell::compute::types::ImageRef,
+) -> Result<openshell::compute::image::PreparedImage, DriverError> {
+    use openshell::compute::image;
+    let digest = if asked.digest.is_empty() {
+        image::resolve(&asked.reference)
+            .map_err(|e| failed("ImageUnavailable", "resolving the image", &e))?
+            .digest
+    } else {
+        asked.digest.clone()
+    };
+    image::prepare(&digest).map_err(|e| failed("ImageUnavailable", "preparing the image", &e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

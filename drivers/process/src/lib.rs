@@ -14,7 +14,6 @@ use openshell_driver_common::exports::openshell::compute::driver::{
     DriverError, DriverInfo, Guest, HostEvent, LaunchContext, Outcome, SandboxSpec,
 };
 use openshell_driver_common::openshell::compute::files;
-use openshell_driver_common::openshell::compute::image;
 use openshell_driver_common::openshell::compute::log::{self, Level};
 use openshell_driver_common::openshell::compute::process::{self, ProcessStatus};
 use openshell_driver_common::openshell::compute::types::{DriverEvent, Isolation};
@@ -103,7 +102,7 @@ fn launch(spec: &SandboxSpec, ctx: &LaunchContext, state: &[u8]) -> Result<Outco
     files::create_dir(policy::WORKDIR)
         .map_err(|e| failed("WorkdirFailed", "creating the working directory", &e))?;
     let root = match &spec.image {
-        Some(asked) => Some(prepare_image(asked)?),
+        Some(asked) => Some(openshell_driver_common::prepare_image(asked)?),
         None => None,
     };
     process::spawn(&policy::spawn_spec(spec, ctx), root.as_ref())
@@ -121,21 +120,6 @@ fn launch(spec: &SandboxSpec, ctx: &LaunchContext, state: &[u8]) -> Result<Outco
         events: vec![DriverEvent::Starting("supervisor launched".into())],
         state: state.encode(),
     })
-}
-
-/// The sandbox's image, by the digest the gateway stored at create (the
-/// reference only if no digest was recorded).
-fn prepare_image(
-    asked: &openshell_driver_common::openshell::compute::types::ImageRef,
-) -> Result<image::PreparedImage, DriverError> {
-    let digest = if asked.digest.is_empty() {
-        image::resolve(&asked.reference)
-            .map_err(|e| failed("ImageUnavailable", "resolving the image", &e))?
-            .digest
-    } else {
-        asked.digest.clone()
-    };
-    image::prepare(&digest).map_err(|e| failed("ImageUnavailable", "preparing the image", &e))
 }
 
 openshell_driver_common::export!(ProcessDriver);

@@ -3,8 +3,9 @@
 //!
 //! Policy only. The host's `network` capability starts a confined gvproxy
 //! whose one reachable peer is this sandbox's supervisor socket; `rootfs`
-//! stages the guest's initramfs; `vm` boots it on whichever backend the
-//! host's probe chose (libkrun, QEMU/KVM or QEMU/TCG). The guest's
+//! stages the guest's initramfs; `image` prepares the sandbox's image, if
+//! it has one, as the guest's root disk; `vm` boots it on whichever backend
+//! the host's probe chose (libkrun, QEMU/KVM or QEMU/TCG). The guest's
 //! supervisor dials the gateway through gvproxy, and the gateway alone
 //! decides when the sandbox is Ready. The pure rules are in [`policy`].
 
@@ -95,8 +96,12 @@ fn launch(spec: &SandboxSpec, ctx: &LaunchContext, state: Vec<u8>) -> Result<Out
         network::start().map_err(|e| failed("NetworkFailed", "starting the VM network", &e))?;
     let root =
         rootfs::stage().map_err(|e| failed("RootfsFailed", "staging the root filesystem", &e))?;
+    let image = match &spec.image {
+        Some(asked) => Some(openshell_driver_common::prepare_image(asked)?),
+        None => None,
+    };
     let plan = policy::vm_spec(spec, ctx, &net.guest_endpoint());
-    let machine = vm::launch(&plan, &root, &net)
+    let machine = vm::launch(&plan, &root, &net, image.as_ref())
         .map_err(|e| failed("LaunchFailed", "launching the VM", &e))?;
     let backend = machine.backend();
     log::log(

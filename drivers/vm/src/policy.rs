@@ -21,12 +21,6 @@ const GPU_VARIABLES: [&str; 3] = [
 ];
 
 pub fn validate(spec: &SandboxSpec) -> Result<(), DriverError> {
-    if let Some(image) = &spec.image {
-        return Err(DriverError::Unsupported(format!(
-            "VM sandboxes cannot boot an image yet (asked for {:?}): drop --image, or use the process driver",
-            image.reference
-        )));
-    }
     for (name, value) in &spec.environment {
         if GPU_VARIABLES.contains(&name.as_str()) {
             return Err(DriverError::Unsupported(format!(

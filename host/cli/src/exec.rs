@@ -22,6 +22,9 @@ pub struct ExecArgs {
     /// Run under a pseudo-terminal of this size (rows, cols), and forward
     /// our terminal's resizes.
     pub tty: Option<(u32, u32)>,
+    /// Run as the sandbox's main process (see `ExecStart.main`): stdin is
+    /// not forwarded.
+    pub main: bool,
 }
 
 /// Runs the command and returns its exit code.
@@ -35,6 +38,7 @@ pub async fn run(c: &mut Client, a: ExecArgs) -> anyhow::Result<i32> {
         timeout_ms: a.timeout_ms,
         tty: a.tty.is_some(),
         window: a.tty.map(|(rows, cols)| pb::WindowSize { rows, cols }),
+        main: a.main,
     };
     tx.send(pb::ExecClientMessage {
         msg: Some(C::Start(start)),
@@ -64,28 +68,33 @@ pub async fn run(c: &mut Client, a: ExecArgs) -> anyhow::Result<i32> {
             }
         });
     }
-    // Our stdin, forwarded until EOF.
-    tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = vec![0u8; 32 * 1024];
-        loop {
-            let msg = match stdin.read(&mut buf).await {
-                Ok(0) | Err(_) => C::StdinEof(true),
-                Ok(n) => C::Stdin(buf[..n].to_vec().into()),
-            };
-            let eof = matches!(msg, C::StdinEof(_));
-            if tx
-                .send(pb::ExecClientMessage { msg: Some(msg) })
-                .await
-                .is_err()
-                || eof
-            {
-                // Keep the request stream open until the server finishes.
-                tx.closed().await;
-                return;
+    // Our stdin, forwarded until EOF; a main process has none (the request
+    // stream is just held open).
+    if a.main {
+        tokio::spawn(async move { tx.closed().await });
+    } else {
+        tokio::spawn(async move {
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                let msg = match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => C::StdinEof(true),
+                    Ok(n) => C::Stdin(buf[..n].to_vec().into()),
+                };
+                let eof = matches!(msg, C::StdinEof(_));
+                if tx
+                    .send(pb::ExecClientMessage { msg: Some(msg) })
+                    .await
+                    .is_err()
+                    || eof
+                {
+                    // Keep the request stream open until the server finishes.
+                    tx.closed().await;
+                    return;
+                }
             }
-        }
-    });
+        });
+    }
     let mut stream = c
         .exec_sandbox(ReceiverStream::new(rx))
         .await

@@ -19,6 +19,12 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
     if a.disable_gateway_auth {
         tracing::warn!("--disable-gateway-auth: every client can drive this gateway");
     }
+    if let Some(mib) = a.sandbox_disk_quota_mib {
+        anyhow::bail!(
+            "--sandbox-disk-quota-mib {mib} (or OPENSHELL_SANDBOX_DISK_QUOTA_MIB) is gone: sandboxes have a disk size in GiB each; \
+             set the default with --default-disk-gib N (8 when unset) and a sandbox's own with `openshell sandbox create --disk-gib N`"
+        );
+    }
     let gw = Gateway::start(GatewayConfig {
         bind: a.bind,
         port: a.port,
@@ -26,6 +32,8 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         state_dir,
         drivers: a.drivers.into_iter().filter(|d| !d.is_empty()).collect(),
         driver_dir: a.driver_dir,
+        embedded_drivers: crate::bundled::DRIVERS,
+        metrics_addr: a.metrics_addr,
         disable_tls: a.disable_tls,
         disable_auth: a.disable_gateway_auth,
         tls_sans: a.tls_sans,
@@ -49,17 +57,34 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
         limits: openshell_gateway::runtime::SandboxLimits {
             max_sandboxes: a.max_sandboxes,
             max_concurrent_launches: a.max_concurrent_launches,
+            disk_reserve_gib: a.disk_reserve_gib,
         },
         uid_base: a.uid_base,
         disk: openshell_plugin::disk::DiskConfig {
             size_gib: a.sandbox_disk_gib,
-            quota_mib: a.sandbox_disk_quota_mib,
+            default_gib: a.default_disk_gib,
         },
         images: openshell_gateway::server::ImageOptions {
             static_supervisor: a.static_supervisor,
             default_image: a.default_image,
             insecure_registries: a.insecure_registries,
             registry_auth: a.registry_auth,
+        },
+        default_policy: match &a.default_policy {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("--default-policy {}: {e}", path.display()))?,
+            ),
+            None => None,
+        },
+        egress: openshell_gateway::egress::EgressOptions {
+            max_connections: a.egress_max_connections,
+            bytes_per_second: a.egress_bytes_per_second,
+            resolver: match &a.egress_hosts {
+                Some(path) => openshell_gateway::egress::Resolver::from_hosts_file(path)?,
+                None => Default::default(),
+            },
+            ..Default::default()
         },
     })
     .await?;
@@ -79,7 +104,30 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
             None => tracing::warn!("no HOME or OPENSHELL_CONFIG: client config not written"),
         }
     }
+    for spec in &a.import_images {
+        let (path, name) = match spec.split_once('=') {
+            Some((p, n)) => (p, Some(n.to_owned())),
+            None => (spec.as_str(), None),
+        };
+        let started = std::time::Instant::now();
+        let image = match gw.runtime.import_image(path.into(), name).await {
+            Ok(image) => image,
+            Err(e) => {
+                gw.shutdown().await?;
+                anyhow::bail!("--import-image {path}: {e}");
+            }
+        };
+        tracing::info!(
+            "imported {path} as {} ({}) in {:.1?}",
+            image.names.join(", "),
+            image.digest,
+            started.elapsed()
+        );
+    }
     println!("Server listening on {}", gw.addr);
+    if let Some(m) = gw.metrics_addr {
+        println!("Metrics on http://{m}/metrics");
+    }
 
     tokio::select! {
         _ = term.recv() => {},
@@ -90,7 +138,7 @@ pub async fn start(a: GatewayStart) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn default_state_dir() -> std::path::PathBuf {
+pub fn default_state_dir() -> std::path::PathBuf {
     match std::env::var_os("XDG_STATE_HOME").or_else(|| std::env::var_os("HOME")) {
         Some(base) if std::env::var_os("XDG_STATE_HOME").is_some() => {
             std::path::PathBuf::from(base).join("openshell")

@@ -15,7 +15,7 @@ use crate::output;
 
 /// Import chunks: large enough to keep the stream busy, well under the
 /// gateway's message limit.
-const CHUNK: usize = 1 << 20;
+pub(crate) const CHUNK: usize = 1 << 20;
 
 pub async fn run(
     endpoint: &crate::client::Target,
@@ -91,7 +91,7 @@ pub async fn pull(c: &mut Client, reference: &str) -> anyhow::Result<pb::Image> 
 }
 
 /// A byte progress bar on stderr when it is a terminal, hidden otherwise.
-fn progress_bar(message: &str) -> indicatif::ProgressBar {
+pub(crate) fn progress_bar(message: &str) -> indicatif::ProgressBar {
     if !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
@@ -152,13 +152,13 @@ async fn import(c: &mut Client, path: &Path, name: String) -> anyhow::Result<pb:
 }
 
 /// Cuts what is written into chunks for the import stream.
-struct ChunkWriter {
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-    buf: Vec<u8>,
+pub(crate) struct ChunkWriter {
+    pub(crate) tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    pub(crate) buf: Vec<u8>,
 }
 
 impl ChunkWriter {
-    fn flush_chunk(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn flush_chunk(&mut self) -> anyhow::Result<()> {
         if !self.buf.is_empty() {
             let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
             self.tx

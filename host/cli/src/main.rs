@@ -5,13 +5,18 @@
 //! exit non-zero.
 
 mod args;
+mod bundled;
 mod client;
 mod config;
+mod doctor;
 mod exec;
+mod files;
+mod forward;
 mod gateway;
 mod image;
 mod output;
 mod plugin;
+mod policy;
 mod sandbox;
 mod ssh;
 mod terminal;
@@ -69,8 +74,48 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Sandbox(cmd) => sandbox::run(&target, cli.output, cmd).await,
         Command::Plugin(cmd) => plugin::run(&target, cli.output, cmd).await,
         Command::Image(cmd) => image::run(&target, cli.output, cmd).await,
+        Command::Policy(cmd) => policy::run(&target, cli.output, cmd).await,
+        Command::Forward(cmd) => forward_cmd(cli.output, cmd),
         Command::SshProxy { name } => ssh::proxy(&mut client::connect(&target).await?, name).await,
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            use std::io::Write;
+            // Into a buffer first: clap_complete panics on a write error,
+            // and `| head` closing the pipe is not one worth a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "openshell", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
+        Command::Doctor(a) => Ok(doctor::run(a)),
     }
+}
+
+fn forward_cmd(out: args::Output, cmd: args::ForwardCmd) -> anyhow::Result<ExitCode> {
+    match cmd {
+        args::ForwardCmd::List => output::forwards(out, &forward::live()?),
+        args::ForwardCmd::Stop { target, all } => {
+            let (sandbox, local) = match target.as_deref().map(|t| t.rsplit_once(':')) {
+                Some(Some((s, p))) => {
+                    let p = p
+                        .parse()
+                        .map_err(|_| anyhow::anyhow!("{p:?} is not a local port"))?;
+                    (Some(s.to_owned()), Some(p))
+                }
+                Some(None) => (target.clone(), None),
+                None => (None, None),
+            };
+            let _ = all;
+            let n = forward::stop(sandbox.as_deref(), local)?;
+            if n == 0 {
+                anyhow::bail!("no background forward matches; `openshell forward list` shows them");
+            }
+            eprintln!("Stopped {n} forward(s)");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(verbose: u8, gateway: bool) {

@@ -4,7 +4,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail};
+use anyhow::{Context, anyhow, bail};
 use openshell_proto::v1 as pb;
 use pb::watch_sandbox_event::Event as WatchEvent;
 
@@ -82,13 +82,145 @@ pub async fn run(
                     timeout_ms: timeout.saturating_mul(1000),
                     env: env.into_iter().collect(),
                     tty: None,
+                    main: false,
                 },
             )
             .await?;
             return Ok(exit_code(code));
         }
         SandboxCmd::Connect { name, shell: sh } => return shell(&mut c, name, sh).await,
+        SandboxCmd::Logs {
+            name,
+            follow,
+            since,
+            tail,
+            timestamps,
+            network,
+        } => {
+            let since_ms = since.map_or(0, |d| {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default();
+                now.saturating_sub(Duration::from_secs(d)).as_millis() as i64
+            });
+            let mut stream = c
+                .sandbox_logs(pb::SandboxLogsRequest {
+                    name,
+                    follow,
+                    since_ms,
+                    tail: tail.unwrap_or(0),
+                    network,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            while let Some(r) = stream.message().await.map_err(status_error)? {
+                output::log_record(out, &r, timestamps)?;
+            }
+        }
+        SandboxCmd::Upload {
+            name,
+            src,
+            dst,
+            overwrite,
+        } => {
+            let r = crate::files::upload(&mut c, &name, &src, &dst.unwrap_or_default(), overwrite)
+                .await?;
+            match out {
+                Output::Table => eprintln!(
+                    "Uploaded {} to {name}: {}",
+                    src.display(),
+                    crate::files::said(r.entries, r.bytes)
+                ),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({"entries": r.entries, "bytes": r.bytes})
+                ),
+            }
+        }
+        SandboxCmd::Download {
+            name,
+            src,
+            dst,
+            overwrite,
+        } => {
+            let dst = dst.unwrap_or_else(|| ".".into());
+            let s = crate::files::download(&mut c, &name, &src, &dst, overwrite).await?;
+            if dst != std::path::Path::new("-") {
+                match out {
+                    Output::Table => eprintln!(
+                        "Downloaded {src} from {name}: {}",
+                        crate::files::said(s.entries, s.bytes)
+                    ),
+                    Output::Json => println!(
+                        "{}",
+                        serde_json::json!({"entries": s.entries, "bytes": s.bytes})
+                    ),
+                }
+            }
+        }
+        SandboxCmd::Forward {
+            name,
+            ports,
+            address,
+            background,
+        } => {
+            if background {
+                let args: Vec<String> = std::env::args().collect();
+                return crate::forward::background(&args, &name, ports.1);
+            }
+            return crate::forward::serve(c, name, address, ports).await;
+        }
         SandboxCmd::SshConfig { name } => return crate::ssh::config(&mut c, endpoint, &name).await,
+        SandboxCmd::Stop { names } => {
+            for name in names {
+                let started = std::time::Instant::now();
+                let sb = c
+                    .stop_sandbox(pb::StopSandboxRequest { name })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .sandbox
+                    .unwrap_or_default();
+                match out {
+                    Output::Table => {
+                        println!("Stopped sandbox: {} ({:.1?})", sb.name, started.elapsed())
+                    }
+                    Output::Json => println!("{}", output::sandbox_json(&sb)),
+                }
+            }
+        }
+        SandboxCmd::Start {
+            name,
+            no_wait,
+            timeout,
+        } => {
+            let sb = c
+                .start_sandbox(pb::StartSandboxRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+                .sandbox
+                .unwrap_or_default();
+            let sb = if no_wait {
+                sb
+            } else {
+                wait_ready(&mut c, &sb.name, Duration::from_secs(timeout)).await?
+            };
+            output::sandbox(out, &sb);
+        }
+        SandboxCmd::Stats { name } => {
+            let r = c
+                .get_sandbox_stats(pb::GetSandboxStatsRequest { name })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            output::stats(
+                out,
+                &r.sandbox.unwrap_or_default(),
+                &r.stats.unwrap_or_default(),
+            );
+        }
         SandboxCmd::Watch {
             name,
             until_settled,
@@ -164,6 +296,7 @@ async fn shell(c: &mut Client, name: String, shell: Option<String>) -> anyhow::R
             timeout_ms: 0,
             env,
             tty: Some(size),
+            main: false,
         },
     )
     .await;
@@ -231,6 +364,10 @@ async fn delete_and_wait(c: &mut Client, name: &str) -> anyhow::Result<()> {
 
 async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result<ExitCode> {
     // Pulled first, with progress; the create then finds it stored.
+    let policy = match &a.policy {
+        Some(path) => crate::policy::read(path)?,
+        None => String::new(),
+    };
     if let Some(image) = &a.image {
         crate::image::pull(c, image).await?;
     }
@@ -247,8 +384,12 @@ async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result
                 }),
                 image: a.image.clone().unwrap_or_default(),
                 image_digest: String::new(),
+                disk_gib: a.disk_gib.unwrap_or(0),
+                ttl_seconds: a.ttl.unwrap_or(0),
+                idle_timeout_seconds: a.idle_timeout.unwrap_or(0),
             }),
             request_id: a.request_id.unwrap_or_default(),
+            policy,
         })
         .await
         .map_err(status_error)?
@@ -266,6 +407,18 @@ async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result
             ready.name
         );
     }
+    for spec in &a.upload {
+        let (src, dst) = crate::files::parse_upload(spec);
+        let r = crate::files::upload(c, &ready.id, &src, &dst, false)
+            .await
+            .with_context(|| format!("--upload {spec}"))?;
+        eprintln!(
+            "Uploaded {} to {}: {}",
+            src.display(),
+            ready.name,
+            crate::files::said(r.entries, r.bytes)
+        );
+    }
     if a.command.is_empty() {
         output::sandbox(out, &ready);
         return Ok(ExitCode::SUCCESS);
@@ -279,6 +432,7 @@ async fn create(c: &mut Client, out: Output, a: SandboxCreate) -> anyhow::Result
             timeout_ms: 0,
             env: Default::default(),
             tty: None,
+            main: true,
         },
     )
     .await;

@@ -16,7 +16,7 @@ pub enum NameError {
     #[error("sandbox name is {len} characters; the limit is {MAX_NAME_LEN}")]
     TooLong { len: usize },
     #[error(
-        "sandbox name {name:?} is not a DNS label: use lowercase letters, digits and '-', starting and ending with a letter or digit"
+        "sandbox name {name} is not a DNS label: use lowercase letters, digits and '-', starting and ending with a letter or digit"
     )]
     NotDnsLabel { name: String },
 }
@@ -32,7 +32,7 @@ impl SandboxName {
         let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
         if !raw.chars().all(ok_char) || raw.starts_with('-') || raw.ends_with('-') {
             return Err(NameError::NotDnsLabel {
-                name: raw.chars().take(80).collect(),
+                name: crate::quote::excerpt(raw, 80),
             });
         }
         Ok(Self(raw.to_owned()))

@@ -16,15 +16,19 @@ pub enum Phase {
     Error,
     Deleting,
     Unknown,
+    /// Asked to stop: nothing of the sandbox runs, its files, spec and
+    /// record are kept; a start brings it back.
+    Stopped,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; 6] = [
         Phase::Provisioning,
         Phase::Ready,
         Phase::Error,
         Phase::Deleting,
         Phase::Unknown,
+        Phase::Stopped,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -34,6 +38,7 @@ impl Phase {
             Phase::Error => "Error",
             Phase::Deleting => "Deleting",
             Phase::Unknown => "Unknown",
+            Phase::Stopped => "Stopped",
         }
     }
 
@@ -44,7 +49,7 @@ impl Phase {
     /// Phases a watcher waiting for an outcome can stop at.
     pub fn is_settled(self) -> bool {
         match self {
-            Phase::Ready | Phase::Error | Phase::Deleting => true,
+            Phase::Ready | Phase::Error | Phase::Deleting | Phase::Stopped => true,
             Phase::Provisioning | Phase::Unknown => false,
         }
     }
@@ -77,6 +82,8 @@ pub enum ReadyReason {
     GatewayRestarted,
     /// Deletion was requested.
     Deleting,
+    /// A stop was requested (by a user or the sandbox's idle timeout).
+    Stopped,
 }
 
 impl ReadyReason {
@@ -90,6 +97,7 @@ impl ReadyReason {
             ReadyReason::ProcessExited => "ProcessExited",
             ReadyReason::GatewayRestarted => "GatewayRestarted",
             ReadyReason::Deleting => "Deleting",
+            ReadyReason::Stopped => "Stopped",
         }
     }
 }
@@ -182,6 +190,7 @@ pub fn derive_phase(ready: &ReadyCondition) -> Phase {
         (ConditionStatus::False, ReadyReason::DriverFailed | ReadyReason::ProcessExited) => {
             Phase::Error
         }
+        (ConditionStatus::False, ReadyReason::Stopped) => Phase::Stopped,
     }
 }
 
@@ -204,6 +213,11 @@ pub enum Event {
     GatewayRestarted,
     /// A user asked to delete the sandbox.
     DeleteRequested,
+    /// A user (or the sandbox's idle timeout, which `message` says) asked
+    /// to stop the sandbox: only a Ready one stops.
+    StopRequested { message: String },
+    /// A user asked to start a Stopped sandbox again.
+    StartRequested,
 }
 
 impl Event {
@@ -217,6 +231,8 @@ impl Event {
             Event::SupervisorDisconnected => "SupervisorDisconnected",
             Event::GatewayRestarted => "GatewayRestarted",
             Event::DeleteRequested => "DeleteRequested",
+            Event::StopRequested { .. } => "StopRequested",
+            Event::StartRequested => "StartRequested",
         }
     }
 }
@@ -301,7 +317,9 @@ pub fn apply(current: &Status, event: &Event, now_ms: i64) -> Result<Status, Rej
             | Event::DriverExited { .. }
             | Event::SupervisorConnected
             | Event::SupervisorDisconnected
-            | Event::GatewayRestarted,
+            | Event::GatewayRestarted
+            | Event::StopRequested { .. }
+            | Event::StartRequested,
         ) => return Err(reject()),
 
         (_, Event::DeleteRequested) => {
@@ -322,8 +340,43 @@ pub fn apply(current: &Status, event: &Event, now_ms: i64) -> Result<Status, Rej
             | Event::DriverExited { .. }
             | Event::SupervisorConnected
             | Event::SupervisorDisconnected
-            | Event::GatewayRestarted,
+            | Event::GatewayRestarted
+            | Event::StopRequested { .. }
+            | Event::StartRequested,
         ) => return Err(reject()),
+
+        // Only a Ready sandbox stops: a launch in flight (Provisioning,
+        // Unknown) is the launch task's until it settles. A repeat is a no-op.
+        (P::Ready, Event::StopRequested { message }) => {
+            set_ready(&mut next, S::False, R::Stopped, message.clone());
+        }
+        (P::Stopped, Event::StopRequested { .. }) => {}
+        (P::Provisioning | P::Unknown, Event::StopRequested { .. }) => return Err(reject()),
+
+        // A start relaunches a Stopped sandbox; one that runs or is being
+        // launched is already started.
+        (P::Stopped, Event::StartRequested) => {
+            set_ready(
+                &mut next,
+                S::False,
+                R::Starting,
+                "start requested; waiting for the driver".into(),
+            );
+        }
+        (P::Provisioning | P::Ready | P::Unknown, Event::StartRequested) => {}
+
+        // Stopped holds until a start: what a stopping sandbox's processes,
+        // its driver or its departing supervisor report is late news.
+        (
+            P::Stopped,
+            Event::DriverStarting { .. }
+            | Event::DriverProgress { .. }
+            | Event::DriverFailed { .. }
+            | Event::DriverExited { .. }
+            | Event::SupervisorConnected
+            | Event::SupervisorDisconnected,
+        ) => return Err(reject()),
+        (P::Stopped, Event::GatewayRestarted) => {}
 
         // Driver progress is recorded, but once the supervisor is connected a
         // lagging driver report must not demote the sandbox.

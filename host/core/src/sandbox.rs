@@ -34,12 +34,20 @@ impl fmt::Display for SandboxId {
     }
 }
 
-/// Resource limits; zero means "the driver's default".
+/// Resource limits; zero means "the driver's default" (the gateway's, for
+/// the disk).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
     pub vcpus: u32,
     pub memory_mib: u64,
     pub max_processes: u32,
+    /// GiB the sandbox may store on the host (its state dir's quota on the
+    /// sandbox disk; `SandboxSpec.disk_gib` on the wire), resolved at
+    /// create: what it asked for, or the gateway's default. 0 in a stored
+    /// record: no size (the gateway had no sandbox disk, or the record
+    /// predates sizes and gets the gateway's default when one has a disk).
+    #[serde(default)]
+    pub disk_gib: u32,
 }
 
 /// What the user asked for. Immutable after create.
@@ -53,6 +61,65 @@ pub struct SandboxSpec {
     /// root (the host's system directories for a process sandbox).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<SandboxImage>,
+    /// When the gateway ends the sandbox on its own (see [`crate::lifetime`]).
+    #[serde(default, skip_serializing_if = "Lifetime::is_unset")]
+    pub lifetime: Lifetime,
+    /// The network policy in force; `None`: nothing is reachable. The
+    /// gateway validates the document before it stores it, and replaces it
+    /// as a whole (with a revision check) on a policy change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<StoredPolicy>,
+}
+
+/// A network policy as a sandbox keeps it: the document the user wrote
+/// (parsed again at each gateway start), its revision and where it came
+/// from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    pub yaml: String,
+    /// 1 for the policy a sandbox was created with, one more per change.
+    pub revision: u64,
+    pub source: PolicySource,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PolicySource {
+    /// Given at create.
+    Create,
+    /// The gateway's default policy, copied in at create.
+    Default,
+    /// Set on the running sandbox.
+    Set,
+}
+
+impl PolicySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Create => "create",
+            Self::Default => "default",
+            Self::Set => "set",
+        }
+    }
+}
+
+/// A sandbox's lifetimes, in whole seconds; 0: none.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lifetime {
+    /// Counted from create: at `created_at + ttl` the sandbox is deleted,
+    /// whatever its phase.
+    #[serde(default)]
+    pub ttl_secs: u64,
+    /// A Ready sandbox with no relay (exec, SSH) open or closed for this
+    /// long is stopped; a start restarts the clock.
+    #[serde(default)]
+    pub idle_timeout_secs: u64,
+}
+
+impl Lifetime {
+    pub fn is_unset(&self) -> bool {
+        *self == Lifetime::default()
+    }
 }
 
 /// An image as a sandbox records it: the reference the user gave and the

@@ -13,7 +13,7 @@ pub const MAX_PROCESSES: u32 = 1 << 20;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
-    #[error("environment variable name {key:?} is invalid: use [A-Za-z_][A-Za-z0-9_]*")]
+    #[error("environment variable name {key} is invalid: use [A-Za-z_][A-Za-z0-9_]*")]
     EnvKey { key: String },
     #[error("environment variable {key} is {len} bytes; the limit is {MAX_ENV_VALUE_LEN}")]
     EnvValueTooLong { key: String, len: usize },
@@ -31,8 +31,66 @@ pub enum SpecError {
         "request_id must be 1..={MAX_REQUEST_ID_LEN} characters of [A-Za-z0-9._:-]; got {len} characters"
     )]
     RequestId { len: usize },
-    #[error("driver name {name:?} is invalid: use lowercase letters, digits and '-', up to 63")]
+    #[error("driver name {name} is invalid: use lowercase letters, digits and '-', up to 63")]
     DriverName { name: String },
+    #[error(
+        "disk_gib = {asked} is more than this gateway's whole sandbox disk ({pool_gib} GiB): ask for 1 to {pool_gib} GiB, or 0 (unset) for its default of {default_gib} GiB"
+    )]
+    DiskTooLarge {
+        asked: u32,
+        pool_gib: u64,
+        default_gib: u32,
+    },
+    #[error(
+        "disk_gib = {asked}, but this gateway has no sandbox disk (it was started with --sandbox-disk-gib 0, or its log says why), so it cannot bound a sandbox's disk: leave disk_gib 0 (unset)"
+    )]
+    NoSandboxDisk { asked: u32 },
+    #[error(
+        "{field} = {secs} s is longer than the longest lifetime ({} days): ask for at most {}s (366d), or leave it 0 (unset) for none",
+        crate::lifetime::MAX_SECS / 86_400,
+        crate::lifetime::MAX_SECS
+    )]
+    LifetimeTooLong { field: &'static str, secs: u64 },
+}
+
+/// A sandbox's lifetimes: each at most [`crate::lifetime::MAX_SECS`].
+pub fn lifetime(l: &crate::sandbox::Lifetime) -> Result<(), SpecError> {
+    for (field, secs) in [
+        ("ttl_seconds", l.ttl_secs),
+        ("idle_timeout_seconds", l.idle_timeout_secs),
+    ] {
+        if secs > crate::lifetime::MAX_SECS {
+            return Err(SpecError::LifetimeTooLong { field, secs });
+        }
+    }
+    Ok(())
+}
+
+/// The sandbox disk as a create sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskSizes {
+    /// What the whole sandbox disk holds, in GiB: no sandbox may ask for
+    /// more.
+    pub pool_gib: u64,
+    /// What a sandbox that asks for no size gets.
+    pub default_gib: u32,
+}
+
+/// The disk size a sandbox that asked for `asked` GiB (0: the default) is
+/// stored with, on a gateway whose sandbox disk is `disk` (`None`: it has
+/// none, so it has no size to give, and 0 is stored).
+pub fn disk_gib(asked: u32, disk: Option<DiskSizes>) -> Result<u32, SpecError> {
+    match disk {
+        None if asked == 0 => Ok(0),
+        None => Err(SpecError::NoSandboxDisk { asked }),
+        Some(d) if asked == 0 => Ok(d.default_gib),
+        Some(d) if u64::from(asked) <= d.pool_gib => Ok(asked),
+        Some(d) => Err(SpecError::DiskTooLarge {
+            asked,
+            pool_gib: d.pool_gib,
+            default_gib: d.default_gib,
+        }),
+    }
 }
 
 /// Environment names the gateway sets for the supervisor (endpoint, sandbox
@@ -58,7 +116,7 @@ pub fn is_reserved_env_key(key: &str) -> bool {
 pub fn env_var(key: &str, value: &str) -> Result<(), SpecError> {
     if !is_env_key(key) {
         return Err(SpecError::EnvKey {
-            key: key.chars().take(80).collect(),
+            key: crate::quote::excerpt(key, 80),
         });
     }
     if value.len() > MAX_ENV_VALUE_LEN {
@@ -127,13 +185,31 @@ pub fn driver_name(name: &str) -> Result<(), SpecError> {
     crate::name::SandboxName::parse(name)
         .map(|_| ())
         .map_err(|_| SpecError::DriverName {
-            name: name.chars().take(80).collect(),
+            name: crate::quote::excerpt(name, 80),
         })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lifetimes_longer_than_366_days_are_refused_with_the_longest_allowed() {
+        use crate::sandbox::Lifetime;
+        let ok = Lifetime {
+            ttl_secs: crate::lifetime::MAX_SECS,
+            idle_timeout_secs: 30,
+        };
+        assert!(lifetime(&ok).is_ok());
+        assert!(lifetime(&Lifetime::default()).is_ok());
+        let long = Lifetime {
+            idle_timeout_secs: crate::lifetime::MAX_SECS + 1,
+            ..ok
+        };
+        let msg = lifetime(&long).unwrap_err().to_string();
+        assert!(msg.contains("idle_timeout_seconds"), "{msg}");
+        assert!(msg.contains("366d"), "{msg}");
+    }
 
     #[test]
     fn env_keys_follow_the_shell_grammar() {
@@ -211,6 +287,25 @@ mod tests {
     }
 
     #[test]
+    fn a_disk_size_is_the_asked_one_or_the_default_and_never_more_than_the_disk() {
+        let disk = Some(DiskSizes {
+            pool_gib: 64,
+            default_gib: 8,
+        });
+        assert_eq!(disk_gib(0, disk), Ok(8));
+        assert_eq!(disk_gib(1, disk), Ok(1));
+        assert_eq!(disk_gib(64, disk), Ok(64));
+        let err = disk_gib(65, disk).unwrap_err();
+        assert!(matches!(err, SpecError::DiskTooLarge { asked: 65, .. }));
+        assert!(err.to_string().contains("ask for 1 to 64 GiB"), "{err}");
+        assert!(disk_gib(u32::MAX, disk).is_err());
+        // Without a sandbox disk there is nothing to size.
+        assert_eq!(disk_gib(0, None), Ok(0));
+        let err = disk_gib(1, None).unwrap_err();
+        assert!(err.to_string().contains("no sandbox disk"), "{err}");
+    }
+
+    #[test]
     fn request_ids_are_short_tokens() {
         assert!(request_id("abc-123:retry.1").is_ok());
         assert!(request_id("").is_err());
@@ -248,7 +343,7 @@ mod tests {
 
         #[test]
         fn accepted_resources_are_in_range(vcpus: u32, memory_mib: u64, max_processes: u32) {
-            let r = Resources { vcpus, memory_mib, max_processes };
+            let r = Resources { vcpus, memory_mib, max_processes, disk_gib: 0 };
             if resources(&r).is_ok() {
                 prop_assert!(vcpus <= MAX_VCPUS && max_processes <= MAX_PROCESSES);
                 prop_assert!(memory_mib == 0 || (16..=MAX_MEMORY_MIB).contains(&memory_mib));

@@ -65,10 +65,38 @@ pub enum ApiError {
         .phase.as_str()
     )]
     NotReady { name: String, phase: Phase },
+    #[error("sandbox {name} is Stopped; start it with `openshell sandbox start {name}`")]
+    Stopped { name: String },
+    #[error(
+        "sandbox {name} is {}, so it cannot be {action}{}",
+        .phase.as_str(),
+        phase_hint(*.phase, .name)
+    )]
+    WrongPhase {
+        name: String,
+        phase: Phase,
+        action: &'static str,
+    },
     #[error("sandbox {name}'s supervisor is not connected; retry shortly")]
     SupervisorNotConnected { name: String },
     #[error("sandbox {name}'s supervisor did not open the relay in time")]
     RelayNotOpened { name: String },
+    #[error("sandbox {name} already has a main process; run more with `openshell sandbox exec`")]
+    MainExists { name: String },
+    #[error("the gateway cannot keep the sandbox's log: {0}")]
+    Logs(#[source] std::io::Error),
+    /// The supervisor's reason is sandbox-controlled text: shown quoted
+    /// and bounded.
+    #[error("sandbox {name} could not open the channel: {}", echo(.reason))]
+    RelayRefused { name: String, reason: String },
+    /// A file transfer the sandbox's file helper refused; `message` is
+    /// its (bounded) complaint.
+    #[error("in sandbox {name}: {message}")]
+    Transfer {
+        name: String,
+        kind: openshell_files::FailureKind,
+        message: String,
+    },
     #[error("the sandbox's supervisor went away before {what}{}", in_parens(.detail))]
     SupervisorGone { what: &'static str, detail: String },
     #[error("the relay was idle for {} s and was closed", .idle.as_secs())]
@@ -81,6 +109,20 @@ pub enum ApiError {
     },
     #[error("no relay {} is waiting for this sandbox", echo(.channel))]
     UnknownRelay { channel: String },
+    #[error("this sandbox's supervisor has no session: say hello first")]
+    NoSession,
+    /// A policy document that does not parse or validate; the message
+    /// names the line (or field) and what to fix.
+    #[error("the policy is invalid: {0}")]
+    Policy(#[source] Box<openshell_policy::PolicyError>),
+    #[error(
+        "sandbox {name}'s policy is at revision {current}, not {expected}; read it again (`openshell policy get {name}`) and retry"
+    )]
+    PolicyRevision {
+        name: String,
+        current: u64,
+        expected: u64,
+    },
     #[error(
         "sandbox {name}'s supervisor has no SSH server (it reported no host key); recreate the sandbox with a current supervisor"
     )]
@@ -116,6 +158,13 @@ pub enum ApiError {
         message: String,
         retry_after: Duration,
     },
+    /// The host's disk is too full for another sandbox. No retry hint:
+    /// waiting frees nothing.
+    #[error(
+        "the filesystem holding the gateway's state dir has {} free, below the gateway's disk reserve of {reserve_gib} GiB: free space there (delete sandboxes, `openshell image rm` unused images) or start the gateway with a smaller --disk-reserve-gib (0 turns the reserve off)",
+        gib(*.free_bytes)
+    )]
+    DiskReserve { free_bytes: u64, reserve_gib: u64 },
     #[error("the gateway is shutting down")]
     ShuttingDown,
     #[error("the transport failed: {0}")]
@@ -160,6 +209,23 @@ impl From<ImageError> for ApiError {
     }
 }
 
+/// Bytes in GiB, to a tenth.
+fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// What to do about a sandbox whose phase refused a stop or start.
+fn phase_hint(phase: Phase, name: &str) -> String {
+    match phase {
+        Phase::Provisioning | Phase::Unknown => format!(
+            ": it is being launched; wait until it is Ready (`openshell sandbox watch {name} --until-settled`)"
+        ),
+        Phase::Error => format!(": it failed; see `openshell sandbox get {name}`, then delete it"),
+        Phase::Deleting => ": it is being deleted".to_owned(),
+        Phase::Ready | Phase::Stopped => String::new(),
+    }
+}
+
 fn in_parens(d: &str) -> String {
     if d.is_empty() {
         String::new()
@@ -184,7 +250,9 @@ pub fn to_status(e: ApiError) -> Status {
         | ApiError::FirstMessage { .. }
         | ApiError::BadField(_)
         | ApiError::Name(_)
+        | ApiError::Policy(_)
         | ApiError::Spec(_) => Code::InvalidArgument,
+        ApiError::PolicyRevision { .. } => Code::Aborted,
         ApiError::SandboxNotFound { .. }
         | ApiError::PluginNotFound { .. }
         | ApiError::UnknownRelay { .. } => Code::NotFound,
@@ -193,15 +261,29 @@ pub fn to_status(e: ApiError) -> Status {
         | ApiError::DriverNotLoaded { .. }
         | ApiError::PluginInUse { .. }
         | ApiError::NotReady { .. }
+        | ApiError::Stopped { .. }
+        | ApiError::WrongPhase { .. }
         | ApiError::NoSshServer { .. }
-        | ApiError::NoSshHostKey { .. } => Code::FailedPrecondition,
+        | ApiError::NoSshHostKey { .. }
+        | ApiError::RelayRefused { .. }
+        | ApiError::MainExists { .. } => Code::FailedPrecondition,
+        ApiError::Logs(_) => Code::Internal,
+        ApiError::Transfer { kind, .. } => match kind {
+            openshell_files::FailureKind::NotFound => Code::NotFound,
+            openshell_files::FailureKind::Exists => Code::AlreadyExists,
+            openshell_files::FailureKind::Limit => Code::ResourceExhausted,
+            openshell_files::FailureKind::BadRequest => Code::InvalidArgument,
+            openshell_files::FailureKind::Other => Code::FailedPrecondition,
+        },
         ApiError::TooLarge { .. }
         | ApiError::RelaysWaiting { .. }
-        | ApiError::NoFreeUidSlot { .. } => Code::ResourceExhausted,
+        | ApiError::NoFreeUidSlot { .. }
+        | ApiError::DiskReserve { .. } => Code::ResourceExhausted,
         ApiError::FirstMessageTimeout { .. } | ApiError::RelayIdle { .. } => Code::DeadlineExceeded,
         ApiError::NoFreeName
         | ApiError::CreateInFlight
         | ApiError::SupervisorNotConnected { .. }
+        | ApiError::NoSession
         | ApiError::RelayNotOpened { .. }
         | ApiError::SupervisorGone { .. }
         | ApiError::ShuttingDown
@@ -298,7 +380,8 @@ fn image_code(e: &ImageError) -> Code {
         | ImageError::ArchiveUnreadable { .. }
         | ImageError::InvalidJson { .. }
         | ImageError::InvalidImage { .. }
-        | ImageError::Unsupported { .. } => Code::FailedPrecondition,
+        | ImageError::Unsupported { .. }
+        | ImageError::DiskBuild { .. } => Code::FailedPrecondition,
         ImageError::TooLarge { .. } | ImageError::DiskFull { .. } => Code::ResourceExhausted,
         ImageError::InsecureStore { .. } | ImageError::NotRoot | ImageError::Io { .. } => {
             tracing::error!("image store failure: {e}");
@@ -320,6 +403,38 @@ mod tests {
         assert_eq!(s.code(), Code::NotFound);
         assert!(s.message().len() < 400, "{}", s.message().len());
         assert!(s.message().contains("1048576 bytes"));
+    }
+
+    #[test]
+    fn a_stop_or_start_in_the_wrong_phase_is_a_failed_precondition_saying_what_to_do() {
+        let wrong = |phase| {
+            to_status(ApiError::WrongPhase {
+                name: "w".into(),
+                phase,
+                action: "stopped",
+            })
+        };
+        let s = wrong(Phase::Provisioning);
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(
+            s.message()
+                .contains("is Provisioning, so it cannot be stopped"),
+            "{}",
+            s.message()
+        );
+        assert!(
+            s.message().contains("wait until it is Ready"),
+            "{}",
+            s.message()
+        );
+        assert!(wrong(Phase::Error).message().contains("delete it"));
+        let s = to_status(ApiError::Stopped { name: "w".into() });
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert!(
+            s.message().contains("`openshell sandbox start w`"),
+            "{}",
+            s.message()
+        );
     }
 
     #[test]

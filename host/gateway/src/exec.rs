@@ -15,7 +15,7 @@ use tonic::{Status, Streaming};
 use crate::error::{ApiError, to_status};
 use crate::runtime::ComputeRuntime;
 use crate::streams::first_message;
-use crate::supervisor::relay::{Activity, Next, SandboxFrames};
+use crate::supervisor::relay::{Activity, SandboxFrames};
 
 pub const MAX_ARGV_BYTES: usize = 128 * 1024;
 /// Linux's PATH_MAX: no longer workdir can be opened.
@@ -89,7 +89,11 @@ pub async fn exec(
         }));
     };
     check_start(&start).map_err(to_status)?;
+    if start.main {
+        return main(runtime, start, inbound).await.map_err(to_status);
+    }
     let sb = runtime.ready(&start.sandbox).await.map_err(to_status)?;
+    crate::metrics::get().execs.inc();
     let conn = runtime
         .supervisors()
         .open_relay(
@@ -148,15 +152,8 @@ pub async fn exec(
     tokio::spawn(async move {
         let _done = done_tx;
         loop {
-            let frame = match frames.next(&out_tx).await {
-                Next::Frame(f) => f,
-                Next::ClientGone => return,
-                Next::Idle => {
-                    let _ = out_tx
-                        .send(Err(to_status(ApiError::RelayIdle { idle })))
-                        .await;
-                    return;
-                }
+            let Some(frame) = frames.next(&out_tx).await else {
+                return;
             };
             match frame {
                 Ok(Some(pb::RelayFrame {
@@ -178,6 +175,81 @@ pub async fn exec(
                         detail,
                     };
                     let _ = out_tx.send(Err(to_status(gone))).await;
+                    return;
+                }
+            }
+        }
+    });
+    Ok(ReceiverStream::new(out_rx))
+}
+
+/// An exec of the sandbox's main process: started, then followed in the
+/// sandbox's log until it exits. The client's stream is only held open; a
+/// client that leaves stops following, never the process.
+async fn main(
+    runtime: Arc<ComputeRuntime>,
+    start: pb::ExecStart,
+    mut inbound: Streaming<pb::ExecClientMessage>,
+) -> Result<ReceiverStream<Result<pb::ExecServerMessage, Status>>, ApiError> {
+    if start.tty || start.timeout_ms != 0 {
+        return Err(ApiError::BadField(
+            "a main process has no terminal and no timeout".into(),
+        ));
+    }
+    let sb = runtime.ready(&start.sandbox).await?;
+    // Positioned before the start: every record of this run follows.
+    let (_, follower) = runtime.logs().read(sb.id).map_err(ApiError::Logs)?;
+    let mut follower = follower
+        .ok_or_else(|| ApiError::Logs(std::io::Error::other("this gateway keeps no logs")))?;
+    let spec = crate::logs::MainSpec {
+        argv: start.argv,
+        env: start.environment.into_iter().collect(),
+        workdir: start.workdir,
+    };
+    runtime.start_main(sb.id, sb.name.as_str(), spec).await?;
+    let (out_tx, out_rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut reading = true;
+        loop {
+            let records = tokio::select! {
+                r = follower.next() => r,
+                _ = out_tx.closed() => return,
+                // Drained, so the request stream stays open; its end (a
+                // half-close) means nothing: keep following.
+                m = inbound.message(), if reading => {
+                    reading = matches!(m, Ok(Some(_)));
+                    continue;
+                }
+            };
+            let records = match records {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    let gone = ApiError::SupervisorGone {
+                        what: "the main process exited",
+                        detail: "the sandbox was deleted".into(),
+                    };
+                    let _ = out_tx.send(Err(to_status(gone))).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = out_tx.send(Err(to_status(ApiError::Logs(e)))).await;
+                    return;
+                }
+            };
+            for r in records {
+                let msg = match (r.source, r.exit_code) {
+                    (pb::LogSource::Stdout, _) => S::Stdout(r.data.into()),
+                    (pb::LogSource::Stderr, _) => S::Stderr(r.data.into()),
+                    (_, Some(code)) => S::Exit(code),
+                    _ => continue,
+                };
+                let exit = matches!(msg, S::Exit(_));
+                if out_tx
+                    .send(Ok(pb::ExecServerMessage { msg: Some(msg) }))
+                    .await
+                    .is_err()
+                    || exit
+                {
                     return;
                 }
             }

@@ -10,16 +10,22 @@
 //! [`error::to_status`] is the one place errors become gRPC statuses.
 
 pub mod convert;
+pub mod egress;
 pub mod error;
 pub mod exec;
+pub mod files;
 mod incoming;
+pub mod logs;
+pub mod metrics;
 pub mod runtime;
+pub mod sandbox_logs;
 pub mod server;
 pub mod service;
 pub mod ssh;
 pub mod streams;
 pub mod supervisor;
 pub mod tls;
+pub mod tunnel;
 pub mod uid_range;
 pub mod watch;
 

@@ -26,7 +26,13 @@ pub struct GatewayConfig {
     pub state_dir: PathBuf,
     /// Bundled drivers to load at start, by name.
     pub drivers: Vec<String>,
+    /// Where to load them from; default: `embedded_drivers`, else
+    /// [`driver_search_path`].
     pub driver_dir: Option<PathBuf>,
+    /// Driver components built into the running binary (the CLI's).
+    pub embedded_drivers: &'static [EmbeddedDriver],
+    /// Where to serve Prometheus metrics (`GET /metrics`); default: nowhere.
+    pub metrics_addr: Option<SocketAddr>,
     pub disable_tls: bool,
     pub disable_auth: bool,
     /// Wall-clock deadline for one driver plugin call.
@@ -48,10 +54,32 @@ pub struct GatewayConfig {
     /// Host uid where the sandboxes' id table starts; default: what the
     /// state dir recorded, or [`crate::uid_range::DEFAULT_BASE`] for a new one.
     pub uid_base: Option<u32>,
-    /// The sandbox disk: pool size and per-sandbox quota (size 0: off).
+    /// The sandbox disk: pool size and the default sandbox size (size 0:
+    /// off). The disk reserve is in `limits`.
     pub disk: openshell_plugin::disk::DiskConfig,
     /// Images: the static supervisor, the default image, how to pull.
     pub images: ImageOptions,
+    /// The network policy (YAML) of sandboxes created without one; `None`:
+    /// they reach nothing.
+    pub default_policy: Option<String>,
+    /// Egress limits and the gateway's own name table.
+    pub egress: crate::egress::EgressOptions,
+}
+
+/// A bundled driver component built into the binary.
+#[derive(Clone, Copy)]
+pub struct EmbeddedDriver {
+    pub name: &'static str,
+    pub wasm: &'static [u8],
+}
+
+impl std::fmt::Debug for EmbeddedDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedDriver")
+            .field("name", &self.name)
+            .field("bytes", &self.wasm.len())
+            .finish()
+    }
 }
 
 /// What the gateway needs for sandboxes rooted in images. The store
@@ -100,6 +128,30 @@ impl GatewayConfig {
                 return Err(ConfigError::Zero { what });
             }
         }
+        match self.disk.default_gib {
+            Some(0) => {
+                return Err(ConfigError::Zero {
+                    what: "the default sandbox disk size",
+                });
+            }
+            Some(default_gib) if u64::from(default_gib) > self.disk.size_gib => {
+                return Err(ConfigError::DiskDefault {
+                    default_gib,
+                    size_gib: self.disk.size_gib,
+                });
+            }
+            _ => {}
+        }
+        if self.egress.max_connections == 0 {
+            return Err(ConfigError::Zero {
+                what: "egress connections per sandbox",
+            });
+        }
+        if let Some(yaml) = &self.default_policy {
+            crate::runtime::policy::parse(yaml).map_err(|e| ConfigError::DefaultPolicy {
+                reason: e.to_string(),
+            })?;
+        }
         Ok(())
     }
 }
@@ -113,6 +165,12 @@ pub enum ConfigError {
     TooShort { what: &'static str, got: Duration },
     #[error("{what} is 0; it must be at least 1")]
     Zero { what: &'static str },
+    #[error(
+        "the default sandbox disk size ({default_gib} GiB) is more than the sandbox disk ({size_gib} GiB; 0 is none): lower --default-disk-gib or raise --sandbox-disk-gib"
+    )]
+    DiskDefault { default_gib: u32, size_gib: u64 },
+    #[error("the default policy (--default-policy) is refused: {reason}")]
+    DefaultPolicy { reason: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -224,6 +282,8 @@ impl tonic::service::Interceptor for TokenCheck {
 /// A running gateway.
 pub struct Gateway {
     pub addr: SocketAddr,
+    /// Where `GET /metrics` is served, if asked.
+    pub metrics_addr: Option<SocketAddr>,
     pub client: ClientInfo,
     pub runtime: Arc<ComputeRuntime>,
     task: JoinHandle<Result<(), GatewayError>>,
@@ -273,6 +333,9 @@ impl Gateway {
         host_cfg.call_timeout = cfg.plugin_call_timeout;
         host_cfg.uid_base = uid_base;
         host_cfg.disk = cfg.disk;
+        host_cfg.on_call = Some(openshell_plugin::CallObserver(Arc::new(|plugin, took| {
+            crate::metrics::get().plugin_call(plugin, took)
+        })));
         host_cfg.launcher = cfg
             .launcher
             .clone()
@@ -286,6 +349,11 @@ impl Gateway {
             .static_supervisor
             .clone()
             .or_else(static_supervisor_beside);
+        if host_cfg.launcher.is_none() || host_cfg.supervisor.is_none() {
+            tracing::warn!(
+                "openshell-sandbox-launch or openshell-supervisor is not next to this binary: process sandboxes will fail to launch; install with `just install` or pass --launcher and --supervisor"
+            );
+        }
         host_cfg.images = Some(Arc::new(open_images(&cfg.state_dir, &cfg.images)?));
         // Always made, even when the API port is plaintext: a VM guest's
         // supervisor dials over TLS verified against this CA.
@@ -307,6 +375,9 @@ impl Gateway {
                 },
                 limits: cfg.limits,
                 default_image: cfg.images.default_image.clone(),
+                logs_dir: Some(cfg.state_dir.join("logs")),
+                default_policy: cfg.default_policy.clone(),
+                egress: cfg.egress.clone(),
             },
         );
         runtime.spawn_host_events(events_rx);
@@ -318,9 +389,42 @@ impl Gateway {
             .await
             .map_err(GatewayError::Recover)?;
         for name in &cfg.drivers {
-            load_bundled(&runtime, name, cfg.driver_dir.as_deref()).await?;
+            load_bundled(
+                &runtime,
+                name,
+                cfg.driver_dir.as_deref(),
+                cfg.embedded_drivers,
+            )
+            .await?;
         }
         runtime.recover().await.map_err(GatewayError::Recover)?;
+        // After recovery: a ttl that passed while no gateway ran acts now.
+        runtime.spawn_lifetimes();
+        let metrics_addr = match cfg.metrics_addr {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| GatewayError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| GatewayError::Bind { addr, source })?;
+                let rt = Arc::downgrade(&runtime);
+                let phases = move || {
+                    let rt = rt.clone();
+                    async move {
+                        match rt.upgrade() {
+                            Some(rt) => rt.phase_counts().await,
+                            None => Vec::new(),
+                        }
+                    }
+                };
+                crate::metrics::serve(listener, phases, runtime.shutdown_signal());
+                tracing::info!(addr = %bound, "metrics serving at /metrics");
+                runtime.egress().refuse(bound);
+                Some(bound)
+            }
+            None => None,
+        };
 
         // Before the first connection: the budget below is cut to fit.
         let nofile = crate::incoming::raise_fd_limit();
@@ -331,6 +435,7 @@ impl Gateway {
         let addr = listener
             .local_addr()
             .map_err(|source| GatewayError::Bind { addr, source })?;
+        runtime.egress().refuse(addr);
 
         let pki = (!cfg.disable_tls).then(|| pki.clone());
         let token = if cfg.disable_auth {
@@ -391,6 +496,7 @@ impl Gateway {
         tracing::info!(%addr, "gateway serving");
         Ok(Gateway {
             addr,
+            metrics_addr,
             client,
             runtime,
             task,
@@ -493,14 +599,30 @@ pub fn driver_search_path(explicit: Option<&Path>) -> Vec<PathBuf> {
     dirs
 }
 
+/// Loads bundled driver `name`: from `driver_dir` when given, else the
+/// embedded build, else the first file on [`driver_search_path`].
 async fn load_bundled(
     runtime: &ComputeRuntime,
     name: &str,
     driver_dir: Option<&Path>,
+    embedded: &[EmbeddedDriver],
 ) -> Result<(), GatewayError> {
     let grants = bundled_grants(name).ok_or_else(|| GatewayError::UnknownDriver {
         name: name.to_owned(),
     })?;
+    let grants: Vec<String> = grants.iter().map(|g| g.as_str().to_owned()).collect();
+    let built_in = embedded.iter().find(|d| d.name == name);
+    if let (None, Some(d)) = (driver_dir, built_in) {
+        runtime
+            .load_plugin(name, d.wasm, &grants)
+            .await
+            .map_err(|source| GatewayError::DriverLoad {
+                name: name.to_owned(),
+                source,
+            })?;
+        tracing::info!(driver = name, "bundled driver loaded (embedded)");
+        return Ok(());
+    }
     let file = format!("openshell_driver_{name}.wasm");
     let dirs = driver_search_path(driver_dir);
     let Some(path) = dirs.iter().map(|d| d.join(&file)).find(|p| p.is_file()) else {
@@ -518,7 +640,6 @@ async fn load_bundled(
         path: path.clone(),
         source,
     })?;
-    let grants: Vec<String> = grants.iter().map(|g| g.as_str().to_owned()).collect();
     runtime
         .load_plugin(name, &bytes, &grants)
         .await
@@ -542,6 +663,8 @@ mod tests {
             state_dir: std::env::temp_dir(),
             drivers: vec![],
             driver_dir: None,
+            embedded_drivers: &[],
+            metrics_addr: None,
             disable_tls: true,
             disable_auth: true,
             plugin_call_timeout: Duration::from_secs(10),
@@ -555,6 +678,8 @@ mod tests {
             uid_base: None,
             disk: openshell_plugin::disk::DiskConfig::OFF,
             images: Default::default(),
+            default_policy: None,
+            egress: Default::default(),
         }
     }
 
@@ -564,7 +689,7 @@ mod tests {
     fn issue_12_zero_durations_and_limits_are_refused_whoever_builds_the_config() {
         assert_eq!(config().validate(), Ok(()));
         type Break = fn(&mut GatewayConfig);
-        let cases: [(&str, Break); 7] = [
+        let cases: [(&str, Break); 9] = [
             ("heartbeat", |c| c.heartbeat = Duration::ZERO),
             ("plugin call timeout", |c| {
                 c.plugin_call_timeout = Duration::ZERO
@@ -579,6 +704,18 @@ mod tests {
             ("max sandboxes", |c| c.limits.max_sandboxes = 0),
             ("max concurrent launches", |c| {
                 c.limits.max_concurrent_launches = 0
+            }),
+            ("default sandbox disk size is 0", |c| {
+                c.disk = openshell_plugin::disk::DiskConfig {
+                    size_gib: 64,
+                    default_gib: Some(0),
+                }
+            }),
+            ("more than the sandbox disk (64 GiB", |c| {
+                c.disk = openshell_plugin::disk::DiskConfig {
+                    size_gib: 64,
+                    default_gib: Some(65),
+                }
             }),
         ];
         for (what, break_it) in cases {

@@ -74,7 +74,8 @@ impl OpenShell for Service {
         req: Request<pb::CreateSandboxRequest>,
     ) -> Result<Response<pb::CreateSandboxResponse>, Status> {
         let req = req.into_inner();
-        let len = req.encoded_len();
+        // The policy is bounded on its own (runtime::policy::MAX_POLICY_BYTES).
+        let len = req.encoded_len().saturating_sub(req.policy.len());
         if len > MAX_CREATE_BYTES {
             return Err(to_status(ApiError::TooLarge {
                 what: "the request",
@@ -83,7 +84,12 @@ impl OpenShell for Service {
                 hint: ": pass fewer or smaller environment variables",
             }));
         }
-        let spec = convert::spec(req.spec);
+        let mut spec = convert::spec(req.spec);
+        spec.policy = (!req.policy.is_empty()).then_some(openshell_core::StoredPolicy {
+            yaml: req.policy,
+            revision: 1,
+            source: openshell_core::PolicySource::Create,
+        });
         let sb = self
             .runtime
             .create(&req.name, spec, &req.request_id)
@@ -247,6 +253,48 @@ impl OpenShell for Service {
         req: Request<tonic::Streaming<pb::SshTunnelFrame>>,
     ) -> Result<Response<Self::SshTunnelStream>, Status> {
         let out = crate::ssh::tunnel(self.runtime.clone(), req.into_inner()).await?;
+        Ok(Response::new(out))
+    }
+
+    async fn upload_files(
+        &self,
+        req: Request<tonic::Streaming<pb::UploadFilesMessage>>,
+    ) -> Result<Response<pb::UploadFilesResponse>, Status> {
+        let r = crate::files::upload(self.runtime.clone(), req.into_inner()).await?;
+        Ok(Response::new(r))
+    }
+
+    type DownloadFilesStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::DownloadFilesChunk, Status>>;
+
+    async fn download_files(
+        &self,
+        req: Request<pb::DownloadFilesRequest>,
+    ) -> Result<Response<Self::DownloadFilesStream>, Status> {
+        let out = crate::files::download(self.runtime.clone(), req.into_inner()).await?;
+        Ok(Response::new(out))
+    }
+
+    type ForwardTcpStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::ForwardTcpFrame, Status>>;
+
+    async fn forward_tcp(
+        &self,
+        req: Request<tonic::Streaming<pb::ForwardTcpFrame>>,
+    ) -> Result<Response<Self::ForwardTcpStream>, Status> {
+        let out = crate::ssh::forward(self.runtime.clone(), req.into_inner()).await?;
+        Ok(Response::new(out))
+    }
+
+    type SandboxLogsStream = tokio_stream::wrappers::ReceiverStream<Result<pb::LogRecord, Status>>;
+
+    async fn sandbox_logs(
+        &self,
+        req: Request<pb::SandboxLogsRequest>,
+    ) -> Result<Response<Self::SandboxLogsStream>, Status> {
+        let out = crate::sandbox_logs::stream(self.runtime.clone(), req.into_inner())
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(out))
     }
 
@@ -428,5 +476,78 @@ impl OpenShell for Service {
             .await
             .map_err(to_status)?;
         Ok(Response::new(pb::UnloadPluginResponse {}))
+    }
+
+    async fn stop_sandbox(
+        &self,
+        req: Request<pb::StopSandboxRequest>,
+    ) -> Result<Response<pb::StopSandboxResponse>, Status> {
+        let name = req.into_inner().name;
+        let sb = self
+            .runtime
+            .stop(&name, "stopped by request")
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::StopSandboxResponse {
+            sandbox: Some(convert::sandbox(&sb, self.runtime.isolation(&sb))),
+        }))
+    }
+
+    async fn start_sandbox(
+        &self,
+        req: Request<pb::StartSandboxRequest>,
+    ) -> Result<Response<pb::StartSandboxResponse>, Status> {
+        let sb = self
+            .runtime
+            .start(&req.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::StartSandboxResponse {
+            sandbox: Some(convert::sandbox(&sb, self.runtime.isolation(&sb))),
+        }))
+    }
+
+    async fn get_sandbox_stats(
+        &self,
+        req: Request<pb::GetSandboxStatsRequest>,
+    ) -> Result<Response<pb::GetSandboxStatsResponse>, Status> {
+        let (sb, u) = self
+            .runtime
+            .stats(&req.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetSandboxStatsResponse {
+            sandbox: Some(convert::sandbox(&sb, self.runtime.isolation(&sb))),
+            stats: Some(convert::stats(&u)),
+        }))
+    }
+
+    async fn set_sandbox_policy(
+        &self,
+        req: Request<pb::SetSandboxPolicyRequest>,
+    ) -> Result<Response<pb::SetSandboxPolicyResponse>, Status> {
+        let req = req.into_inner();
+        let (_, p) = self
+            .runtime
+            .set_policy(&req.name, &req.yaml, req.expected_revision)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::SetSandboxPolicyResponse {
+            policy: Some(convert::policy(Some(&p))),
+        }))
+    }
+
+    async fn get_sandbox_policy(
+        &self,
+        req: Request<pb::GetSandboxPolicyRequest>,
+    ) -> Result<Response<pb::GetSandboxPolicyResponse>, Status> {
+        let p = self
+            .runtime
+            .policy(&req.into_inner().name)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::GetSandboxPolicyResponse {
+            policy: Some(convert::policy(p.as_ref())),
+        }))
     }
 }

@@ -155,6 +155,9 @@ pub enum ImageError {
     #[error("{what} has media type `{media_type}`, which this store does not support")]
     Unsupported { what: String, media_type: String },
 
+    #[error("cannot build the VM disk of image {image}: {reason}")]
+    DiskBuild { image: String, reason: String },
+
     #[error("the disk holding {path} is full; free space (an image gc may help) and retry")]
     DiskFull {
         path: PathBuf,

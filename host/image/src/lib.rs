@@ -21,6 +21,7 @@
 //! owners (uids up to [`MAX_IMAGE_ID`]) that a sandbox's user namespace maps.
 
 mod digest;
+pub mod disk;
 mod error;
 mod import;
 mod oci;

@@ -49,6 +49,8 @@ pub struct ImageStore {
     /// image download it once: the second waits, then finds it stored.
     flights: Mutex<HashMap<Digest, Arc<tokio::sync::Mutex<()>>>>,
     next_tmp: AtomicU64,
+    /// VM disk builds, one at a time ([`ImageStore::disk`]).
+    pub(crate) disk_builds: Mutex<()>,
 }
 
 impl std::fmt::Debug for ImageStore {
@@ -75,7 +77,7 @@ pub(crate) struct Stored {
 /// How long [`ImageStore::open`] waits for another holder of the root.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding one of these maps leaves it consistent (each
     // update is one insert or remove), so a poisoned lock is still usable.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -89,7 +91,7 @@ fn mkdir_private(path: &Path) -> Result<(), ImageError> {
         .map_err(io_err("create", path))
 }
 
-fn fsync_dir(path: &Path) -> Result<(), ImageError> {
+pub(crate) fn fsync_dir(path: &Path) -> Result<(), ImageError> {
     File::open(path)
         .and_then(|d| d.sync_all())
         .map_err(io_err("sync", path))
@@ -168,10 +170,12 @@ impl ImageStore {
             pins: Mutex::default(),
             flights: Mutex::default(),
             next_tmp: AtomicU64::new(0),
+            disk_builds: Mutex::default(),
         };
         for dir in [
             store.root.join("blobs/sha256"),
             store.root.join("layers/sha256"),
+            store.root.join("disks/sha256"),
             store.names_dir(),
             store.tmp_dir(),
         ] {
@@ -339,9 +343,10 @@ impl ImageStore {
                     }
                 }
             }
-            for (dir, reachable, is_layer) in [
-                (self.root.join("blobs/sha256"), &blobs, false),
-                (self.root.join("layers/sha256"), &layers, true),
+            for (dir, reachable, kind) in [
+                (self.root.join("blobs/sha256"), &blobs, "blob"),
+                (self.root.join("layers/sha256"), &layers, "layer"),
+                (self.root.join("disks/sha256"), &roots, "disk"),
             ] {
                 for entry in fs::read_dir(&dir).map_err(io_err("list", &dir))? {
                     let entry = entry.map_err(io_err("list", &dir))?;
@@ -353,15 +358,11 @@ impl ImageStore {
                         continue;
                     }
                     let path = entry.path();
-                    let to = trash.join(format!(
-                        "{}-{}",
-                        if is_layer { "layer" } else { "blob" },
-                        name.to_string_lossy()
-                    ));
-                    if is_layer {
-                        report.layers_removed += 1;
-                    } else {
-                        report.blobs_removed += 1;
+                    let to = trash.join(format!("{kind}-{}", name.to_string_lossy()));
+                    match kind {
+                        "layer" => report.layers_removed += 1,
+                        "blob" => report.blobs_removed += 1,
+                        _ => {}
                     }
                     fs::rename(&path, &to).map_err(io_err("move to trash", &path))?;
                 }
@@ -590,7 +591,7 @@ fn disk_usage(dir: &Path) -> u64 {
     total
 }
 
-fn remove_any(path: &Path) -> Result<(), ImageError> {
+pub(crate) fn remove_any(path: &Path) -> Result<(), ImageError> {
     let meta = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),

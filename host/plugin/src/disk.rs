@@ -2,8 +2,13 @@
 //! process sandbox's `/sandbox`, a VM's files, their logs) lives in one
 //! btrfs filesystem, in a sparse image file in the state dir mounted at
 //! `sandboxes/`, where every sandbox's state dir is a subvolume with a
-//! qgroup limit (issue 14 item 6). A sandbox that fills its quota gets
-//! `EDQUOT`; the host's disk and every other sandbox are unaffected.
+//! qgroup limit (issue 14 item 6): the sandbox's own disk size, stored with
+//! it (issue 17), or the gateway's default. A sandbox that fills its quota
+//! gets `EDQUOT`; the host's disk and every other sandbox are unaffected.
+//! The sizes overcommit the pool on purpose (it is sparse, and most
+//! sandboxes use a fraction of theirs): one sandbox can ask for at most the
+//! whole pool, and the gateway's disk reserve refuses creates when the
+//! host itself runs low.
 //!
 //! Why btrfs qgroups: ext4 and XFS project quotas need the kernel's quota
 //! support (`CONFIG_QUOTA`, `CONFIG_XFS_QUOTA`), which not every kernel has
@@ -25,33 +30,42 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use openshell_core::validate::DiskSizes;
+
 /// The image's name in the state dir.
 pub const IMAGE: &str = "sandboxes.img";
 
-/// How big the pool and each sandbox's share are.
+/// What a sandbox that asks for no size may store, in GiB, unless the
+/// operator chose otherwise (or the whole disk is smaller).
+pub const DEFAULT_SANDBOX_GIB: u32 = 8;
+
+/// How big the pool is and what a sandbox gets by default.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DiskConfig {
     /// Size of the sparse image holding every sandbox's files; 0 turns the
-    /// sandbox disk (and so every quota) off.
+    /// sandbox disk (and so every quota) off. Used when the image is made:
+    /// an existing image keeps its size.
     pub size_gib: u64,
-    /// What one sandbox may store, in MiB.
-    pub quota_mib: u64,
+    /// What a sandbox created without a size may store, in GiB; `None`:
+    /// [`DEFAULT_SANDBOX_GIB`], or the whole disk if that is smaller. One
+    /// larger than the disk is refused at start.
+    pub default_gib: Option<u32>,
 }
 
 impl DiskConfig {
     /// No sandbox disk: sandboxes' state dirs are plain directories.
     pub const OFF: DiskConfig = DiskConfig {
         size_gib: 0,
-        quota_mib: 0,
+        default_gib: None,
     };
 }
 
-/// The gateway's default: a 64 GiB pool, 10 GiB per sandbox.
+/// The gateway's default: a 64 GiB pool, 8 GiB per sandbox.
 impl Default for DiskConfig {
     fn default() -> Self {
         Self {
             size_gib: 64,
-            quota_mib: 10 << 10,
+            default_gib: None,
         }
     }
 }
@@ -71,6 +85,14 @@ pub enum DiskError {
         what: String,
         status: std::process::ExitStatus,
         stderr: String,
+    },
+    #[error(
+        "the default sandbox disk size ({default_gib} GiB) is more than the sandbox disk holds ({pool_gib} GiB, {image}): lower --default-disk-gib"
+    )]
+    DefaultTooLarge {
+        default_gib: u32,
+        pool_gib: u64,
+        image: PathBuf,
     },
     #[error("{what} {path:?}")]
     Io {
@@ -93,7 +115,7 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> D
 #[derive(Debug)]
 pub struct SandboxDisk {
     mount: PathBuf,
-    quota_bytes: u64,
+    sizes: DiskSizes,
     detached: std::sync::atomic::AtomicBool,
 }
 
@@ -113,9 +135,40 @@ impl SandboxDisk {
         if config.size_gib == 0 || !nix::unistd::geteuid().is_root() {
             return Ok(None);
         }
+        let image = state_dir.join(IMAGE);
+        // An image is sized when it is made; what bounds a sandbox is the
+        // size it has.
+        let pool_gib = match fs::metadata(&image) {
+            Ok(meta) => meta.len() >> 30,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => config.size_gib,
+            Err(e) => return Err(io_err("cannot inspect", &image)(e)),
+        };
+        if pool_gib != config.size_gib {
+            tracing::warn!(
+                "{} holds {pool_gib} GiB, not the {} GiB --sandbox-disk-gib asks for: an image keeps the size it was made with",
+                image.display(),
+                config.size_gib
+            );
+        }
+        let default_gib = match config.default_gib {
+            Some(d) if u64::from(d) > pool_gib => {
+                return Err(DiskError::DefaultTooLarge {
+                    default_gib: d,
+                    pool_gib,
+                    image,
+                });
+            }
+            Some(d) => d,
+            None => {
+                u32::try_from(pool_gib).map_or(DEFAULT_SANDBOX_GIB, |p| p.min(DEFAULT_SANDBOX_GIB))
+            }
+        };
         let disk = SandboxDisk {
             mount: sandboxes.to_owned(),
-            quota_bytes: config.quota_mib << 20,
+            sizes: DiskSizes {
+                pool_gib,
+                default_gib,
+            },
             detached: false.into(),
         };
         if disk.is_mounted()? {
@@ -124,7 +177,6 @@ impl SandboxDisk {
             disk.enable_quotas()?;
             return Ok(Some(disk));
         }
-        let image = state_dir.join(IMAGE);
         let fresh = !image.exists();
         if fresh && fs::read_dir(sandboxes).is_ok_and(|mut d| d.next().is_some()) {
             tracing::warn!(
@@ -153,9 +205,20 @@ impl SandboxDisk {
         Ok(Some(disk))
     }
 
-    /// A sandbox's quota in bytes.
-    pub fn quota_bytes(&self) -> u64 {
-        self.quota_bytes
+    /// What the disk holds and what a sandbox gets by default.
+    pub fn sizes(&self) -> DiskSizes {
+        self.sizes
+    }
+
+    /// The quota, in bytes, of a sandbox stored with `disk_gib` (0: a
+    /// record from before sizes, which gets the default).
+    pub fn limit_bytes(&self, disk_gib: u32) -> u64 {
+        let gib = if disk_gib == 0 {
+            self.sizes.default_gib
+        } else {
+            disk_gib
+        };
+        u64::from(gib) << 30
     }
 
     fn is_mounted(&self) -> Result<bool, DiskError> {
@@ -184,9 +247,13 @@ impl SandboxDisk {
             .map_err(io_err("cannot enable btrfs quotas on", &self.mount))
     }
 
-    /// Creates `name`'s state dir as a subvolume (0700, root's) limited to
-    /// the quota. One that exists already is left as it is.
-    pub fn create_sandbox_dir(&self, name: &str) -> io::Result<PathBuf> {
+    /// Creates `name`'s state dir as a subvolume (0700, root's), or finds
+    /// the one made by an earlier launch, and limits it to `disk_gib` (see
+    /// [`Self::limit_bytes`]). The limit is set every time, so a resume
+    /// after a restart (or a limit changed behind the gateway's back) gets
+    /// the stored size; a limit that cannot be set fails the call, since a
+    /// sandbox without one is unbounded.
+    pub fn create_sandbox_dir(&self, name: &str, disk_gib: u32) -> io::Result<PathBuf> {
         let path = self.mount.join(name);
         let parent = File::open(&self.mount)?;
         let mut args = VolArgs {
@@ -201,30 +268,40 @@ impl SandboxDisk {
             ));
         }
         args.name[..bytes.len()].copy_from_slice(bytes);
-        match ioctl(&parent, BTRFS_IOC_SUBVOL_CREATE, &mut args) {
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                crate::host::create_private_dir(&path)?;
-                return Ok(path);
-            }
-            other => other?,
-        }
+        let fresh = match ioctl(&parent, BTRFS_IOC_SUBVOL_CREATE, &mut args) {
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            other => other.map(|()| true)?,
+        };
         let dir = fs::OpenOptions::new()
             .read(true)
             .custom_flags(nix::libc::O_DIRECTORY | nix::libc::O_NOFOLLOW)
             .open(&path)?;
+        // The limit goes to the subvolume the descriptor is in: for a plain
+        // directory that would be the whole disk's root.
+        if dir.metadata()?.ino() != BTRFS_FIRST_FREE_OBJECTID {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} is not a subvolume, so no quota can bound it; move it out of the sandbox disk",
+                    path.display()
+                ),
+            ));
+        }
         dir.set_permissions(fs::Permissions::from_mode(0o700))?;
         let mut limit = QgroupLimitArgs {
             // 0: the qgroup of the subvolume the descriptor is in.
             qgroupid: 0,
             flags: BTRFS_QGROUP_LIMIT_MAX_RFER,
-            max_rfer: self.quota_bytes,
+            max_rfer: self.limit_bytes(disk_gib),
             max_excl: 0,
             rsv_rfer: 0,
             rsv_excl: 0,
         };
         if let Err(e) = ioctl(&dir, BTRFS_IOC_QGROUP_LIMIT, &mut limit) {
-            // No unlimited sandbox: take the subvolume back.
-            let _ = fs::remove_dir(&path);
+            if fresh {
+                // No unlimited sandbox: take the subvolume back.
+                let _ = fs::remove_dir(&path);
+            }
             return Err(e);
         }
         Ok(path)
@@ -310,6 +387,8 @@ const BTRFS_IOC_QUOTA_CTL: nix::libc::c_ulong = 0xc010_9428; // _IOWR(40, quota_
 const BTRFS_IOC_QGROUP_LIMIT: nix::libc::c_ulong = 0x8030_942b; // _IOR(43, qgroup_limit_args)
 const BTRFS_QUOTA_CTL_ENABLE: u64 = 1;
 const BTRFS_QGROUP_LIMIT_MAX_RFER: u64 = 1;
+/// The inode number of every subvolume's root directory.
+const BTRFS_FIRST_FREE_OBJECTID: u64 = 256;
 
 #[repr(C)]
 struct VolArgs {
@@ -362,12 +441,118 @@ mod tests {
         assert_eq!(std::mem::size_of::<QgroupLimitArgs>(), 48);
     }
 
+    /// `Max referenced` of the qgroup of the subvolume at `path`, as
+    /// btrfs-progs reads it back; `None`: no limit.
+    fn max_referenced(path: &Path) -> Option<u64> {
+        let out = Command::new("btrfs")
+            .args(["qgroup", "show", "-rf", "--raw"])
+            .arg(path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("0/"))
+            .unwrap_or_else(|| panic!("no qgroup for {}: {text}", path.display()));
+        row.split_whitespace().nth(3).unwrap().parse().ok()
+    }
+
+    fn disk(dir: &Path, config: DiskConfig) -> Result<Option<SandboxDisk>, DiskError> {
+        SandboxDisk::open(dir, &dir.join("sandboxes"), config)
+    }
+
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn a_sandbox_dir_gets_its_own_size_again_at_every_create_and_a_plain_dir_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = DiskConfig {
+            size_gib: 16,
+            default_gib: None,
+        };
+        let disk = disk(dir.path(), config)
+            .unwrap()
+            .expect("root mounts the disk");
+        assert_eq!(
+            disk.sizes(),
+            DiskSizes {
+                pool_gib: 16,
+                default_gib: DEFAULT_SANDBOX_GIB
+            }
+        );
+        // 0: a record from before sizes gets the default.
+        let a = disk.create_sandbox_dir("a", 0).unwrap();
+        assert_eq!(max_referenced(&a), Some(8 * GIB));
+        let b = disk.create_sandbox_dir("b", 1).unwrap();
+        assert_eq!(max_referenced(&b), Some(GIB));
+        // A resume sets the stored size again, whatever the limit became.
+        let unlimit = Command::new("btrfs")
+            .args(["qgroup", "limit", "none"])
+            .arg(&b)
+            .status()
+            .unwrap();
+        assert!(unlimit.success());
+        assert_eq!(max_referenced(&b), None);
+        std::fs::write(b.join("kept"), "x").unwrap();
+        assert_eq!(disk.create_sandbox_dir("b", 1).unwrap(), b);
+        assert_eq!(max_referenced(&b), Some(GIB));
+        assert!(b.join("kept").exists(), "an existing state dir is kept");
+        // A plain directory would put the limit on the disk's root.
+        let plain = dir.path().join("sandboxes/plain");
+        std::fs::create_dir(&plain).unwrap();
+        let err = disk.create_sandbox_dir("plain", 1).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+        assert_eq!(max_referenced(&plain), None, "the root got a limit");
+    }
+
+    #[test]
+    fn the_default_is_at_most_the_disk_an_image_keeps_its_size_and_a_larger_default_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let small = DiskConfig {
+            size_gib: 2,
+            default_gib: None,
+        };
+        let disk2 = disk(dir.path(), small).unwrap().unwrap();
+        assert_eq!(
+            disk2.sizes(),
+            DiskSizes {
+                pool_gib: 2,
+                default_gib: 2
+            }
+        );
+        drop(disk2);
+        // Asked for more, the image stays 2 GiB: an 8 GiB default cannot fit.
+        let bigger = DiskConfig {
+            size_gib: 64,
+            default_gib: Some(8),
+        };
+        let err = disk(dir.path(), bigger).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                DiskError::DefaultTooLarge {
+                    default_gib: 8,
+                    pool_gib: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(err.to_string().contains("--default-disk-gib"), "{err}");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let sandboxes = dir.path().join("sandboxes");
+        assert!(
+            !mounts.contains(&format!(" {} ", sandboxes.display())),
+            "{mounts}"
+        );
+    }
+
     #[test]
     fn off_means_no_disk_and_no_mount() {
         let dir = tempfile::tempdir().unwrap();
         let off = DiskConfig {
             size_gib: 0,
-            quota_mib: 1,
+            default_gib: Some(1),
         };
         let disk = SandboxDisk::open(dir.path(), &dir.path().join("sandboxes"), off).unwrap();
         assert!(disk.is_none());

@@ -13,7 +13,7 @@ pub const PACKAGE: &str = "openshell:compute";
 
 /// The version of `wit/world.wit` this host provides; a component built
 /// against another is refused at load with [`GrantError::OtherWorld`].
-pub const WORLD_VERSION: &str = "0.2.0";
+pub const WORLD_VERSION: &str = "0.3.0";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Capability {
@@ -54,7 +54,7 @@ impl Capability {
             .into_iter()
             .find(|c| c.as_str() == raw)
             .ok_or_else(|| GrantError::UnknownCapability {
-                name: raw.chars().take(64).collect(),
+                name: openshell_core::quote::excerpt(raw, 64),
             })
     }
 }
@@ -68,7 +68,7 @@ impl fmt::Display for Capability {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GrantError {
     #[error(
-        "unknown capability {name:?}: grantable capabilities are log, files, image, process, network, rootfs, vm"
+        "unknown capability {name}: grantable capabilities are log, files, image, process, network, rootfs, vm"
     )]
     UnknownCapability { name: String },
     #[error(
@@ -79,7 +79,7 @@ pub enum GrantError {
         import: String,
     },
     #[error(
-        "the component imports {import:?}, which this host does not provide; a driver may import only openshell:compute@{WORLD_VERSION} capabilities and WASI"
+        "the component imports {import}, which this host does not provide; a driver may import only openshell:compute@{WORLD_VERSION} capabilities and WASI"
     )]
     UnknownImport { import: String },
     #[error(
@@ -105,7 +105,7 @@ pub fn classify(import: &str) -> Result<Import, GrantError> {
         return Ok(Import::Wasi);
     }
     let unknown = || GrantError::UnknownImport {
-        import: import.chars().take(120).collect(),
+        import: openshell_core::quote::excerpt(import, 120),
     };
     let rest = import
         .strip_prefix(PACKAGE)
@@ -185,12 +185,12 @@ mod tests {
 
     #[test]
     fn nothing_is_granted_by_default() {
-        let err = check(["openshell:compute/vm@0.2.0"], &[]).unwrap_err();
+        let err = check(["openshell:compute/vm@0.3.0"], &[]).unwrap_err();
         assert_eq!(
             err,
             GrantError::NotGranted {
                 capability: Capability::Vm,
-                import: "openshell:compute/vm@0.2.0".into()
+                import: "openshell:compute/vm@0.3.0".into()
             }
         );
         assert!(err.to_string().contains("--grant vm"));
@@ -201,10 +201,10 @@ mod tests {
         let used = check(
             [
                 "wasi:cli/environment@0.2.6",
-                "openshell:compute/types@0.2.0",
-                "openshell:compute/log@0.2.0",
-                "openshell:compute/files@0.2.0",
-                "openshell:compute/log@0.2.0",
+                "openshell:compute/types@0.3.0",
+                "openshell:compute/log@0.3.0",
+                "openshell:compute/files@0.3.0",
+                "openshell:compute/log@0.3.0",
             ],
             &[Capability::Files, Capability::Log, Capability::Vm],
         )
@@ -215,7 +215,7 @@ mod tests {
     #[test]
     fn foreign_and_future_imports_are_refused() {
         for bad in [
-            "openshell:compute/root@0.2.0",
+            "openshell:compute/root@0.3.0",
             "openshell:compute/log",
             "acme:evil/net@1.0.0",
             "env",
@@ -244,6 +244,6 @@ mod tests {
             check_exports(exports),
             Err(GrantError::OtherWorld { .. })
         ));
-        assert!(check_exports(["openshell:compute/driver@0.2.0", "wasi:x/y@1.0.0"]).is_ok());
+        assert!(check_exports(["openshell:compute/driver@0.3.0", "wasi:x/y@1.0.0"]).is_ok());
     }
 }

@@ -17,6 +17,7 @@ pub mod grants;
 mod host;
 mod logs;
 mod private_file;
+pub mod stats;
 
 /// Size limits a caller may need to size its own buffers.
 pub mod host_limits {
@@ -27,8 +28,8 @@ pub mod host_limits {
 pub use caps::{HostEvent, Images, ProcessConfig, ProcessTable, VmConfig, VmTable};
 pub use grants::{Capability, GrantError};
 pub use host::{
-    CallError, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost, PluginHostConfig,
-    secure_state_dir,
+    CallError, CallObserver, DriverInfo, DriverSpec, Outcome, Plugin, PluginError, PluginHost,
+    PluginHostConfig, secure_state_dir,
 };
 pub use openshell_vm::net::SupervisorTls;
 pub use openshell_vm::runtime::{Backend as VmBackend, BackendChoice as VmBackendChoice};

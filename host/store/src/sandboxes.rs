@@ -100,6 +100,11 @@ const COUNT_OTHER_WITH_NAME: &str = "SELECT COUNT(*) FROM sandboxes WHERE name =
 const COUNT_OTHER_WITH_REQUEST_ID: &str =
     "SELECT COUNT(*) FROM sandboxes WHERE request_id = $1 AND id <> $2";
 const DELETE: &str = "DELETE FROM sandboxes WHERE id = $1";
+// Only ever forward: activity recorded out of order never moves it back.
+const RECORD_ACTIVITY: &str = "UPDATE sandboxes SET last_active_ms = $2 \
+     WHERE id = $1 AND (last_active_ms IS NULL OR last_active_ms < $2)";
+const SELECT_ACTIVITY: &str =
+    "SELECT id, last_active_ms FROM sandboxes WHERE last_active_ms IS NOT NULL";
 const SET_SECRET_HASH: &str = "UPDATE sandboxes SET secret_hash = $2 WHERE id = $1";
 const GET_SECRET_HASH: &str = "SELECT secret_hash FROM sandboxes WHERE id = $1";
 
@@ -564,6 +569,36 @@ impl Store {
         })
         .map_err(StoreError::query("get secret hash"))?;
         Ok(hash.flatten())
+    }
+
+    /// Records that `id` was active at `at_ms` (an idle timeout counts from
+    /// the latest). Does not bump `revision`: activity is not part of the
+    /// record, and exec traffic must not wake every watcher. A sandbox that
+    /// is gone is not an error.
+    pub async fn record_activity(&self, id: SandboxId, at_ms: i64) -> Result<(), StoreError> {
+        with_pool!(self, |pool| {
+            sqlx::query(RECORD_ACTIVITY)
+                .bind(id.to_string())
+                .bind(at_ms)
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .map_err(StoreError::query("record activity"))
+    }
+
+    /// When each sandbox with recorded activity was last active.
+    pub async fn last_active(
+        &self,
+    ) -> Result<std::collections::HashMap<SandboxId, i64>, StoreError> {
+        let rows: Vec<(String, i64)> = with_pool!(self, |pool| {
+            sqlx::query_as(SELECT_ACTIVITY).fetch_all(pool).await
+        })
+        .map_err(StoreError::query("read activity"))?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, at)| Some((SandboxId::parse(&id)?, at)))
+            .collect())
     }
 
     /// Deletes the record; `false` if there was none.

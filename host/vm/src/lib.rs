@@ -7,6 +7,7 @@
 //! - [`krun`]: the libkrun launcher's configuration, pure and validated.
 //! - [`initramfs`]: the per-sandbox cpio segment (staged files) appended to
 //!   the base initramfs.
+//! - [`disk`]: a sandbox's own writable disk above its image's.
 //! - [`identity`]: what the host tells a guest over its identity channel
 //!   (environment, launch secret, clock, seed); no secret is in any file.
 //! - [`net`]: gvproxy confined to its own network namespace, whose only
@@ -15,6 +16,7 @@
 //! The plugin host's `caps/vm.rs` wires these to the WIT interfaces and owns
 //! the running VMs. Start at [`net`] for the confinement argument.
 
+pub mod disk;
 pub mod identity;
 pub mod initramfs;
 pub mod krun;

@@ -3,7 +3,8 @@
 //!
 //! microvm (0.2-0.3 s faster than q35), the uncompressed kernel booted via
 //! PVH, an initramfs root, one virtio-net device on gvproxy's stream
-//! socket, the serial console appended to a file. Nothing here comes from
+//! socket, the serial console appended to a file, and for a sandbox rooted
+//! in an image its two virtio-blk disks. Nothing here comes from
 //! the plugin except numbers.
 
 use std::ffi::OsString;
@@ -29,6 +30,18 @@ pub struct QemuLaunch {
     /// The host's TSC rate, told to the guest: on a busy host the guest's
     /// PIT calibration fails under TCG and the kernel then hangs.
     pub tsc_khz: Option<u32>,
+    /// virtio-blk disks, in this order (the guest finds them by label).
+    pub disks: Vec<QemuDisk>,
+}
+
+/// A raw disk image QEMU serves to the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QemuDisk {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// What the guest reads in `/sys/block/vdX/serial` to tell the disks
+    /// apart (letters, digits and `-` only: it joins QEMU's option string).
+    pub serial: &'static str,
 }
 
 impl QemuLaunch {
@@ -93,6 +106,27 @@ impl QemuLaunch {
             &self.net_socket,
         ));
         a.extend(["-device".into(), "virtio-net-device,netdev=n0".into()]);
+        for (i, disk) in self.disks.iter().enumerate() {
+            a.push("-drive".into());
+            // A read-only disk is shared by many VMs; a writable one
+            // passes the guest's discards on, so deleted files give the
+            // host its space (and the sandbox its quota) back. Guest
+            // flushes reach the host file (cache=writeback honours them).
+            let mut drive = path("file=", &disk.path);
+            drive.push(format!(
+                ",format=raw,if=none,id=disk{i},{}",
+                if disk.read_only {
+                    "readonly=on"
+                } else {
+                    "cache=writeback,discard=unmap"
+                }
+            ));
+            a.push(drive);
+            a.extend([
+                "-device".into(),
+                format!("virtio-blk-device,drive=disk{i},serial={}", disk.serial).into(),
+            ]);
+        }
         // The identity channel: a virtio-serial port on a socket QEMU
         // listens on (without waiting for the gateway to connect).
         a.push("-chardev".into());
@@ -140,6 +174,7 @@ mod tests {
             identity_socket: "/s/net/identity.sock".into(),
             console: "/s/console.log".into(),
             tsc_khz: Some(2_000_000),
+            disks: vec![],
         }
     }
 
@@ -162,6 +197,31 @@ mod tests {
             "-chardev file,id=con0,path=/s/console.log -serial chardev:con0",
             "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-chardev socket,id=ident,server=on,wait=off,path=/s/net/identity.sock -device virtio-serial-device -device virtserialport,chardev=ident,name=org.openshell.identity",
+        ] {
+            assert!(s.contains(part), "{part:?} missing from {s}");
+        }
+    }
+
+    #[test]
+    fn disks_are_virtio_blk_read_only_or_writable() {
+        let mut l = launch();
+        assert!(!joined(&l).contains("-drive"), "no disk unless asked");
+        l.disks = vec![
+            QemuDisk {
+                path: "/dev/fd/6".into(),
+                read_only: true,
+                serial: "openshell-image",
+            },
+            QemuDisk {
+                path: "/dev/fd/7".into(),
+                read_only: false,
+                serial: "openshell-disk",
+            },
+        ];
+        let s = joined(&l);
+        for part in [
+            "-drive file=/dev/fd/6,format=raw,if=none,id=disk0,readonly=on -device virtio-blk-device,drive=disk0,serial=openshell-image",
+            "-drive file=/dev/fd/7,format=raw,if=none,id=disk1,cache=writeback,discard=unmap -device virtio-blk-device,drive=disk1,serial=openshell-disk",
         ] {
             assert!(s.contains(part), "{part:?} missing from {s}");
         }

@@ -45,7 +45,7 @@ impl Guest for WantsVm {
             memory_mib: 512,
             environment: Vec::new(),
         };
-        vm::launch(&spec, &root, &net).map_err(|e| failed("LaunchFailed", e))?;
+        vm::launch(&spec, &root, &net, None).map_err(|e| failed("LaunchFailed", e))?;
         Ok(Outcome {
             events: vec![DriverEvent::Starting("vm launched".into())],
             state,

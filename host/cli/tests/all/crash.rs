@@ -36,6 +36,7 @@ fn create_request(i: usize) -> pb::CreateSandboxRequest {
             ..Default::default()
         }),
         request_id: format!("crash-{i}"),
+        policy: String::new(),
     }
 }
 

@@ -252,6 +252,11 @@ impl Gateway {
         }
     }
 
+    /// The next line the gateway prints on stdout after the ready line.
+    pub fn next_line(&self, timeout: Duration) -> Option<String> {
+        self.stdout.next(timeout)
+    }
+
     /// The gateway's process id.
     pub fn pid(&self) -> u32 {
         self.process.0.id()
@@ -474,4 +479,11 @@ pub fn sandbox_names(gw: &Gateway) -> Vec<String> {
 pub fn skip(why: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr(), "SKIPPED {why}");
+}
+
+/// Milliseconds since the epoch, as the gateway stamps its records.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }

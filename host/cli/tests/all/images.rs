@@ -15,7 +15,7 @@ use crate::harness::{Gateway, Run, run, wasm};
 /// The issue's image: a userland and the files below in layer 1, a file
 /// owned by 1234 (0750) and a root-only 0700 directory in layer 2, a
 /// whiteout in layer 3; `User` 1234, `WorkingDir` /home/app.
-fn test_image() -> TestImage {
+pub(crate) fn test_image() -> TestImage {
     let mut l1: Vec<Entry> = host_userland(&[
         "/bin/sh",
         "/usr/bin/id",
@@ -23,6 +23,8 @@ fn test_image() -> TestImage {
         "/usr/bin/stat",
         "/usr/bin/ls",
         "/usr/bin/pwd",
+        "/usr/bin/sync",
+        "/usr/bin/rm",
     ]);
     l1.extend([
         dir("etc/", 0o755),
@@ -52,7 +54,7 @@ fn test_image() -> TestImage {
     ])
 }
 
-fn block_on<F: std::future::Future>(f: F) -> F::Output {
+pub(crate) fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -84,12 +86,12 @@ fn imported(dir: &Path, image: &TestImage, name: &str, sandbox: &str) -> Gateway
     gw
 }
 
-fn exec(gw: &Gateway, name: &str, script: &str) -> Run {
+pub(crate) fn exec(gw: &Gateway, name: &str, script: &str) -> Run {
     run(gw.cli(["sandbox", "exec", name, "--", "sh", "-c", script]))
 }
 
 /// What the issue asks of a sandbox rooted in the test image.
-fn check_rooted_in_the_test_image(gw: &Gateway, name: &str) {
+pub(crate) fn check_rooted_in_the_test_image(gw: &Gateway, name: &str) {
     let script = "
         echo \"hello: $(cat /etc/hello)\"
         [ -e /data/gone ] && echo 'gone: present' || echo 'gone: absent'
@@ -118,7 +120,7 @@ fn check_rooted_in_the_test_image(gw: &Gateway, name: &str) {
     }
 }
 
-fn json(run: &Run) -> serde_json::Value {
+pub(crate) fn json(run: &Run) -> serde_json::Value {
     serde_json::from_str(&run.stdout).unwrap_or_else(|e| panic!("{e}: {run}"))
 }
 
@@ -254,6 +256,41 @@ fn issue_16_a_file_written_in_an_image_sandbox_survives_a_sigkilled_gateway() {
     assert_eq!(read.stdout, "in-the-layer\nin-sandbox\n1234\n", "{read}");
 }
 
+/// Issue 17: what sandbox code writes over its image lands in the
+/// overlay's upper layer, in the sandbox's state dir, so it counts against
+/// the sandbox's own disk size like anything else it stores.
+#[test]
+fn issue_17_writes_over_an_image_count_against_the_sandboxs_disk_size() {
+    let mut l1 = host_userland(&["/bin/sh", "/usr/bin/dd", "/usr/bin/stat", "/usr/bin/sync"]);
+    l1.extend([
+        dir("home/", 0o755),
+        dir("home/app/", 0o755).owner(1234, 1234),
+    ]);
+    let image = TestImage::new(vec![Layer::new(&l1, Comp::Gzip)]);
+    let tmp = TempDir::new().unwrap();
+    let layout = tmp.path().join("layout");
+    image.write_oci_layout(&layout, Some("example.com/filler:v1"));
+    let gw = gateway(tmp.path(), None, &[]);
+    gw.ok(["image", "import", layout.to_str().unwrap()]);
+    gw.ok([
+        "sandbox",
+        "create",
+        "--name",
+        "over",
+        "--image",
+        "example.com/filler:v1",
+        "--disk-gib",
+        "1",
+    ]);
+    let stored = crate::resources::fill_until_refused(&gw, "over", "/home/app/fill", 1100);
+    assert!(
+        (900..=1024).contains(&stored),
+        "{stored} MiB stored over the image under a 1 GiB disk"
+    );
+    let alive = exec(&gw, "over", "echo alive");
+    assert_eq!(alive.stdout, "alive\n", "{alive}");
+}
+
 /// Item 5: each way a create's image can fail fails the create with a
 /// message naming the cause, and leaves the image store and the sandbox
 /// table as they were.
@@ -385,21 +422,16 @@ fn issue_16_every_image_failure_fails_the_create_clearly_and_changes_nothing() {
     check_rooted_in_the_test_image(&gw, "bystander");
 }
 
-fn good_layers() -> Vec<Layer> {
-    test_image().layers
-}
-
-/// Attack, from sandbox code that is root of an image (no `User`): it owns
-/// the image's files, and nothing of its supervisor, its network or the
-/// host.
-#[test]
-fn issue_16_root_of_an_image_owns_its_files_but_not_its_supervisor_network_or_namespaces() {
-    let mut l1 = host_userland(&["/bin/sh", "/usr/bin/id", "/usr/bin/cat", "/usr/bin/unshare"]);
+/// A one-layer image with `programs`, a passwd naming only root, and
+/// `extra`; its config sets no `User`, so sandbox code is the image's root.
+pub(crate) fn rootless_image(programs: &[&str], extra: Vec<Entry>) -> TestImage {
+    let mut l1 = host_userland(programs);
     l1.extend([
         dir("etc/", 0o755),
         file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n", 0o644),
         dir("root/", 0o700),
     ]);
+    l1.extend(extra);
     let layers = vec![Layer::new(&l1, Comp::Gzip)];
     let diff_ids: Vec<String> = layers
         .iter()
@@ -410,7 +442,22 @@ fn issue_16_root_of_an_image_owns_its_files_but_not_its_supervisor_network_or_na
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     }))
     .unwrap();
-    let image = TestImage::with_config(layers, config);
+    TestImage::with_config(layers, config)
+}
+
+fn good_layers() -> Vec<Layer> {
+    test_image().layers
+}
+
+/// Attack, from sandbox code that is root of an image (no `User`): it owns
+/// the image's files, and nothing of its supervisor, its network or the
+/// host.
+#[test]
+fn issue_16_root_of_an_image_owns_its_files_but_not_its_supervisor_network_or_namespaces() {
+    let image = rootless_image(
+        &["/bin/sh", "/usr/bin/id", "/usr/bin/cat", "/usr/bin/unshare"],
+        vec![],
+    );
     let dir = TempDir::new().unwrap();
     let gw = imported(dir.path(), &image, "example.com/rooty:v1", "rooty");
     let script = "

@@ -7,8 +7,11 @@
 
 mod backpressure;
 mod crash;
+mod egress;
+mod everyday;
 mod flood;
 mod gateway;
+mod habits;
 mod harness;
 mod images;
 mod process;
@@ -20,4 +23,6 @@ mod security;
 mod shell;
 mod ssh;
 mod state_dir;
+mod stop_start;
 mod vm;
+mod vm_images;

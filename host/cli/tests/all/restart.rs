@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use tempfile::TempDir;
 
 use crate::harness::{Gateway, run, wasm};
+use crate::resources::{GIB, quota_of};
 
 /// A gateway with the process driver whose SQLite file lives in `dir/state`,
 /// so a second one on the same `dir` sees the same sandboxes.
@@ -23,7 +24,7 @@ fn get(gw: &Gateway, name: &str) -> serde_json::Value {
 }
 
 /// Pids of launchers whose command line or environment names `id`.
-fn pids_of(id: &str) -> Vec<u32> {
+pub(crate) fn pids_of(id: &str) -> Vec<u32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -56,19 +57,34 @@ fn a_sigkilled_gateway_restarts_with_every_sandbox_ready_and_its_files() {
     let mut ids = Vec::new();
     for name in names {
         let body = format!("echo data-{name} > /sandbox/f");
-        gw.ok([
-            "sandbox", "create", "--driver", "process", "--name", name, "--", "sh", "-c", &body,
-        ]);
+        let mut create = vec!["sandbox", "create", "--driver", "process", "--name", name];
+        // r1 has a disk size of its own (issue 17), the others the default.
+        if name == "r1" {
+            create.extend(["--disk-gib", "3"]);
+        }
+        create.extend(["--", "sh", "-c", &body]);
+        gw.ok(create);
         let sb = get(&gw, name);
         assert_eq!(sb["phase"], "Ready", "{sb}");
         ids.push(sb["id"].as_str().unwrap().to_owned());
     }
+    let r1_dir = dir.path().join("state/sandboxes").join(&ids[0]);
+    assert_eq!(quota_of(&r1_dir), Some(3 * GIB));
     let old: Vec<(String, Vec<u32>)> = ids.iter().map(|id| (id.clone(), pids_of(id))).collect();
     for (id, pids) in &old {
         assert!(!pids.is_empty(), "{id} has host processes before the kill");
     }
 
     sigkill(gw.pid());
+    // Whatever became of r1's limit while no gateway ran (before the
+    // harness detaches the disk), a resume sets its stored size again.
+    let unlimit = run({
+        let mut c = std::process::Command::new("btrfs");
+        c.args(["qgroup", "limit", "none"]).arg(&r1_dir);
+        c
+    });
+    assert!(unlimit.success, "{unlimit}");
+    assert_eq!(quota_of(&r1_dir), None);
     drop(gw);
     let gw = persistent_process_gateway(dir.path());
     let started = Instant::now();
@@ -88,6 +104,15 @@ fn a_sigkilled_gateway_restarts_with_every_sandbox_ready_and_its_files() {
         }
     }
     eprintln!("all 5 Ready {:?} after the restart", started.elapsed());
+    for name in names {
+        let want = if name == "r1" { 3 } else { 8 };
+        assert_eq!(crate::resources::disk_gib(&gw, name), want, "{name}");
+    }
+    assert_eq!(
+        quota_of(&r1_dir),
+        Some(3 * GIB),
+        "r1's size after the restart"
+    );
 
     for name in names {
         let cat = gw.ok(["sandbox", "exec", name, "--", "cat", "/sandbox/f"]);
@@ -166,4 +191,69 @@ fn issue_12_a_fresh_state_dir_on_a_shared_database_resumes_instead_of_driver_mis
     };
     assert_eq!(sb["phase"], "Ready", "{sb}");
     assert_eq!(sb["id"], id.as_str());
+}
+
+/// Issue 17: a sandbox stored before sandboxes had disk sizes (0 in its
+/// record) keeps working after an upgrade: the first gateway start with a
+/// sandbox disk gives it that gateway's default, stored, and limits its
+/// state dir to it.
+#[test]
+fn issue_17_a_sandbox_stored_without_a_disk_size_gets_the_gateways_default_at_restart() {
+    let dir = TempDir::new().unwrap();
+    let gw = persistent_process_gateway(dir.path());
+    gw.ok(["sandbox", "create", "--name", "old", "--", "true"]);
+    let id = get(&gw, "old")["id"].as_str().unwrap().to_owned();
+    sigkill(gw.pid());
+    drop(gw);
+    // What a record from before sizes reads as.
+    let db = format!(
+        "sqlite://{}",
+        dir.path().join("state/openshell.db").display()
+    );
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let store = openshell_store::Store::connect(&db).await.unwrap();
+            let sid = openshell_core::SandboxId::parse(&id).unwrap();
+            let old = store
+                .modify_sandbox(sid, |sb| {
+                    sb.spec.resources.disk_gib = 0;
+                    true
+                })
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(old.spec.resources.disk_gib, 0);
+            store.close().await;
+        });
+
+    let drivers = wasm("openshell_driver_process");
+    let driver_dir = drivers.parent().unwrap().to_str().unwrap().to_owned();
+    let gw = Gateway::start(
+        dir.path(),
+        &[
+            "--drivers",
+            "process",
+            "--driver-dir",
+            &driver_dir,
+            "--default-disk-gib",
+            "5",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let sb = get(&gw, "old");
+        if sb["phase"] == "Ready" {
+            assert_eq!(sb["disk_gib"], 5, "{sb}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "not Ready: {sb}\n{}", gw.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let state_dir = dir.path().join("state/sandboxes").join(&id);
+    assert_eq!(quota_of(&state_dir), Some(5 * GIB));
+    let ok = gw.ok(["sandbox", "exec", "old", "--", "echo", "works"]);
+    assert_eq!(ok.stdout, "works\n");
 }

@@ -82,41 +82,65 @@ pub(crate) fn gvproxy_of(sandbox_dir: &Path) -> Option<u32> {
     })
 }
 
-/// A gateway with only the vm driver, on a short state path (unix socket
-/// paths are limited to 108 bytes), or None, said loudly, when no VM can
-/// boot here. CI stages the runtime first; there a missing VM is a failure.
-pub(crate) fn vm_gateway(test: &str) -> Option<(PathBuf, tempfile::TempDir, Gateway)> {
-    let rt = match bootable() {
-        Ok(rt) => rt,
+/// The staged VM runtime, or None, said loudly, when no VM can boot here.
+/// CI stages the runtime first; there a missing VM is a failure.
+pub(crate) fn vm_runtime(test: &str) -> Option<PathBuf> {
+    match bootable() {
+        Ok(rt) => Some(rt),
         Err(why) => {
             assert!(
                 std::env::var_os("OPENSHELL_REQUIRE_VM").is_none(),
                 "OPENSHELL_REQUIRE_VM is set but no VM can boot: {why}"
             );
-            crate::harness::skip(&format!("issue_6 {test}: {why}"));
-            return None;
+            crate::harness::skip(&format!("{test}: {why}"));
+            None
         }
-    };
-    let tmp = tempfile::Builder::new()
+    }
+}
+
+/// A state dir on a short path (unix socket paths are limited to 108
+/// bytes).
+pub(crate) fn short_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
         .prefix("osvm")
         .tempdir_in("/tmp")
-        .unwrap();
+        .unwrap()
+}
+
+/// A gateway with only the vm driver in `dir`, with `extra` flags.
+pub(crate) fn start_vm_gateway(dir: &Path, rt: &Path, extra: &[&str]) -> Gateway {
+    start_with_drivers(dir, rt, "vm", extra)
+}
+
+/// A gateway with the bundled `drivers` (comma-separated) and the VM
+/// runtime `rt`.
+pub(crate) fn start_with_drivers(dir: &Path, rt: &Path, drivers: &str, extra: &[&str]) -> Gateway {
     let driver = wasm("openshell_driver_vm");
     let driver_dir = driver.parent().unwrap().to_str().unwrap().to_owned();
-    let gw = Gateway::start_with_env(
+    let mut args = vec!["--drivers", drivers, "--driver-dir", &driver_dir];
+    args.extend_from_slice(extra);
+    Gateway::start_with_env(
+        dir,
+        &args,
+        &[("OPENSHELL_VM_RUNTIME", rt.to_str().unwrap())],
+    )
+}
+
+/// A gateway with only the vm driver and an in-memory database, or None
+/// when no VM can boot here (see [`vm_runtime`]).
+pub(crate) fn vm_gateway(test: &str) -> Option<(PathBuf, tempfile::TempDir, Gateway)> {
+    let rt = vm_runtime(&format!("issue_6 {test}"))?;
+    let tmp = short_dir();
+    let gw = start_vm_gateway(
         tmp.path(),
+        &rt,
         &[
             "--db-url",
             "sqlite::memory:",
-            "--drivers",
-            "vm",
-            "--driver-dir",
-            &driver_dir,
             // A small sandbox disk: the secret test greps every byte of it.
             "--sandbox-disk-gib",
             "1",
         ],
-        &[("OPENSHELL_VM_RUNTIME", rt.to_str().unwrap())],
     );
     Some((rt, tmp, gw))
 }

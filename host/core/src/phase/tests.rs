@@ -3,18 +3,25 @@ use proptest::prelude::*;
 
 fn status_in(phase: Phase) -> Status {
     let mut s = Status::provisioning(0);
-    let events: &[Event] = match phase {
-        Phase::Provisioning => &[],
-        Phase::Ready => &[Event::SupervisorConnected],
-        Phase::Error => &[Event::DriverExited { status: 1 }],
-        Phase::Deleting => &[Event::DeleteRequested],
-        Phase::Unknown => &[Event::SupervisorConnected, Event::GatewayRestarted],
+    let events: Vec<Event> = match phase {
+        Phase::Provisioning => vec![],
+        Phase::Ready => vec![Event::SupervisorConnected],
+        Phase::Error => vec![Event::DriverExited { status: 1 }],
+        Phase::Deleting => vec![Event::DeleteRequested],
+        Phase::Unknown => vec![Event::SupervisorConnected, Event::GatewayRestarted],
+        Phase::Stopped => vec![Event::SupervisorConnected, stop()],
     };
-    for e in events {
+    for e in &events {
         s = apply(&s, e, 1).unwrap();
     }
     assert_eq!(s.phase, phase);
     s
+}
+
+fn stop() -> Event {
+    Event::StopRequested {
+        message: "stopped by request".into(),
+    }
 }
 
 fn every_event() -> Vec<Event> {
@@ -34,6 +41,8 @@ fn every_event() -> Vec<Event> {
         Event::SupervisorDisconnected,
         Event::GatewayRestarted,
         Event::DeleteRequested,
+        stop(),
+        Event::StartRequested,
     ]
 }
 
@@ -46,6 +55,12 @@ fn expected(phase: Phase, event: &Event) -> Option<Phase> {
         (Deleting, _) => None,
         (_, "DeleteRequested") => Some(Deleting),
         (Error, _) => None,
+        (Ready, "StopRequested") => Some(Stopped),
+        (Stopped, "StopRequested" | "GatewayRestarted") => Some(Stopped),
+        (_, "StopRequested") => None,
+        (Stopped, "StartRequested") => Some(Provisioning),
+        (Stopped, _) => None,
+        (p, "StartRequested") => Some(p),
         (Ready, "DriverStarting" | "DriverProgress" | "SupervisorConnected") => Some(Ready),
         (Ready, "SupervisorDisconnected") => Some(Provisioning),
         (Ready, "GatewayRestarted") => Some(Unknown),
@@ -104,6 +119,29 @@ fn supervisor_disconnect_demotes_ready_to_provisioning() {
 }
 
 #[test]
+fn a_stopped_sandbox_ignores_its_departing_processes_and_starts_only_when_asked() {
+    let stopped = status_in(Phase::Stopped);
+    assert_eq!(stopped.ready.reason, ReadyReason::Stopped);
+    for late in [
+        Event::DriverExited { status: 137 },
+        Event::SupervisorDisconnected,
+        Event::SupervisorConnected,
+    ] {
+        assert!(apply(&stopped, &late, 20).is_err(), "{late:?}");
+    }
+    assert_eq!(
+        apply(&stopped, &stop(), 21).unwrap(),
+        stopped,
+        "a repeated stop changes nothing"
+    );
+    let started = apply(&stopped, &Event::StartRequested, 22).unwrap();
+    assert_eq!(started.phase, Phase::Provisioning);
+    assert_eq!(started.ready.reason, ReadyReason::Starting);
+    let ready = apply(&started, &Event::SupervisorConnected, 23).unwrap();
+    assert_eq!(ready.phase, Phase::Ready);
+}
+
+#[test]
 fn reconnecting_is_idempotent() {
     let ready = status_in(Phase::Ready);
     let again = apply(&ready, &Event::SupervisorConnected, 99).unwrap();
@@ -133,6 +171,8 @@ fn arb_event() -> impl Strategy<Value = Event> {
         Just(Event::SupervisorDisconnected),
         Just(Event::GatewayRestarted),
         Just(Event::DeleteRequested),
+        ".{0,40}".prop_map(|message| Event::StopRequested { message }),
+        Just(Event::StartRequested),
     ]
 }
 
@@ -150,6 +190,15 @@ proptest! {
                     prop_assert_eq!(next.phase, derive_phase(&next.ready));
                     if before == Phase::Deleting { prop_assert_eq!(next.phase, Phase::Deleting); }
                     if before == Phase::Error { prop_assert!(matches!(next.phase, Phase::Error | Phase::Deleting)); }
+                    // Stopped is left only by a start or a delete, and
+                    // entered only by a stop of a Ready sandbox.
+                    if before == Phase::Stopped && next.phase != Phase::Stopped {
+                        prop_assert!(matches!(e, Event::StartRequested | Event::DeleteRequested), "{:?}", e);
+                    }
+                    if next.phase == Phase::Stopped && before != Phase::Stopped {
+                        prop_assert_eq!(before, Phase::Ready);
+                        prop_assert!(matches!(e, Event::StopRequested { .. }), "{:?}", e);
+                    }
                     if next.phase == Phase::Ready && before != Phase::Ready {
                         prop_assert_eq!(e, &Event::SupervisorConnected);
                     }

@@ -81,6 +81,10 @@ impl ComputeRuntime {
         };
         validate::environment(&spec.environment)?;
         validate::resources(&spec.resources)?;
+        validate::lifetime(&spec.lifetime)?;
+        spec.resources.disk_gib =
+            validate::disk_gib(spec.resources.disk_gib, self.plugins.disk_sizes())?;
+        spec.policy = self.policy_for_create(spec.policy.take())?;
         let plugin = self.resolve_driver(&spec.driver)?;
         spec.driver = plugin.name.clone();
         if spec.image.is_none() && plugin.info.isolation == "process" {
@@ -100,23 +104,32 @@ impl ComputeRuntime {
             })?;
 
         admit_host_pids(&read_host_tasks().await)?;
+        let free = read_free_bytes(self.plugins.state_dir().to_owned()).await;
+        admit_free_disk(free, self.limits.disk_reserve_gib)?;
         let admission = self.admit()?;
         // Held until the record that holds the image is stored, so garbage
         // collection cannot take the layers in between.
         let _gc = self.images_gc.read().await;
         if let Some(image) = &mut spec.image {
             // Pulled before anything is stored: a failure stores nothing.
-            image.digest = self
-                .pull_image(&image.reference, &|_| {})
-                .await?
-                .digest
-                .to_string();
+            let pulled = self.pull_image(&image.reference, &|_| {}).await?;
+            image.digest = pulled.digest.to_string();
+            // A VM boots a disk of the image: built here, once per image,
+            // so the driver's launch (under its call deadline) finds it.
+            if plugin.info.isolation != "process" {
+                self.image_disk(pulled).await?;
+            }
         }
         let (stored, fresh) = self.insert(name, spec, request_id).await?;
         if !fresh {
             return Ok(stored);
         }
         admission.keep();
+        self.logs.ensure(stored.id);
+        self.install_policy(&stored);
+        self.logs
+            .event(stored.id, format!("created ({})", stored.spec.driver));
+        crate::metrics::get().creates.inc();
         self.watch.notify(stored.id);
         let me = self.clone();
         let launched = stored.clone();
@@ -196,7 +209,11 @@ impl ComputeRuntime {
             return;
         };
         let secret = new_secret();
-        if let Err(e) = self.plugins.ensure_sandbox_dir(&sb.id.to_string()) {
+        // Every launch, so a resume sets the stored size again.
+        if let Err(e) = self
+            .plugins
+            .ensure_sandbox_dir(&sb.id.to_string(), sb.spec.resources.disk_gib)
+        {
             tracing::error!(sandbox = %sb.id, "cannot create the sandbox's state dir: {e}");
             self.fail(sb.id, "StateDirUnavailable", &e.to_string())
                 .await;
@@ -293,9 +310,66 @@ fn admit_host_pids(t: &HostTasks) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem holding
+/// `dir` (statvfs `f_bavail`), if it tells.
+async fn read_free_bytes(dir: std::path::PathBuf) -> Option<u64> {
+    let stat = tokio::task::spawn_blocking(move || nix::sys::statvfs::statvfs(&dir))
+        .await
+        .ok()?;
+    match stat {
+        Ok(s) => Some(s.blocks_available().saturating_mul(s.fragment_size())),
+        Err(e) => {
+            tracing::warn!("cannot read the free space of the state dir: {e}");
+            None
+        }
+    }
+}
+
+/// Refuses a create, before anything is stored, when the filesystem of the
+/// state dir (which the sandbox disk's sparse image, the image store and
+/// the database grow into) has less than `reserve_gib` free; 0 is off.
+/// Unknown free space admits, as unknown pid numbers do: the sandbox's own
+/// quota still bounds it.
+fn admit_free_disk(free_bytes: Option<u64>, reserve_gib: u64) -> Result<(), ApiError> {
+    let Some(free_bytes) = free_bytes else {
+        return Ok(());
+    };
+    if reserve_gib > 0 && free_bytes < reserve_gib.saturating_mul(1 << 30) {
+        return Err(ApiError::DiskReserve {
+            free_bytes,
+            reserve_gib,
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn creates_are_refused_when_the_state_dirs_disk_is_below_the_reserve() {
+        let gib = 1u64 << 30;
+        assert!(admit_free_disk(Some(3 * gib), 2).is_ok());
+        assert!(admit_free_disk(Some(2 * gib), 2).is_ok());
+        let refused = admit_free_disk(Some(gib + (gib >> 1)), 2).unwrap_err();
+        assert!(matches!(
+            refused,
+            ApiError::DiskReserve { reserve_gib: 2, .. }
+        ));
+        let message = refused.to_string();
+        assert!(message.contains("1.5 GiB free"), "{message}");
+        assert!(message.contains("reserve of 2 GiB"), "{message}");
+        // Off, and unknown.
+        assert!(admit_free_disk(Some(0), 0).is_ok());
+        assert!(admit_free_disk(None, 2).is_ok());
+    }
+
+    #[tokio::test]
+    async fn this_hosts_free_space_is_read() {
+        let free = read_free_bytes(std::env::temp_dir()).await;
+        assert!(free.is_some_and(|n| n > 0), "{free:?}");
+    }
 
     #[test]
     fn creates_are_refused_when_the_hosts_pid_space_is_nearly_used() {

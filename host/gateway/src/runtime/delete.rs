@@ -18,6 +18,7 @@ impl ComputeRuntime {
         self.apply(sb.id, &[Event::DeleteRequested], None).await;
         let sb = self.find(&sb.id.to_string()).await?;
         if !already {
+            self.logs.event(sb.id, "deleting");
             let me = self.clone();
             let doomed = sb.clone();
             tokio::spawn(async move { me.finish_delete(doomed).await });
@@ -43,6 +44,8 @@ impl ComputeRuntime {
         self.plugins.processes().kill(&sb.id.to_string()).await;
         self.plugins.vms().kill(&sb.id.to_string()).await;
         self.supervisors.stop(sb.id);
+        // Its connections close now, not when the record goes.
+        self.egress.forget(sb.id);
         let dir = self.plugins.sandbox_dir(&sb.id.to_string());
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await
             && e.kind() != std::io::ErrorKind::NotFound
@@ -53,6 +56,7 @@ impl ComputeRuntime {
             Ok(removed) => {
                 if removed {
                     self.admitted.fetch_sub(1, Ordering::SeqCst);
+                    self.logs.remove(sb.id);
                 }
                 self.watch.notify(sb.id);
                 // Its image may have been removed meanwhile (`image rm --force`).

@@ -49,6 +49,15 @@ impl ComputeRuntime {
         }
     }
 
+    /// The VM disk of a stored image, built if the store lacks it.
+    pub async fn image_disk(&self, image: Image) -> Result<std::path::PathBuf, ApiError> {
+        let images = self.images()?;
+        tokio::task::spawn_blocking(move || images.store.disk(&image))
+            .await
+            .map_err(|_| ApiError::ShuttingDown)?
+            .map_err(ApiError::from)
+    }
+
     /// Imports an archive (a file the caller wrote) into the store.
     pub async fn import_image(
         &self,

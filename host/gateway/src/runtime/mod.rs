@@ -10,18 +10,26 @@
 //! - `delete.rs`: Deleting, then teardown and the record's removal.
 //! - `plugins.rs`: loading and unloading driver components.
 //! - `recover.rs`: what a gateway start means for stored plugins and sandboxes.
+//! - `stop.rs`: Stopped (nothing runs, files kept) and the start back.
+//! - `lifetimes.rs`: the task that enforces ttls and idle timeouts.
+//! - `stats.rs`: what a sandbox uses against its limits.
 
 mod create;
 mod delete;
 mod images;
+mod lifetimes;
+mod main_process;
 mod plugins;
+pub mod policy;
 mod recover;
+mod stats;
+mod stop;
 
 use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use openshell_core::{Event, Sandbox, SandboxId};
+use openshell_core::{Event, Phase, Sandbox, SandboxId};
 use openshell_plugin::{CallError, HostEvent, PluginHost};
 use openshell_store::{PluginRecord, Store};
 use tokio::sync::{Semaphore, broadcast, mpsc, watch};
@@ -47,17 +55,27 @@ pub struct RuntimeOptions {
     pub limits: SandboxLimits,
     /// The image of process sandboxes created without one.
     pub default_image: Option<String>,
+    /// Where sandbox logs are kept; `None`: nowhere (logs are empty).
+    /// Network decisions go to `network` beside it.
+    pub logs_dir: Option<std::path::PathBuf>,
+    /// The policy of sandboxes created without one (checked YAML).
+    pub default_policy: Option<String>,
+    pub egress: crate::egress::EgressOptions,
 }
 
 /// Backpressure: past these the gateway refuses creates with
-/// ResourceExhausted and a retry hint, or queues driver launches, rather
-/// than run out of processes, memory or file descriptors.
+/// ResourceExhausted (with a retry hint, but for the disk reserve: waiting
+/// frees no disk), or queues driver launches, rather than run out of
+/// processes, memory, file descriptors or disk.
 #[derive(Clone, Copy, Debug)]
 pub struct SandboxLimits {
     /// Stored sandboxes (any phase, including Deleting) at most.
     pub max_sandboxes: usize,
     /// Driver create/resume calls running at once; more wait their turn.
     pub max_concurrent_launches: usize,
+    /// GiB that must stay free on the state dir's filesystem for a create
+    /// to be admitted; 0: no reserve.
+    pub disk_reserve_gib: u64,
 }
 
 impl Default for SandboxLimits {
@@ -65,6 +83,7 @@ impl Default for SandboxLimits {
         Self {
             max_sandboxes: 256,
             max_concurrent_launches: 32,
+            disk_reserve_gib: 2,
         }
     }
 }
@@ -85,6 +104,11 @@ pub struct ComputeRuntime {
     images_gc: tokio::sync::RwLock<()>,
     /// The image of process sandboxes created without one.
     default_image: Option<String>,
+    logs: crate::logs::Logs,
+    default_policy: Option<String>,
+    egress: Arc<crate::egress::Egress>,
+    /// Sandboxes whose main process has a relay pumping into the log.
+    main_attached: std::sync::Mutex<std::collections::HashSet<SandboxId>>,
 }
 
 /// Turns registry transitions into stored phase changes, in order, off the
@@ -110,6 +134,12 @@ impl ComputeRuntime {
             Arc::new(SessionEvents(tx)),
             shutdown.subscribe(),
         );
+        let audit_dir = opts
+            .logs_dir
+            .as_ref()
+            .map(|d| d.with_file_name("network-logs"));
+        let egress = crate::egress::Egress::new(opts.egress.clone(), audit_dir);
+        supervisors.set_egress(Arc::new(crate::egress::Handler(egress.clone())));
         let runtime = Arc::new(Self {
             store,
             plugins,
@@ -121,17 +151,28 @@ impl ComputeRuntime {
             launches: Semaphore::new(opts.limits.max_concurrent_launches.max(1)),
             images_gc: tokio::sync::RwLock::new(()),
             default_image: opts.default_image,
+            logs: crate::logs::Logs::new(opts.logs_dir),
+            default_policy: opts.default_policy,
+            egress,
+            main_attached: Default::default(),
         });
         let weak: Weak<Self> = Arc::downgrade(&runtime);
         tokio::spawn(async move {
             while let Some(id) = rx.recv().await {
                 let Some(rt) = weak.upgrade() else { return };
-                let ev = if rt.supervisors.sessions().has_session(id) {
+                let connected = rt.supervisors.sessions().has_session(id);
+                let ev = if connected {
                     Event::SupervisorConnected
                 } else {
                     Event::SupervisorDisconnected
                 };
                 rt.apply(id, &[ev], None).await;
+                if connected {
+                    rt.logs.event(id, "supervisor connected: Ready");
+                    rt.attach_main(id);
+                } else {
+                    rt.logs.event(id, "supervisor disconnected");
+                }
             }
         });
         runtime
@@ -146,6 +187,11 @@ impl ComputeRuntime {
     /// runtime's own methods.
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Sandbox logs.
+    pub fn logs(&self) -> &crate::logs::Logs {
+        &self.logs
     }
 
     /// The plugin host and the capabilities' process and VM tables.
@@ -213,9 +259,31 @@ impl ComputeRuntime {
         Ok((page, total))
     }
 
+    /// Stored sandboxes by phase, every phase present (zeros too), walked
+    /// by key so deletes during the walk skip nothing.
+    pub async fn phase_counts(&self) -> Vec<(Phase, i64)> {
+        let mut counts: Vec<(Phase, i64)> = Phase::ALL.iter().map(|p| (*p, 0)).collect();
+        let mut after = None;
+        while let Ok(page) = self.store.list_sandboxes_after(after.as_ref(), 500).await {
+            let Some(last) = page.last() else { break };
+            after = Some(openshell_store::PageKey::after(last));
+            for sb in &page {
+                if let Some(slot) = counts.iter_mut().find(|(p, _)| *p == sb.status.phase) {
+                    slot.1 += 1;
+                }
+            }
+        }
+        counts
+    }
+
     /// A Ready sandbox with a connected supervisor, for a relay.
     pub async fn ready(&self, name_or_id: &str) -> Result<Sandbox, ApiError> {
         let sb = self.find(name_or_id).await?;
+        if sb.status.phase == openshell_core::Phase::Stopped {
+            return Err(ApiError::Stopped {
+                name: sb.name.to_string(),
+            });
+        }
         if sb.status.phase != openshell_core::Phase::Ready {
             return Err(ApiError::NotReady {
                 name: sb.name.to_string(),
@@ -249,9 +317,11 @@ impl ComputeRuntime {
             .sessions()
             .has_session(id)
             .then_some(Event::SupervisorConnected);
+        let mut first_ready = false;
         let r = self
             .store
             .modify_sandbox(id, |sb| {
+                let was = sb.status.phase;
                 let mut changed = false;
                 for e in events.iter().chain(backfill.as_ref()) {
                     match openshell_core::apply(&sb.status, e, now) {
@@ -272,11 +342,17 @@ impl ComputeRuntime {
                 if changed {
                     sb.updated_at_ms = now;
                 }
+                first_ready = was == Phase::Provisioning && sb.status.phase == Phase::Ready;
                 changed
             })
             .await;
         match r {
-            Ok(Some(_)) => self.watch.notify(id),
+            Ok(Some(sb)) => {
+                if first_ready {
+                    crate::metrics::get().ready_after(sb.created_at_ms, now);
+                }
+                self.watch.notify(id)
+            }
             Ok(None) => tracing::debug!(sandbox = %id, "event for a sandbox that is gone"),
             Err(e) => tracing::error!(sandbox = %id, "cannot store sandbox change: {e}"),
         }
@@ -292,6 +368,10 @@ impl ComputeRuntime {
         let Some(id) = SandboxId::parse(&raw_id) else {
             return;
         };
+        if matches!(event, HostEvent::Exited { .. }) && !self.is_current_exit(&raw_id) {
+            tracing::debug!(sandbox = %id, "exit of a process the host no longer runs; ignored");
+            return;
+        }
         let Ok(Some(sb)) = self.store.get_sandbox(id).await else {
             return;
         };

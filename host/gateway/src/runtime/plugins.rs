@@ -14,7 +14,7 @@ pub fn bundled_grants(driver: &str) -> Option<&'static [Capability]> {
     use Capability::*;
     match driver {
         "process" => Some(&[Log, Files, Image, Process]),
-        "vm" => Some(&[Log, Files, Network, Rootfs, Vm]),
+        "vm" => Some(&[Log, Files, Image, Network, Rootfs, Vm]),
         _ => None,
     }
 }

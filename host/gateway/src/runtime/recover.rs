@@ -63,12 +63,17 @@ impl ComputeRuntime {
             known.extend(page.iter().map(|sb| sb.id.to_string()));
             for sb in page {
                 let sb = self.backfill_uid_slot(sb).await?;
+                let sb = self.backfill_disk_gib(sb).await?;
+                if sb.status.phase != Phase::Deleting {
+                    self.install_policy(&sb);
+                }
                 match sb.status.phase {
                     Phase::Deleting => {
                         let me = self.clone();
                         tokio::spawn(async move { me.finish_delete(sb).await });
                     }
-                    Phase::Error => {}
+                    // A Stopped sandbox stays down until someone starts it.
+                    Phase::Error | Phase::Stopped => {}
                     Phase::Provisioning | Phase::Ready | Phase::Unknown => {
                         self.apply(sb.id, &[Event::GatewayRestarted], None).await;
                         self.resume(sb).await;
@@ -103,6 +108,30 @@ impl ComputeRuntime {
         })
     }
 
+    /// Gives a record with no disk size (stored before sizes existed, or by
+    /// a gateway without a sandbox disk) this gateway's default, stored, so
+    /// `sandbox get` shows the size every later launch uses. Nothing to do
+    /// without a sandbox disk, or for a sandbox being deleted.
+    async fn backfill_disk_gib(&self, sb: Sandbox) -> Result<Sandbox, ApiError> {
+        let Some(disk) = self.plugins.disk_sizes() else {
+            return Ok(sb);
+        };
+        if sb.spec.resources.disk_gib != 0 || sb.status.phase == Phase::Deleting {
+            return Ok(sb);
+        }
+        let stored = self
+            .store
+            .modify_sandbox(sb.id, |s| {
+                let no_size = s.spec.resources.disk_gib == 0;
+                if no_size {
+                    s.spec.resources.disk_gib = disk.default_gib;
+                }
+                no_size
+            })
+            .await?;
+        Ok(stored.unwrap_or(sb))
+    }
+
     /// Relaunches a stored sandbox after a restart through its driver's
     /// `resume`, with a fresh secret.
     async fn resume(self: &Arc<Self>, sb: Sandbox) {
@@ -114,6 +143,9 @@ impl ComputeRuntime {
             self.fail(sb.id, "DriverMissing", &msg).await;
             return;
         };
+        // A sandbox from before logs gets its log now; at start, before
+        // anything can delete it (which would leave the dir behind).
+        self.logs.ensure(sb.id);
         let me = self.clone();
         tokio::spawn(async move { me.launch(plugin, sb, true).await });
     }

@@ -40,6 +40,12 @@ pub struct SocketLimits {
     /// RelayStream streams (exec, ssh), counted apart from control so
     /// heartbeats never wait behind data.
     pub relay_streams: usize,
+    /// Egress streams (sandbox code's outbound connections), a quota of
+    /// their own: the policy's connection limit is enforced (and audited)
+    /// below this; this only bounds what a lying supervisor can open. They
+    /// ride a connection of their own, so they share its window and never
+    /// the control connection's.
+    pub egress_streams: usize,
     /// A new connection must send the HTTP/2 preface and settings by then.
     pub handshake: Duration,
     /// A new stream must send its first message (hello, init) by then.
@@ -63,6 +69,7 @@ impl Default for SocketLimits {
             connections: 4,
             control_streams: 2,
             relay_streams: 64,
+            egress_streams: 1024,
             handshake: Duration::from_secs(3),
             first_message: Duration::from_secs(5),
             // An exec output frame carries up to 128 KiB (the supervisor's
@@ -79,6 +86,11 @@ impl Default for SocketLimits {
 
 impl SocketLimits {
     fn streams(&self) -> usize {
+        self.control_streams + self.relay_streams + self.egress_streams
+    }
+
+    /// Streams whose windows add up to a connection's window.
+    fn windowed_streams(&self) -> usize {
         self.control_streams + self.relay_streams
     }
 }
@@ -141,6 +153,7 @@ impl Listeners {
         })
         .max_decoding_message_size(limits.max_message);
         let streams = u32::try_from(limits.streams()).unwrap_or(u32::MAX);
+        let windowed = u32::try_from(limits.windowed_streams()).unwrap_or(u32::MAX);
         let incoming = accept_loop(listener, sandbox, limits, budget);
         tokio::spawn(async move {
             let r = tonic::transport::Server::builder()
@@ -148,7 +161,7 @@ impl Listeners {
                 .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .max_concurrent_streams(streams)
                 .initial_stream_window_size(limits.stream_window)
-                .initial_connection_window_size(limits.stream_window.saturating_mul(streams + 1))
+                .initial_connection_window_size(limits.stream_window.saturating_mul(windowed + 1))
                 // Fewer, larger HTTP/2 frames per relay message.
                 .max_frame_size(Some(MAX_FRAME))
                 .http2_max_header_list_size(16 * 1024)

@@ -27,8 +27,16 @@ use tokio::sync::watch;
 
 use crate::error::ApiError;
 pub use listeners::{ListenError, MAX_SOCKET_PATH, SocketLimits};
-pub use relay::{RelayConn, RelayError, RelayLimits, RelayTable};
+pub use relay::{OpenRelays, RelayConn, RelayError, RelayLimits, RelayTable, RelayUse};
 pub use sessions::{SessionHandle, SessionObserver, SessionRegistry};
+
+/// Who serves the connections sandbox code opens to the outside (an
+/// egress relay, see `RelayInit.egress`): the policy engine, which this
+/// module knows only by this trait, so it stays below the runtime.
+pub trait EgressHandler: Send + Sync {
+    /// Decides and, if allowed, carries one connection; owns the relay.
+    fn open(&self, sandbox: SandboxId, open: pb::EgressOpen, conn: RelayConn);
+}
 
 /// Tunables of the supervisor side.
 #[derive(Clone, Copy, Debug)]
@@ -57,12 +65,14 @@ fn digest(secret: &str) -> SecretDigest {
 pub struct Supervisors {
     sessions: SessionRegistry,
     relays: RelayTable,
+    open_relays: OpenRelays,
     listeners: listeners::Listeners,
     socket_limits: SocketLimits,
     /// The launch secret each listening sandbox's supervisor must present.
     credentials: Mutex<HashMap<SandboxId, SecretDigest>>,
     heartbeat: Duration,
     shutdown: watch::Receiver<bool>,
+    egress: std::sync::OnceLock<Arc<dyn EgressHandler>>,
 }
 
 impl std::fmt::Debug for Supervisors {
@@ -163,12 +173,24 @@ impl Supervisors {
         Arc::new(Self {
             sessions,
             relays: RelayTable::new(opts.relays),
+            open_relays: OpenRelays::default(),
             listeners: listeners::Listeners::default(),
             socket_limits: SocketLimits::default(),
             credentials: Mutex::default(),
             heartbeat: opts.heartbeat,
             shutdown,
+            egress: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Installs the egress handler (once; egress relays are refused
+    /// before).
+    pub fn set_egress(&self, handler: Arc<dyn EgressHandler>) {
+        let _ = self.egress.set(handler);
+    }
+
+    pub(crate) fn egress(&self) -> Option<&Arc<dyn EgressHandler>> {
+        self.egress.get()
     }
 
     pub fn sessions(&self) -> &SessionRegistry {
@@ -177,6 +199,11 @@ impl Supervisors {
 
     pub fn relays(&self) -> &RelayTable {
         &self.relays
+    }
+
+    /// Relays open per sandbox, for idle timeouts.
+    pub fn open_relays(&self) -> &OpenRelays {
+        &self.open_relays
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -244,6 +271,7 @@ impl Supervisors {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&sandbox);
         self.sessions.forget(sandbox);
+        self.open_relays.forget(sandbox);
     }
 
     pub fn stop_all(&self) {
@@ -267,6 +295,7 @@ impl Supervisors {
                 })?;
         let channel_id = uuid::Uuid::new_v4().to_string();
         let (claimed, _reservation) = self.relays.reserve(sandbox, &channel_id)?;
+        crate::metrics::get().relays.inc();
         let open = pb::GatewayMessage {
             msg: Some(pb::gateway_message::Msg::RelayOpen(pb::RelayOpen {
                 channel_id,
@@ -279,7 +308,11 @@ impl Supervisors {
             });
         }
         match tokio::time::timeout(self.relays.limits.claim_timeout, claimed).await {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(Ok(conn))) => Ok(conn),
+            Ok(Ok(Err(reason))) => Err(ApiError::RelayRefused {
+                name: name.to_owned(),
+                reason,
+            }),
             _ => Err(ApiError::RelayNotOpened {
                 name: name.to_owned(),
             }),

@@ -43,9 +43,13 @@ pub struct RelayConn {
     pub to_sandbox: mpsc::Sender<pb::RelayFrame>,
 }
 
+/// What a reserved relay becomes: the claimed stream, or the reason the
+/// supervisor gave for not opening it.
+pub type Claim = Result<RelayConn, String>;
+
 struct Pending {
     sandbox: SandboxId,
-    tx: oneshot::Sender<RelayConn>,
+    tx: oneshot::Sender<Claim>,
 }
 
 /// Frees a reserved relay slot when dropped (a no-op once claimed).
@@ -104,7 +108,7 @@ impl RelayTable {
         &'a self,
         sandbox: SandboxId,
         channel_id: &str,
-    ) -> Result<(oneshot::Receiver<RelayConn>, Reservation<'a>), RelayError> {
+    ) -> Result<(oneshot::Receiver<Claim>, Reservation<'a>), RelayError> {
         let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if map.len() >= self.limits.total {
             return Err(RelayError::GatewayFull {
@@ -141,7 +145,7 @@ impl RelayTable {
             }
         };
         match pending {
-            Some(p) => p.tx.send(conn).is_ok(),
+            Some(p) => p.tx.send(Ok(conn)).is_ok(),
             None => false,
         }
     }
@@ -151,19 +155,92 @@ impl RelayTable {
         map.remove(channel_id);
     }
 
-    /// Cancels `channel_id` only if it is `sandbox`'s: a supervisor's
-    /// relay-failed message must never cancel another sandbox's relay.
-    pub fn cancel_for(&self, sandbox: SandboxId, channel_id: &str) -> bool {
-        let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        match map.get(channel_id) {
-            Some(p) if p.sandbox == sandbox => map.remove(channel_id).is_some(),
-            _ => false,
+    /// Fails `channel_id` with the supervisor's `reason`, only if it is
+    /// `sandbox`'s: a supervisor's relay-failed message must never cancel
+    /// another sandbox's relay.
+    pub fn cancel_for(&self, sandbox: SandboxId, channel_id: &str, reason: &str) -> bool {
+        let pending = {
+            let mut map = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(channel_id) {
+                Some(p) if p.sandbox == sandbox => map.remove(channel_id),
+                _ => None,
+            }
+        };
+        match pending {
+            Some(p) => {
+                let _ = p.tx.send(Err(reason.to_owned()));
+                true
+            }
+            None => false,
         }
     }
 
     /// Relays waiting to be claimed (a gauge).
     pub fn pending(&self) -> usize {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
+
+/// Relays open per sandbox and when one last opened or closed (ms since
+/// the epoch): what a sandbox's idle timeout counts. Clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct OpenRelays(Arc<Mutex<HashMap<SandboxId, RelayUse>>>);
+
+/// One sandbox's relays, as [`OpenRelays`] counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RelayUse {
+    pub open: usize,
+    pub last_ms: i64,
+}
+
+fn epoch_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+impl OpenRelays {
+    /// Counts a relay of `sandbox` as open until the guard is dropped.
+    pub fn opened(&self, sandbox: SandboxId) -> OpenRelay {
+        self.change(sandbox, |u| u.open += 1);
+        OpenRelay {
+            relays: self.clone(),
+            sandbox,
+        }
+    }
+
+    fn change(&self, sandbox: SandboxId, f: impl FnOnce(&mut RelayUse)) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let u = map.entry(sandbox).or_default();
+        f(u);
+        u.last_ms = epoch_ms();
+    }
+
+    /// Every sandbox's relay use, copied out.
+    pub fn snapshot(&self) -> HashMap<SandboxId, RelayUse> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Drops what is known of a sandbox whose relays are all gone.
+    pub fn forget(&self, sandbox: SandboxId) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if map.get(&sandbox).is_some_and(|u| u.open == 0) {
+            map.remove(&sandbox);
+        }
+    }
+}
+
+/// An open relay, counted by [`OpenRelays`] until dropped.
+#[derive(Debug)]
+pub struct OpenRelay {
+    relays: OpenRelays,
+    sandbox: SandboxId,
+}
+
+impl Drop for OpenRelay {
+    fn drop(&mut self) {
+        self.relays
+            .change(self.sandbox, |u| u.open = u.open.saturating_sub(1));
     }
 }
 
@@ -200,15 +277,6 @@ impl Default for Activity {
     }
 }
 
-/// What reading the sandbox's half of a relay produced.
-pub enum Next {
-    Frame(Result<Option<pb::RelayFrame>, tonic::Status>),
-    /// Nothing went either way for the idle timeout.
-    Idle,
-    /// The client stopped reading.
-    ClientGone,
-}
-
 /// The sandbox's half of a relay, read under the idle deadline.
 pub struct SandboxFrames {
     from: Streaming<pb::RelayFrame>,
@@ -228,18 +296,24 @@ impl SandboxFrames {
         }
     }
 
-    /// The next frame, or why there will be none.
-    pub async fn next<T>(&mut self, client: &mpsc::Sender<T>) -> Next {
+    /// The next frame from the sandbox; `None` once the client stopped
+    /// reading, or after telling it the relay was idle too long.
+    pub async fn next<T>(
+        &mut self,
+        client: &mpsc::Sender<Result<T, tonic::Status>>,
+    ) -> Option<Result<Option<pb::RelayFrame>, tonic::Status>> {
         loop {
             tokio::select! {
                 f = self.from.message() => {
                     self.activity.touch();
-                    return Next::Frame(f);
+                    return Some(f);
                 }
-                _ = client.closed() => return Next::ClientGone,
+                _ = client.closed() => return None,
                 _ = self.check.tick() => {
                     if self.activity.idle() >= self.idle {
-                        return Next::Idle;
+                        let idle = crate::error::ApiError::RelayIdle { idle: self.idle };
+                        let _ = client.send(Err(crate::error::to_status(idle))).await;
+                        return None;
                     }
                 }
             }
@@ -270,7 +344,7 @@ mod tests {
             t.reserve(b, "5"),
             Err(RelayError::GatewayFull { .. })
         ));
-        assert!(!t.cancel_for(b, "1"), "b cannot cancel a's relay");
+        assert!(!t.cancel_for(b, "1", "no"), "b cannot cancel a's relay");
         assert_eq!(t.pending(), 3);
         drop(r1);
         drop(r4);

@@ -32,6 +32,7 @@ pub struct SocketBudget {
     pub limits: SocketLimits,
     control: Arc<Semaphore>,
     relays: Arc<Semaphore>,
+    egress: Arc<Semaphore>,
     pub log: LogThrottle,
 }
 
@@ -41,6 +42,7 @@ impl SocketBudget {
             limits,
             control: Arc::new(Semaphore::new(limits.control_streams)),
             relays: Arc::new(Semaphore::new(limits.relay_streams)),
+            egress: Arc::new(Semaphore::new(limits.egress_streams)),
             log: LogThrottle::default(),
         }
     }
@@ -65,10 +67,11 @@ fn msg(m: Out) -> pb::GatewayMessage {
     pb::GatewayMessage { msg: Some(m) }
 }
 
-/// Ends when the inner stream does; holds its quota permit until dropped.
-fn holding<T: Send + 'static>(rx: mpsc::Receiver<T>, permit: OwnedSemaphorePermit) -> Frames<T> {
+/// Ends when the inner stream does; holds its quota permit (and whatever
+/// else counts the stream) until dropped.
+fn holding<T: Send + 'static, G: Send + 'static>(rx: mpsc::Receiver<T>, guard: G) -> Frames<T> {
     Box::pin(futures::StreamExt::map(ReceiverStream::new(rx), move |m| {
-        let _ = &permit;
+        let _ = &guard;
         Ok(m)
     }))
 }
@@ -134,7 +137,6 @@ impl Supervisor for SupervisorService {
         &self,
         req: Request<Streaming<pb::RelayFrame>>,
     ) -> Result<Response<Self::RelayStreamStream>, Status> {
-        let permit = self.budget.take(&self.budget.relays, "relay")?;
         let within = self.budget.limits.first_message;
         let mut inbound = req.into_inner();
         let first = first_message(&mut inbound, "RelayStream", "init", within).await?;
@@ -147,11 +149,34 @@ impl Supervisor for SupervisorService {
                 expected: "init",
             }));
         };
+        if let Some(open) = init.egress {
+            let permit = self.budget.take(&self.budget.egress, "egress")?;
+            check_egress_open(&open)?;
+            // Few frames in flight per connection: 256 of them, stalled,
+            // hold 4 × 64 KiB each here (see egress::splice::CHUNK).
+            let (tx, rx) = mpsc::channel(4);
+            let conn = RelayConn {
+                from_sandbox: inbound,
+                to_sandbox: tx,
+            };
+            // Only a supervisor that proved the launch secret speaks for
+            // its sandbox's code.
+            let handler = self
+                .supervisors
+                .egress()
+                .filter(|_| self.supervisors.sessions().has_session(self.sandbox));
+            let Some(handler) = handler else {
+                return Err(to_status(ApiError::NoSession));
+            };
+            handler.open(self.sandbox, open, conn);
+            return Ok(Response::new(holding(rx, permit)));
+        }
         let (tx, rx) = mpsc::channel(64);
         let conn = RelayConn {
             from_sandbox: inbound,
             to_sandbox: tx,
         };
+        let permit = self.budget.take(&self.budget.relays, "relay")?;
         if !self
             .supervisors
             .relays()
@@ -161,8 +186,40 @@ impl Supervisor for SupervisorService {
                 channel: init.channel_id,
             }));
         }
-        Ok(Response::new(holding(rx, permit)))
+        // Open until the relay's stream ends: what idle timeouts count.
+        let open = self.supervisors.open_relays().opened(self.sandbox);
+        Ok(Response::new(holding(rx, (permit, open))))
     }
+}
+
+/// Bounds what a supervisor reports of a connection before anything keeps
+/// it (a VM guest's supervisor is only as trusted as the guest).
+fn check_egress_open(open: &pb::EgressOpen) -> Result<(), Status> {
+    let bad = |what: &str| {
+        Err(to_status(ApiError::BadField(format!(
+            "egress open: {what}"
+        ))))
+    };
+    if open.host.is_empty() || open.host.len() > 255 {
+        return bad("host must be 1 to 255 bytes");
+    }
+    if open.binaries.len() > 16 {
+        return bad("at most 16 binaries");
+    }
+    for b in &open.binaries {
+        if b.path.len() > 4096 {
+            return bad("a binary path is longer than 4096 bytes");
+        }
+        if !(b.sha256.is_empty()
+            || (b.sha256.len() == 64 && b.sha256.bytes().all(|c| c.is_ascii_hexdigit())))
+        {
+            return bad("a binary's sha256 is not 64 hex digits");
+        }
+    }
+    if open.via.len() > 16 {
+        return bad("via is longer than 16 bytes");
+    }
+    Ok(())
 }
 
 async fn reject(tx: &mpsc::Sender<Result<pb::GatewayMessage, Status>>, reason: &str) {
@@ -182,10 +239,12 @@ async fn run_session(
 ) {
     let interval = supervisors.heartbeat();
     let (control_tx, mut control_rx) = mpsc::channel(32);
-    let (handle, mut superseded) =
-        supervisors
-            .sessions()
-            .register(sandbox, control_tx, ssh_host_key(&hello.ssh_host_key));
+    let (handle, mut superseded) = supervisors.sessions().register(
+        sandbox,
+        control_tx,
+        ssh_host_key(&hello.ssh_host_key),
+        hello.instance_id.chars().take(64).collect(),
+    );
     let instance_id = echo(&hello.instance_id);
     tracing::info!(sandbox = %sandbox, instance_id = %instance_id, session = handle.session_id, "supervisor connected");
     let accepted = Out::Accepted(pb::SessionAccepted {
@@ -210,7 +269,7 @@ async fn run_session(
                             );
                         }
                         // Only this sandbox's own pending relays can be failed.
-                        supervisors.relays().cancel_for(sandbox, &f.channel_id);
+                        supervisors.relays().cancel_for(sandbox, &f.channel_id, &f.message);
                         last_heard = tokio::time::Instant::now();
                     }
                     Ok(Some(_)) => last_heard = tokio::time::Instant::now(),

@@ -31,6 +31,9 @@ pub struct SessionHandle {
     /// public-key line; empty if it has none). Kept only here, in memory:
     /// each supervisor start generates a new one.
     pub ssh_host_key: String,
+    /// The supervisor process's own id (fresh for each start), as its
+    /// hello said: a new one means the sandbox's supervisor started afresh.
+    pub instance_id: String,
 }
 
 #[derive(Default)]
@@ -62,6 +65,7 @@ impl SessionRegistry {
         sandbox: SandboxId,
         control: mpsc::Sender<pb::GatewayMessage>,
         ssh_host_key: String,
+        instance_id: String,
     ) -> (SessionHandle, watch::Receiver<bool>) {
         let session_id = {
             let mut n = self.next_id.lock().unwrap_or_else(|p| p.into_inner());
@@ -74,6 +78,7 @@ impl SessionRegistry {
             control,
             superseded,
             ssh_host_key,
+            instance_id,
         };
         let old = {
             let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -195,7 +200,7 @@ mod tests {
     fn the_observer_fires_once_per_transition_outside_the_lock() {
         let (reg, c) = setup();
         let id = SandboxId::new();
-        let (h, _) = reg.register(id, chan(), String::new());
+        let (h, _) = reg.register(id, chan(), String::new(), String::new());
         assert!(reg.remove_if_current(id, h.session_id));
         assert!(
             !reg.remove_if_current(id, h.session_id),
@@ -210,8 +215,8 @@ mod tests {
     fn a_new_session_supersedes_the_old_and_the_old_cannot_remove_it() {
         let (reg, c) = setup();
         let id = SandboxId::new();
-        let (old, old_rx) = reg.register(id, chan(), String::new());
-        let (new, _) = reg.register(id, chan(), String::new());
+        let (old, old_rx) = reg.register(id, chan(), String::new(), String::new());
+        let (new, _) = reg.register(id, chan(), String::new(), String::new());
         assert!(*old_rx.borrow(), "the old session is told to close");
         assert_eq!(reg.superseded(), 1, "a supersede is counted");
         assert!(!reg.remove_if_current(id, old.session_id));
@@ -233,7 +238,7 @@ mod tests {
             .map(|_| {
                 let reg = reg.clone();
                 std::thread::spawn(move || {
-                    let (h, _) = reg.register(id, chan(), String::new());
+                    let (h, _) = reg.register(id, chan(), String::new(), String::new());
                     (h.session_id, reg.remove_if_current(id, h.session_id))
                 })
             })
@@ -259,7 +264,7 @@ mod tests {
     fn forgetting_a_sandbox_closes_its_session_without_a_disconnect() {
         let (reg, c) = setup();
         let id = SandboxId::new();
-        let (_, rx) = reg.register(id, chan(), String::new());
+        let (_, rx) = reg.register(id, chan(), String::new(), String::new());
         reg.forget(id);
         assert!(*rx.borrow());
         assert!(!reg.has_session(id));

@@ -110,6 +110,8 @@ impl TestGateway {
             state_dir: state.to_owned(),
             drivers: vec![],
             driver_dir: None,
+            embedded_drivers: &[],
+            metrics_addr: None,
             disable_tls: true,
             disable_auth: true,
             plugin_call_timeout: Duration::from_secs(2),
@@ -130,6 +132,8 @@ impl TestGateway {
             // would each mount one in the test process.
             disk: openshell_plugin::disk::DiskConfig::OFF,
             images: Default::default(),
+            default_policy: None,
+            egress: Default::default(),
         }
     }
 
@@ -206,6 +210,7 @@ impl TestGateway {
                     ..Default::default()
                 }),
                 request_id: String::new(),
+                policy: String::new(),
             })
             .await?;
         Ok(r.into_inner().sandbox.unwrap())

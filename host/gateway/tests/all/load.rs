@@ -58,6 +58,7 @@ async fn one_client(mut c: TestGateway, n: usize) -> Report {
                     ..Default::default()
                 }),
                 request_id: format!("load-req-{n}"),
+                policy: String::new(),
             })
             .await;
         match res {
@@ -173,6 +174,7 @@ async fn two_hundred_clients_create_exec_and_delete_with_backpressure_and_nothin
     cfg.limits = SandboxLimits {
         max_sandboxes: MAX_SANDBOXES,
         max_concurrent_launches: MAX_LAUNCHES,
+        ..Default::default()
     };
     let mut gw = TestGateway::start_alone(cfg).await;
     gw.load_process().await;
@@ -254,6 +256,12 @@ async fn two_hundred_clients_create_exec_and_delete_with_backpressure_and_nothin
     );
     let left = processes_of(&ids);
     assert!(left.is_empty(), "processes left behind: {left:?}");
+    // No log of a deleted sandbox stays (a launch queued behind a delete
+    // once made its dir again, and held its file open).
+    let logs: Vec<_> = std::fs::read_dir(tmp.path().join("logs"))
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(logs.is_empty(), "logs left behind: {logs:?}");
     // Connections of the finished clients close asynchronously on the
     // server side: poll for the count to come back.
     let deadline = Instant::now() + Duration::from_secs(10);

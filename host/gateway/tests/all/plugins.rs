@@ -44,7 +44,7 @@ async fn a_loaded_driver_is_listed_and_its_create_shows_in_the_conditions() {
 #[tokio::test]
 async fn an_ungranted_capability_is_refused_by_name_and_granting_it_works() {
     let mut gw = TestGateway::start().await;
-    let all_but_vm = ["log", "files", "network", "rootfs"];
+    let all_but_vm = ["log", "files", "image", "network", "rootfs"];
     let err = gw
         .try_load("wants-vm", "fixture-wants-vm", &all_but_vm)
         .await
@@ -66,7 +66,7 @@ async fn an_ungranted_capability_is_refused_by_name_and_granting_it_works() {
         .load(
             "wants-vm",
             "fixture-wants-vm",
-            &["log", "files", "network", "rootfs", "vm"],
+            &["log", "files", "image", "network", "rootfs", "vm"],
         )
         .await;
     assert!(p.imports.contains(&"vm".to_string()));

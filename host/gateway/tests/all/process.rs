@@ -101,6 +101,7 @@ pub async fn ready(gw: &mut TestGateway, name: &str, memory_mib: u64) -> pb::San
                 ..Default::default()
             }),
             request_id: String::new(),
+            policy: String::new(),
         })
         .await
         .unwrap();

@@ -222,7 +222,7 @@ async fn a_session_registered_before_the_driver_update_is_backfilled() {
     let _session = rt
         .supervisors()
         .sessions()
-        .register(sb.id, tx, String::new());
+        .register(sb.id, tx, String::new(), String::new());
     rt.store().insert_sandbox(&sb).await.unwrap();
     rt.apply(
         sb.id,

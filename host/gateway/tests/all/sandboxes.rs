@@ -134,6 +134,7 @@ fn req(name: &str, env: &[(&str, &str)]) -> pb::CreateSandboxRequest {
             ..Default::default()
         }),
         request_id: String::new(),
+        policy: String::new(),
     }
 }
 

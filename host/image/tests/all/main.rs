@@ -5,6 +5,7 @@
 //! without `docker-registry` for the pull tests, a test says so loudly on
 //! stderr and passes, except under CI (`CI` set), where it fails.
 
+mod disk;
 mod import;
 mod open;
 mod pull;

@@ -39,6 +39,34 @@ fn info(image: &Image) -> ImageInfo {
     }
 }
 
+/// A sandbox's environment rooted in an image with config `cfg`: the
+/// image's variables under `env` (the spec's and the host's win, and an
+/// image cannot set the supervisor's own), then its `User` and
+/// `WorkingDir` for the supervisor. The same for both kinds of sandbox.
+pub(crate) fn environment(
+    cfg: &openshell_image::ImageConfig,
+    mut env: Vec<(String, String)>,
+) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = cfg
+        .env
+        .iter()
+        .filter(|(k, _)| !k.starts_with("OPENSHELL_") && openshell_core::validate::is_env_key(k))
+        .filter(|(k, _)| !env.iter().any(|(s, _)| s == k))
+        .cloned()
+        .collect();
+    out.append(&mut env);
+    out.push((
+        "OPENSHELL_IMAGE_USER".into(),
+        cfg.user.clone().unwrap_or_default(),
+    ));
+    let workdir = cfg.working_dir.clone().filter(|w| w.starts_with('/'));
+    out.push((
+        "OPENSHELL_IMAGE_WORKDIR".into(),
+        workdir.unwrap_or_else(|| "/sandbox".into()),
+    ));
+    out
+}
+
 /// What a driver is told when the store refuses.
 pub fn cap_error(e: ImageError) -> CapError {
     let text = e.to_string();
@@ -52,7 +80,7 @@ pub fn cap_error(e: ImageError) -> CapError {
 }
 
 impl CallState {
-    fn images(&self) -> Result<Arc<Images>, CapError> {
+    pub(crate) fn images(&self) -> Result<Arc<Images>, CapError> {
         self.services.images.clone().ok_or_else(|| {
             CapError::Unavailable("this gateway has no image store configured".into())
         })

@@ -69,6 +69,11 @@ pub struct SandboxScope {
     /// The sandbox's stored host uid slot, if the call is about a stored
     /// sandbox.
     pub uid_slot: Option<u32>,
+    /// The sandbox's disk size in bytes: its quota on the sandbox disk,
+    /// which bounds everything it stores on the host (a VM's disk file
+    /// must fit under it). 0 when there is no sandbox disk (off) or the
+    /// call is not about a sandbox (describe, validate).
+    pub disk_bytes: u64,
     /// The sandbox's state directory; `None` where the call has no sandbox.
     pub dir: Option<Arc<cap_std::fs::Dir>>,
 }

@@ -92,6 +92,12 @@ impl ProcessTable {
         })
     }
 
+    /// Whether the host holds a launcher of this sandbox that has exited
+    /// (not one that runs, nor one it forgot after stopping it).
+    pub fn has_exited(&self, sandbox_id: &str) -> bool {
+        matches!(self.status(sandbox_id), Some(ProcessStatus::Exited(_)))
+    }
+
     /// Host processes (launchers) currently alive.
     pub fn running(&self) -> usize {
         let running = self.running.lock().unwrap_or_else(|p| p.into_inner());
@@ -160,7 +166,7 @@ impl ProcessTable {
 
 /// Where this host's launchers put sandbox cgroups (v1 or v2), read from
 /// the gateway's own mountinfo and cgroup: its launchers are born there.
-fn sandbox_cgroup_parents() -> Vec<std::path::PathBuf> {
+pub(crate) fn sandbox_cgroup_parents() -> Vec<std::path::PathBuf> {
     let read = |p| std::fs::read_to_string(p).unwrap_or_default();
     openshell_sandbox_launch::cgroup_plan::sandbox_parents(
         &read("/proc/self/mountinfo"),
@@ -245,27 +251,8 @@ fn image_launch(
         upper: state.join(UPPER),
         work: state.join(WORK),
     });
-    let cfg = &image.image.config;
-    // The image's variables first, so the spec's (and the host's) win; an
-    // image cannot set the supervisor's own.
-    let mut env: Vec<(String, String)> = cfg
-        .env
-        .iter()
-        .filter(|(k, _)| !k.starts_with("OPENSHELL_") && openshell_core::validate::is_env_key(k))
-        .filter(|(k, _)| !config.env.iter().any(|(s, _)| s == k))
-        .cloned()
-        .collect();
-    env.append(&mut config.env);
-    env.push((
-        "OPENSHELL_IMAGE_USER".into(),
-        cfg.user.clone().unwrap_or_default(),
-    ));
-    let workdir = cfg.working_dir.clone().filter(|w| w.starts_with('/'));
-    env.push((
-        "OPENSHELL_IMAGE_WORKDIR".into(),
-        workdir.unwrap_or_else(|| "/sandbox".into()),
-    ));
-    config.env = env;
+    config.env =
+        crate::caps::image::environment(&image.image.config, std::mem::take(&mut config.env));
     Ok(())
 }
 

@@ -214,6 +214,12 @@ impl VmTable {
         })
     }
 
+    /// Whether the host holds a VM of this sandbox that has exited (not
+    /// one that runs, nor one it forgot after stopping it).
+    pub fn has_exited(&self, sandbox_id: &str) -> bool {
+        matches!(self.status(sandbox_id), Some(VmStatus::Exited(_)))
+    }
+
     /// QEMU processes currently alive.
     pub fn running(&self) -> usize {
         lock(&self.vms)
@@ -243,6 +249,7 @@ impl VmTable {
         dir: &Path,
         spec: &VmSpec,
         run_as: net::RunAs,
+        image: Option<VmImage>,
     ) -> Result<(), CapError> {
         if matches!(self.status(id), Some(VmStatus::Running)) {
             return Err(CapError::Invalid(
@@ -275,6 +282,13 @@ impl VmTable {
             .filter(|(k, _)| !k.starts_with("OPENSHELL_GATEWAY_"))
             .cloned()
             .collect();
+        let disks = match &image {
+            Some(image) => {
+                env = crate::caps::image::environment(&image.image.config, env);
+                Some(image.disks(dir).await?)
+            }
+            None => None,
+        };
         if let Some(tls) = &self.config.supervisor_tls {
             env.push((
                 "OPENSHELL_GATEWAY_CA".into(),
@@ -291,11 +305,12 @@ impl VmTable {
         // write to its console without end).
         // The kernel too (5): the runtime may sit under a directory the
         // sandbox's uid cannot pass (a clone in /root, say).
-        let (uid, i, c, k) = (
+        let (uid, i, c, k, disks_for_fds) = (
             run_as.uid,
             initrd.clone(),
             console.clone(),
             rt.kernel.clone(),
+            disks.clone(),
         );
         let handed: Vec<std::os::fd::OwnedFd> = blocking(move || {
             let (console, _) = crate::logs::pump(&c, crate::logs::MAX_LOG)
@@ -305,7 +320,18 @@ impl VmTable {
             })?;
             let kernel = std::fs::File::open(&k)
                 .map_err(|e| CapError::Failed(format!("cannot open {}: {e}", k.display())))?;
-            Ok(vec![hand_to(&i, uid)?.into(), console, kernel.into()])
+            let mut fds = vec![hand_to(&i, uid)?.into(), console, kernel.into()];
+            // The image's disk stays root's (0444, shared); the sandbox's
+            // own becomes its uid's, read-write.
+            if let Some((base, upper)) = &disks_for_fds {
+                fds.push(open_nofollow(base, false)?.into());
+                let upper_file = open_nofollow(upper, true)?;
+                std::os::unix::fs::fchown(&upper_file, Some(uid), Some(uid)).map_err(|e| {
+                    CapError::Failed(format!("cannot hand the sandbox's disk to its uid: {e}"))
+                })?;
+                fds.push(upper_file.into());
+            }
+            Ok(fds)
         })
         .await?;
         let handed = Arc::new(handed);
@@ -319,6 +345,21 @@ impl VmTable {
             identity_socket: identity_socket.clone(),
             console: "/dev/fd/4".into(),
             tsc_khz: rt.tsc_khz,
+            disks: match disks {
+                Some(_) => vec![
+                    qemu::QemuDisk {
+                        path: "/dev/fd/6".into(),
+                        read_only: true,
+                        serial: "openshell-image",
+                    },
+                    qemu::QemuDisk {
+                        path: "/dev/fd/7".into(),
+                        read_only: false,
+                        serial: "openshell-disk",
+                    },
+                ],
+                None => vec![],
+            },
         };
         let qemu_log = dir.join("qemu.log");
         for attempt in 1..=2 {
@@ -435,6 +476,62 @@ pub(crate) fn socket_dir(id: &str, uid: u32) -> Result<PathBuf, CapError> {
     Ok(dir)
 }
 
+/// A VM sandbox's own disk when the gateway has no sandbox disk (so no
+/// quota sizes it).
+pub const DEFAULT_DISK_BYTES: u64 = 8 << 30;
+/// What a sandbox's quota keeps beside its VM disk: the staged initramfs,
+/// console and QEMU logs.
+pub const DISK_HEADROOM: u64 = 256 << 20;
+
+/// The size of a VM's own disk for a sandbox disk quota of `quota` bytes
+/// (0: none): the quota bounds everything the sandbox stores on the host,
+/// so the VM disk is a little smaller and the guest sees ENOSPC first.
+pub fn vm_disk_size(quota: u64) -> u64 {
+    if quota == 0 {
+        DEFAULT_DISK_BYTES
+    } else {
+        quota.saturating_sub(DISK_HEADROOM).max(DISK_HEADROOM)
+    }
+}
+
+/// What a VM rooted in an image boots from.
+pub(crate) struct VmImage {
+    image: openshell_image::Image,
+    store: Arc<openshell_image::ImageStore>,
+    disk_size: u64,
+}
+
+impl VmImage {
+    /// The image's shared disk (built now if the gateway has not already)
+    /// and the sandbox's own (made at its first launch).
+    async fn disks(&self, dir: &Path) -> Result<(PathBuf, PathBuf), CapError> {
+        let (store, image) = (self.store.clone(), self.image.clone());
+        let base = blocking(move || store.disk(&image).map_err(super::image::cap_error)).await?;
+        let upper = dir.join(SANDBOX_DISK);
+        let (path, size) = (upper.clone(), self.disk_size);
+        blocking(move || {
+            openshell_vm::disk::ensure(&path, size)
+                .map(drop)
+                .map_err(cap_error)
+        })
+        .await?;
+        Ok((base, upper))
+    }
+}
+
+/// The sandbox's own disk, in its state dir.
+pub const SANDBOX_DISK: &str = "disk.ext4";
+
+fn open_nofollow(path: &Path, write: bool) -> Result<std::fs::File, CapError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(write)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| CapError::Failed(format!("cannot open {}: {e}", path.display())))
+}
+
 /// Opens `path` (never through a symlink) for QEMU to read, handing the
 /// file to the sandbox's `uid`: QEMU, running as that uid, reopens it
 /// through `/dev/fd`, which checks the file's own permissions but no
@@ -509,8 +606,20 @@ impl Host for CallState {
         spec: VmSpec,
         root: Resource<super::RootfsHandle>,
         net: Resource<super::NetworkHandle>,
+        image: Option<Resource<super::ImageHandle>>,
     ) -> Result<Resource<VmHandle>, CapabilityError> {
         let (id, dir, run_as) = self.vm_scope()?;
+        let image = match image {
+            Some(h) => {
+                let store = self.images()?.store.clone();
+                Some(VmImage {
+                    image: self.table.get(&h)?.image.clone(),
+                    store,
+                    disk_size: vm_disk_size(self.scope.disk_bytes),
+                })
+            }
+            None => None,
+        };
         // Both handles must be this sandbox's (they always are: handles are
         // per call and per sandbox, but the check is cheap).
         if self.table.get(&root)?.sandbox_id != id || self.table.get(&net)?.sandbox_id != id {
@@ -520,7 +629,7 @@ impl Host for CallState {
             .into());
         }
         let services = self.services.clone();
-        services.vms.launch(&id, &dir, &spec, run_as).await?;
+        services.vms.launch(&id, &dir, &spec, run_as, image).await?;
         Ok(self.table.push(VmHandle { sandbox_id: id })?)
     }
 

@@ -49,7 +49,12 @@ macro_rules! guarded_call {
             let $store = &mut $store;
             $call.await
         };
-        match tokio::time::timeout(after, run).await {
+        let started = Instant::now();
+        let result = tokio::time::timeout(after, run).await;
+        if let Some(observe) = &plugin.shared.config.on_call {
+            (observe.0)(&plugin.name, started.elapsed());
+        }
+        match result {
             Err(_) => Err(CallError::TimedOut {
                 plugin: plugin.name.clone(),
                 after,
@@ -99,6 +104,7 @@ impl Plugin {
                 sandbox_name: String::new(),
                 state_path: None,
                 uid_slot: None,
+                disk_bytes: 0,
                 dir: None,
             });
         };
@@ -108,9 +114,10 @@ impl Plugin {
         let open = || cap_std::fs::Dir::open_ambient_dir(&path, cap_std::ambient_authority());
         let dir = open()
             .or_else(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => {
-                    self.shared.create_sandbox_dir(id).and_then(|_| open())
-                }
+                std::io::ErrorKind::NotFound => self
+                    .shared
+                    .create_sandbox_dir(id, spec.resources.disk_gib)
+                    .and_then(|_| open()),
                 _ => Err(e),
             })
             .map_err(|e| CallError::Failed {
@@ -123,6 +130,7 @@ impl Plugin {
             sandbox_name: spec.name.clone(),
             state_path: Some(path),
             uid_slot: spec.uid_slot,
+            disk_bytes: self.shared.disk_bytes(spec.resources.disk_gib),
             dir: Some(Arc::new(dir)),
         })
     }

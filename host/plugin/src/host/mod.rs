@@ -63,6 +63,22 @@ pub struct PluginHostConfig {
     /// The sandbox disk (quotas on what sandboxes store); off by default
     /// here, on by default in the gateway.
     pub disk: crate::disk::DiskConfig,
+    /// Told how long each export call took (the gateway's metrics).
+    pub on_call: Option<CallObserver>,
+}
+
+/// A callback given the plugin's name and how long one of its export calls
+/// took, whatever it returned.
+#[derive(Clone)]
+pub struct CallObserver(pub Arc<CallFn>);
+
+/// What a [`CallObserver`] calls: the plugin's name, the call's duration.
+pub type CallFn = dyn Fn(&str, Duration) + Send + Sync;
+
+impl std::fmt::Debug for CallObserver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallObserver")
+    }
 }
 
 impl PluginHostConfig {
@@ -80,6 +96,7 @@ impl PluginHostConfig {
             uid_base: 100_000,
             vm: VmConfig::default(),
             disk: crate::disk::DiskConfig::OFF,
+            on_call: None,
         }
     }
 }
@@ -122,16 +139,30 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// A sandbox's state dir, 0700 and root's: on the sandbox disk a
-    /// subvolume under its quota, else a plain directory.
-    pub(crate) fn create_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
+    /// subvolume limited to `disk_gib` (set again if it exists), else a
+    /// plain directory.
+    pub(crate) fn create_sandbox_dir(
+        &self,
+        sandbox_id: &str,
+        disk_gib: u32,
+    ) -> std::io::Result<PathBuf> {
         match &self.services.disk {
-            Some(disk) => disk.create_sandbox_dir(sandbox_id),
+            Some(disk) => disk.create_sandbox_dir(sandbox_id, disk_gib),
             None => {
                 let path = self.config.sandboxes_dir.join(sandbox_id);
                 create_private_dir(&path)?;
                 Ok(path)
             }
         }
+    }
+
+    /// The quota in bytes of a sandbox stored with `disk_gib`; 0 without a
+    /// sandbox disk.
+    pub(crate) fn disk_bytes(&self, disk_gib: u32) -> u64 {
+        self.services
+            .disk
+            .as_ref()
+            .map_or(0, |d| d.limit_bytes(disk_gib))
     }
 }
 
@@ -236,9 +267,12 @@ impl PluginHost {
                 source,
             })?;
 
-        let state_dir = config.sandboxes_dir.parent().unwrap_or(Path::new("/"));
-        let disk = crate::disk::SandboxDisk::open(state_dir, &config.sandboxes_dir, config.disk)
-            .map_err(|source| PluginError::Disk { source })?;
+        let disk = crate::disk::SandboxDisk::open(
+            state_dir_of(&config),
+            &config.sandboxes_dir,
+            config.disk,
+        )
+        .map_err(|source| PluginError::Disk { source })?;
         let process_cfg = ProcessConfig {
             launcher: config.launcher.clone(),
             supervisor: config.supervisor.clone(),
@@ -440,6 +474,22 @@ impl PluginHost {
         map.remove(name)
     }
 
+    /// The gateway's state dir: where the sandbox disk's image lives, on
+    /// the host's own filesystem.
+    pub fn state_dir(&self) -> &Path {
+        state_dir_of(&self.shared.config)
+    }
+
+    /// The sandbox disk's size and default sandbox size; `None` when there
+    /// is no sandbox disk (off, not root, or a state dir from before it).
+    pub fn disk_sizes(&self) -> Option<openshell_core::validate::DiskSizes> {
+        self.shared.services.disk.as_ref().map(|d| d.sizes())
+    }
+
+    pub(crate) fn sandbox_disk(&self) -> Option<&crate::disk::SandboxDisk> {
+        self.shared.services.disk.as_ref()
+    }
+
     /// Detaches the sandbox disk, if there is one (at gateway shutdown).
     pub fn detach_disk(&self) {
         if let Some(disk) = &self.shared.services.disk {
@@ -453,9 +503,10 @@ impl PluginHost {
     }
 
     /// Creates a sandbox's state dir (0700, root's: see
-    /// [`create_private_dir`]) before anything else puts files in it.
-    pub fn ensure_sandbox_dir(&self, sandbox_id: &str) -> std::io::Result<PathBuf> {
-        self.shared.create_sandbox_dir(sandbox_id)
+    /// [`create_private_dir`]) before anything else puts files in it, and
+    /// (again at every launch) limits it to `disk_gib` on the sandbox disk.
+    pub fn ensure_sandbox_dir(&self, sandbox_id: &str, disk_gib: u32) -> std::io::Result<PathBuf> {
+        self.shared.create_sandbox_dir(sandbox_id, disk_gib)
     }
 
     /// The unix socket a sandbox's supervisor dials; the process capability
@@ -463,6 +514,11 @@ impl PluginHost {
     pub fn supervisor_socket(&self, sandbox_id: &str) -> PathBuf {
         self.sandbox_dir(sandbox_id).join("run/gateway.sock")
     }
+}
+
+/// The state dir is the parent of `sandboxes/` (see [`PluginHostConfig::new`]).
+fn state_dir_of(config: &PluginHostConfig) -> &Path {
+    config.sandboxes_dir.parent().unwrap_or(Path::new("/"))
 }
 
 /// A directory only the gateway's user may enter (0700): a sandbox's state

@@ -72,6 +72,7 @@ store_tests!(
     many_sandboxes_may_have_no_uid_slot,
     a_uid_slot_is_kept_by_updates_and_freed_only_by_delete,
     a_record_without_a_uid_slot_can_be_backfilled_once,
+    activity_is_recorded_forward_only_and_is_not_part_of_the_record,
 );
 
 #[tokio::test]

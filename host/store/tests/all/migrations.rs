@@ -126,6 +126,10 @@ async fn migrates_without_loss(
             "{id}"
         );
     }
+    // Rows from before activity was recorded have none: their idle clock
+    // starts at their creation; their specs read back with no lifetimes.
+    assert!(store.last_active().await?.is_empty());
+    assert!(walked.iter().all(|s| s.spec.lifetime.is_unset()));
     let mut plugins = records::plugins();
     plugins.sort_by(|a, b| a.name.cmp(&b.name));
     assert_eq!(store.list_plugins().await?, plugins);

@@ -22,11 +22,21 @@ pub fn sandbox(name: &str) -> Sandbox {
             vcpus: 2,
             memory_mib: 512,
             max_processes: 64,
+            disk_gib: 3,
         },
         // The digest a create resolved round-trips with the record.
         image: Some(openshell_core::SandboxImage {
             reference: "docker.io/library/python:3.12".into(),
             digest: format!("sha256:{}", "ab".repeat(32)),
+        }),
+        lifetime: openshell_core::Lifetime {
+            ttl_secs: 7_200,
+            idle_timeout_secs: 1_800,
+        },
+        policy: Some(openshell_core::StoredPolicy {
+            yaml: "version: 1\nnetwork_policies: {}\n".into(),
+            revision: 3,
+            source: openshell_core::PolicySource::Set,
         }),
     };
     let mut s = Sandbox::new(SandboxName::parse(name).unwrap(), spec, None, 1_000);
@@ -397,6 +407,37 @@ pub async fn deleted_sandboxes_are_gone(store: &Store) -> anyhow::Result<()> {
     let mut again = sandbox("doomed");
     again.request_id = Some("r".into());
     store.insert_sandbox(&again).await?;
+    Ok(())
+}
+
+pub async fn activity_is_recorded_forward_only_and_is_not_part_of_the_record(
+    store: &Store,
+) -> anyhow::Result<()> {
+    let s = store.insert_sandbox(&sandbox("busy")).await?;
+    assert!(store.last_active().await?.is_empty(), "none recorded yet");
+    store.record_activity(s.id, 5_000).await?;
+    store.record_activity(s.id, 4_000).await?;
+    assert_eq!(
+        store.last_active().await?.get(&s.id),
+        Some(&5_000),
+        "never moves back"
+    );
+    store.record_activity(s.id, 6_000).await?;
+    assert_eq!(store.last_active().await?.get(&s.id), Some(&6_000));
+    // The record, its revision included, is untouched.
+    assert_eq!(store.get_sandbox(s.id).await?, Some(s.clone()));
+    // An update of the record leaves the activity alone.
+    store
+        .modify_sandbox(s.id, |sb| {
+            sb.updated_at_ms += 1;
+            true
+        })
+        .await?;
+    assert_eq!(store.last_active().await?.get(&s.id), Some(&6_000));
+    // A sandbox that is gone is not an error, and its activity goes with it.
+    assert!(store.delete_sandbox(s.id).await?);
+    store.record_activity(s.id, 7_000).await?;
+    assert!(store.last_active().await?.is_empty());
     Ok(())
 }
 

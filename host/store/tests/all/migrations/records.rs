@@ -43,9 +43,16 @@ pub fn sandboxes() -> Vec<Stored> {
             vcpus: 2,
             memory_mib: 512,
             max_processes: 64,
+            // Records from before disk sizes load with none (the gateway
+            // gives them its default).
+            disk_gib: 0,
         },
         // Records from before images load with none.
         image: None,
+        // Nor lifetimes.
+        lifetime: Default::default(),
+        // Nor policies (nothing reachable).
+        policy: None,
     };
     let new = |id: &str, name: &str, driver: &str, created_at_ms: i64| {
         let mut s = Sandbox::new(
@@ -156,6 +163,7 @@ pub fn sandboxes() -> Vec<Stored> {
         vcpus: u32::MAX,
         memory_mib: u64::MAX,
         max_processes: u32::MAX,
+        disk_gib: 0,
     };
     extremes.updated_at_ms = i64::MAX;
     extremes.driver_state = vec![0xff; 4096];
