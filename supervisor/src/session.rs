@@ -76,13 +76,14 @@ pub async fn run_forever(cfg: Config, ssh: Arc<SshServer>) {
     let (uplink_tx, uplink) = crate::egress::Uplink::new();
     match tokio::net::TcpListener::bind(crate::egress::PROXY_ADDR).await {
         Ok(l) => {
-            tokio::spawn(crate::egress::proxy::serve(l, uplink));
+            tokio::spawn(crate::egress::proxy::serve(l, uplink.clone()));
         }
         Err(e) => tracing::warn!(
             "cannot listen on {} for the egress proxy: {e}; sandbox code has no network",
             crate::egress::PROXY_ADDR
         ),
     }
+    start_resolver(&uplink).await;
     loop {
         let ended = session_once(&cfg, &ssh, &main, &uplink_tx).await;
         uplink_tx.send_replace(None);
@@ -95,6 +96,30 @@ pub async fn run_forever(cfg: Config, ssh: Arc<SshServer>) {
             Err(e) => tracing::warn!("cannot open a session: {}", report::chain(&e)),
         }
         tokio::time::sleep(backoff.next_delay(rand::random())).await;
+    }
+}
+
+/// The sandbox's DNS stub, and `/etc/resolv.conf` naming it. Without it
+/// sandbox code still reaches what its policy allows through the proxy.
+async fn start_resolver(uplink: &crate::egress::Uplink) {
+    use crate::egress::dns;
+    match tokio::net::UdpSocket::bind(dns::STUB_ADDR).await {
+        Ok(socket) => {
+            tokio::spawn(dns::Stub::new(uplink.clone()).serve(socket));
+        }
+        Err(e) => {
+            tracing::warn!(
+                "cannot listen on {} for the DNS stub: {e}; names resolve only through the proxy",
+                dns::STUB_ADDR
+            );
+            return;
+        }
+    }
+    if let Err(e) = dns::install_resolv_conf() {
+        tracing::warn!(
+            "cannot point /etc/resolv.conf at the DNS stub: {e}; sandbox code must name {} itself",
+            dns::STUB_ADDR
+        );
     }
 }
 
@@ -172,7 +197,7 @@ async fn session_once(
     cfg: &Config,
     ssh: &Arc<SshServer>,
     main: &Arc<crate::main_process::MainProcess>,
-    uplink: &tokio::sync::watch::Sender<Option<Channel>>,
+    uplink: &tokio::sync::watch::Sender<Option<crate::egress::Link>>,
 ) -> Result<SessionEnded, SessionError> {
     let channel = connect(&cfg.endpoint, cfg.gateway_tls.as_ref()).await?;
     let mut client = SupervisorClient::new(channel.clone());
@@ -190,10 +215,13 @@ async fn session_once(
         Ok(Err(s)) => return Err(SessionError::Refused(s)),
         Err(_) => return Err(SessionError::NoAnswer),
     };
-    let interval = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+    let (interval, token) = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
         Ok(Ok(Some(pb::GatewayMessage {
             msg: Some(In::Accepted(a)),
-        }))) => Duration::from_millis(a.heartbeat_interval_ms.max(100).into()),
+        }))) => (
+            Duration::from_millis(a.heartbeat_interval_ms.max(100).into()),
+            a.egress_token,
+        ),
         Ok(Ok(Some(pb::GatewayMessage {
             msg: Some(In::Rejected(r)),
         }))) => return Err(SessionError::Rejected { reason: r.reason }),
@@ -205,8 +233,8 @@ async fn session_once(
     // Egress rides a connection of its own: a saturated or stalled
     // outbound connection never holds the window heartbeats need.
     match connect(&cfg.endpoint, cfg.gateway_tls.as_ref()).await {
-        Ok(c) => {
-            uplink.send_replace(Some(c));
+        Ok(channel) => {
+            uplink.send_replace(Some(crate::egress::Link { channel, token }));
         }
         Err(e) => tracing::warn!("no egress connection this session: {}", report::chain(&e)),
     }

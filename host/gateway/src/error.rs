@@ -109,8 +109,10 @@ pub enum ApiError {
     },
     #[error("no relay {} is waiting for this sandbox", echo(.channel))]
     UnknownRelay { channel: String },
-    #[error("this sandbox's supervisor has no session: say hello first")]
-    NoSession,
+    #[error(
+        "egress is opened only by this sandbox's supervisor, with its live session's egress token"
+    )]
+    NoEgressSession,
     /// A policy document that does not parse or validate; the message
     /// names the line (or field) and what to fix.
     #[error("the policy is invalid: {0}")]
@@ -283,7 +285,7 @@ pub fn to_status(e: ApiError) -> Status {
         ApiError::NoFreeName
         | ApiError::CreateInFlight
         | ApiError::SupervisorNotConnected { .. }
-        | ApiError::NoSession
+        | ApiError::NoEgressSession
         | ApiError::RelayNotOpened { .. }
         | ApiError::SupervisorGone { .. }
         | ApiError::ShuttingDown

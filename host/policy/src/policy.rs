@@ -103,6 +103,22 @@ impl Policy {
         })
     }
 
+    /// The ports a DNS name may be dialled on, by any rule and any binary
+    /// (sorted, deduplicated); empty when no rule names it, which is when
+    /// [`Policy::allows_name`] is false. The sandbox's DNS stub listens for
+    /// exactly these on the address it hands out for the name.
+    pub fn ports_for_name(&self, name: &str) -> Vec<u16> {
+        let name = host::normalize(name);
+        let mut ports: Vec<u16> = self
+            .endpoints()
+            .filter(|ep| matches!(&ep.host, Host::Name(pattern) if pattern.matches(&name)))
+            .flat_map(|ep| ep.ports.iter().copied())
+            .collect();
+        ports.sort_unstable();
+        ports.dedup();
+        ports
+    }
+
     /// The address-level allow set: (CIDR, port) pairs from endpoints whose
     /// host is an IP literal or that carry `allowed_ips`, sorted and
     /// deduplicated. Pushed into the sandbox's packet filter so most denials
@@ -156,6 +172,20 @@ mod tests {
         assert!(!p.allows_name("example.com"));
         assert!(!p.allows_name("1.1.1.1"));
         assert!(!p.allows_name(""));
+    }
+
+    #[test]
+    fn ports_for_name_are_the_union_of_every_rule_naming_it() {
+        let p = policy(
+            "  a:\n    endpoints: [{host: api.example.com, ports: [443, 8443]}, {host: \"*.example.com\", port: 80}]\n    binaries: [{path: /usr/bin/curl}]\n  b:\n    endpoints: [{host: API.example.com, port: 443}, {host: 1.1.1.1, port: 53}]\n",
+        );
+        assert_eq!(p.ports_for_name("api.example.com."), vec![80, 443, 8443]);
+        assert_eq!(p.ports_for_name("www.example.com"), vec![80]);
+        assert_eq!(p.ports_for_name("example.com"), Vec::<u16>::new());
+        assert_eq!(p.ports_for_name("1.1.1.1"), Vec::<u16>::new());
+        for name in ["api.example.com", "www.example.com", "example.com", "x.y"] {
+            assert_eq!(p.allows_name(name), !p.ports_for_name(name).is_empty());
+        }
     }
 
     #[test]

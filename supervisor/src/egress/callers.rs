@@ -27,7 +27,26 @@ const TABLE_READ: usize = 1 << 20;
 /// The calling process and its ancestors up to (not including) us, or
 /// empty if the socket's owner cannot be found (it already closed).
 pub fn of_connection(client: SocketAddr, server: SocketAddr) -> Vec<pb::EgressBinary> {
-    let inode = diag::inode(client, server).or_else(|| socket_inode(client, server));
+    let inode = diag::inode(client, server, Proto::Tcp)
+        .or_else(|| socket_inode(client, server, &["/proc/net/tcp", "/proc/net/tcp6"]));
+    of_socket(inode)
+}
+
+/// As [`of_connection`], for a connected UDP socket (a resolver's query:
+/// glibc and musl connect theirs to the name server).
+pub fn of_datagram(client: SocketAddr, server: SocketAddr) -> Vec<pb::EgressBinary> {
+    let inode = diag::inode(client, server, Proto::Udp)
+        .or_else(|| socket_inode(client, server, &["/proc/net/udp", "/proc/net/udp6"]));
+    of_socket(inode)
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Proto {
+    Tcp,
+    Udp,
+}
+
+fn of_socket(inode: Option<u64>) -> Vec<pb::EgressBinary> {
     let Some(inode) = inode else {
         return Vec::new();
     };
@@ -154,7 +173,7 @@ mod diag {
         out[40..48].copy_from_slice(&[0xff; 8]);
     }
 
-    pub fn inode(client: SocketAddr, server: SocketAddr) -> Option<u64> {
+    pub fn inode(client: SocketAddr, server: SocketAddr, proto: super::Proto) -> Option<u64> {
         let fd = socket(
             AddressFamily::Netlink,
             SockType::Datagram,
@@ -171,10 +190,19 @@ mod diag {
             IpAddr::V4(_) => nix::libc::AF_INET as u8,
             IpAddr::V6(_) => nix::libc::AF_INET6 as u8,
         };
-        req[17] = nix::libc::IPPROTO_TCP as u8;
+        req[17] = match proto {
+            super::Proto::Tcp => nix::libc::IPPROTO_TCP as u8,
+            super::Proto::Udp => nix::libc::IPPROTO_UDP as u8,
+        };
         // Every state.
         req[20..24].copy_from_slice(&u32::MAX.to_ne_bytes());
-        sockid(&mut req[24..72], client, server);
+        // TCP finds a socket by its own end first; UDP finds the socket
+        // that would receive a datagram from `idiag_src` (so, for the
+        // client's socket, the server's end goes first).
+        match proto {
+            super::Proto::Tcp => sockid(&mut req[24..72], client, server),
+            super::Proto::Udp => sockid(&mut req[24..72], server, client),
+        }
         sendto(
             fd.as_raw_fd(),
             &req,
@@ -195,10 +223,10 @@ mod diag {
 }
 
 /// The inode of the socket whose local end is `client` and remote end is
-/// `server`, from the TCP tables (where sock_diag is missing).
-fn socket_inode(client: SocketAddr, server: SocketAddr) -> Option<u64> {
+/// `server`, from the kernel's tables (where sock_diag is missing).
+fn socket_inode(client: SocketAddr, server: SocketAddr, tables: &[&str]) -> Option<u64> {
     let mut buf = vec![0u8; TABLE_READ];
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for &table in tables {
         let Some(len) = read_table(table, &mut buf) else {
             continue;
         };
@@ -346,11 +374,26 @@ mod tests {
         let addr = server.local_addr().unwrap();
         let client = std::net::TcpStream::connect(addr).unwrap();
         let local = client.local_addr().unwrap();
-        let by_diag = diag::inode(local, addr).expect("sock_diag finds it");
-        assert_eq!(Some(by_diag), socket_inode(local, addr));
-        // A socket that does not exist is not found.
+        let by_diag = diag::inode(local, addr, Proto::Tcp).expect("sock_diag finds it");
+        let tables = ["/proc/net/tcp", "/proc/net/tcp6"];
+        assert_eq!(Some(by_diag), socket_inode(local, addr, &tables));
+        // A socket that does not exist is not found, nor a TCP one as UDP.
         let other: SocketAddr = "127.0.0.1:1".parse().unwrap();
-        assert_eq!(diag::inode(other, addr), None);
+        assert_eq!(diag::inode(other, addr, Proto::Tcp), None);
+        assert_eq!(diag::inode(local, addr, Proto::Udp), None);
+    }
+
+    #[test]
+    fn a_connected_udp_socket_is_found_both_ways() {
+        let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(addr).unwrap();
+        let local = client.local_addr().unwrap();
+        let by_diag = diag::inode(local, addr, Proto::Udp).expect("sock_diag finds it");
+        let tables = ["/proc/net/udp", "/proc/net/udp6"];
+        assert_eq!(Some(by_diag), socket_inode(local, addr, &tables));
+        assert_eq!(diag::inode(local, addr, Proto::Tcp), None);
     }
 
     #[test]

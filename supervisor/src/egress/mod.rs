@@ -2,12 +2,15 @@
 //! gateway, which decides and dials (nothing here decides anything).
 //!
 //! Sandbox code reaches us through the HTTP proxy on the sandbox's
-//! loopback ([`proxy`], named by the proxy variables every command gets).
+//! loopback ([`proxy`], named by the proxy variables every command gets),
+//! or, ignoring those, by connecting to the address our resolver gave it
+//! for a name ([`dns`]).
 //! For each connection we find who is calling ([`callers`]), open an
 //! egress relay on a connection of its own to the gateway, wait for its
 //! verdict, and then carry bytes.
 
 pub mod callers;
+pub mod dns;
 pub mod proxy;
 
 use std::time::Duration;
@@ -52,12 +55,24 @@ pub fn proxy_env() -> Vec<(&'static str, String)> {
 /// The connection to the gateway egress relays ride, while a session is
 /// up (`None` between sessions).
 #[derive(Clone, Debug)]
-pub struct Uplink(watch::Receiver<Option<Channel>>);
+pub struct Uplink(watch::Receiver<Option<Link>>);
+
+/// A session's egress connection and the token its opens carry
+/// (`SessionAccepted.egress_token`).
+#[derive(Clone, Debug)]
+pub struct Link {
+    pub channel: Channel,
+    pub token: String,
+}
 
 impl Uplink {
-    pub fn new() -> (watch::Sender<Option<Channel>>, Self) {
+    pub fn new() -> (watch::Sender<Option<Link>>, Self) {
         let (tx, rx) = watch::channel(None);
         (tx, Self(rx))
+    }
+
+    fn link(&self) -> Result<Link, EgressError> {
+        self.0.borrow().clone().ok_or(EgressError::NoGateway)
     }
 }
 
@@ -93,7 +108,7 @@ pub async fn open(
     via: &str,
     binaries: Vec<pb::EgressBinary>,
 ) -> Result<Allowed, EgressError> {
-    let channel = uplink.0.borrow().clone().ok_or(EgressError::NoGateway)?;
+    let Link { channel, token } = uplink.link()?;
     // Few frames in flight: a stalled connection holds little here.
     let (tx, rx) = mpsc::channel::<pb::RelayFrame>(4);
     let init = pb::RelayFrame {
@@ -104,6 +119,7 @@ pub async fn open(
                 port: port.into(),
                 binaries,
                 via: via.to_owned(),
+                token,
             }),
         })),
     };

@@ -213,6 +213,145 @@ fn issue_19_item_1_and_3_the_proxy_reaches_what_the_policy_allows_and_nothing_el
     );
 }
 
+/// A client that ignores proxy variables: a plain socket to the address
+/// the sandbox's resolver gives for `allowed.test`, then every way to the
+/// other server. Prints one `key value` line per finding.
+const PLAIN_CLIENT: &str = r#"
+import socket, sys, time
+a, b = int(sys.argv[1]), int(sys.argv[2])
+def nxdomain(name):
+    try:
+        socket.getaddrinfo(name, 80, socket.AF_INET)
+        return "resolved"
+    except socket.gaierror as e:
+        return "nxdomain" if e.errno == socket.EAI_NONAME else "error %s" % e
+def connect(addr):
+    try:
+        s = socket.create_connection(addr, timeout=5)
+        s.settimeout(5)
+        s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        data = b""
+        while b"\r\n\r\n" not in data or not data.endswith(b"\n"):
+            c = s.recv(4096)
+            if not c:
+                return "closed"
+            data += c
+        return "body " + data.split(b"\r\n\r\n", 1)[1].decode().strip()
+    except ConnectionRefusedError:
+        return "refused"
+    except ConnectionResetError:
+        return "reset"
+    except socket.timeout:
+        return "timeout"
+started = time.monotonic()
+ip = socket.gethostbyname("allowed.test")
+print("ip", ip)
+print("allowed", connect((ip, a)))
+print("other-name", nxdomain("other.test"))
+print("made-up", nxdomain("made-up.invalid"))
+print("other-direct", connect(("127.0.0.1", b)))
+print("other-port", connect((ip, b)))
+print("seconds", round(time.monotonic() - started))
+"#;
+
+/// Runs [`PLAIN_CLIENT`] with no proxy variables; its findings by key.
+fn plain_client(
+    gw: &Gateway,
+    sandbox: &str,
+    a: u16,
+    b: u16,
+) -> std::collections::HashMap<String, String> {
+    let (a, b) = (a.to_string(), b.to_string());
+    let mut argv = vec!["sandbox", "exec", sandbox, "--", "env"];
+    for v in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
+        argv.extend(["-u", v]);
+    }
+    argv.extend(["python3", "-c", PLAIN_CLIENT, &a, &b]);
+    let run = gw.ok(argv);
+    run.stdout
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect()
+}
+
+/// What [`plain_client`] must find: the allowed server reached through the
+/// stub's address, the other one refused every way at once (NXDOMAIN, or
+/// refused by the kernel), never a timeout; and the lookup refusal audited
+/// with python3 and the name.
+fn assert_plain_client(found: &std::collections::HashMap<String, String>, log: &str) {
+    let get = |k: &str| found.get(k).map_or("(missing)", String::as_str);
+    assert!(get("ip").starts_with("127.80."), "{found:?}");
+    assert_eq!(get("allowed"), "body server-a", "{found:?}");
+    assert_eq!(get("other-name"), "nxdomain", "{found:?}");
+    assert_eq!(get("made-up"), "nxdomain", "{found:?}");
+    assert_eq!(get("other-direct"), "refused", "{found:?}");
+    assert_eq!(get("other-port"), "refused", "{found:?}");
+    let seconds: u64 = get("seconds").parse().unwrap_or(99);
+    assert!(seconds < 5, "refusals must be immediate: {found:?}");
+    assert!(
+        log.lines().any(|l| l.contains("\"deny\"")
+            && l.contains("\"other.test\"")
+            && l.contains("\"dns\"")
+            && l.contains("python3")),
+        "the NXDOMAIN is audited with its binary: {log}"
+    );
+}
+
+/// Items 1 and 2 (process): a client that ignores the proxy resolves the
+/// allowed name through the sandbox's resolver and reaches the server with
+/// a plain socket; the other server's name is NXDOMAIN (audited, with the
+/// binary), its address and port are refused at once. Item 3 holds for it
+/// too: under a curl-only rule python3's connection is reset, and audited.
+#[test]
+fn issue_19_items_1_and_2_a_client_that_ignores_the_proxy_goes_through_the_resolver() {
+    let s = setup(&[]);
+    let pol = s.write(
+        "p.yaml",
+        &policy_allowing(&[("allowed.test", s.allowed)], None),
+    );
+    s.gw.ok(["sandbox", "create", "--name", "plain", "--policy", &pol]);
+    let found = plain_client(&s.gw, "plain", s.allowed, s.other);
+    let log = s.gw.ok(["sandbox", "logs", "plain", "--network"]).stdout;
+    assert_plain_client(&found, &log);
+    let resolv = s.exec("plain", &["cat", "/etc/resolv.conf"]);
+    assert!(resolv.stdout.contains("nameserver 127.0.0.53"), "{resolv}");
+    let write = s.sh("plain", "echo nameserver 10.0.0.1 > /etc/resolv.conf");
+    assert!(
+        !write.success,
+        "sandbox code cannot repoint its resolver: {write}"
+    );
+
+    let curl_only = s.write(
+        "curl.yaml",
+        &policy_allowing(&[("allowed.test", s.allowed)], Some("/usr/bin/curl")),
+    );
+    s.gw.ok(["policy", "set", "plain", &curl_only]);
+    let found = plain_client(&s.gw, "plain", s.allowed, s.other);
+    assert!(
+        matches!(
+            found.get("allowed").map(String::as_str),
+            Some("reset" | "closed")
+        ),
+        "python3 is not curl: {found:?}"
+    );
+    let log = s.network_log("plain");
+    assert!(
+        log.iter().any(|e| e["decision"] == "deny"
+            && e["via"] == "dns"
+            && e["host"] == "allowed.test"
+            && e["binary"].as_str().unwrap_or("").contains("python3")),
+        "{log:?}"
+    );
+}
+
 /// Item 4: `policy set` opens a destination for new connections and
 /// closes an open connection the new policy no longer allows.
 #[test]
@@ -418,6 +557,32 @@ fn issue_19_item_1_a_vm_reaches_what_the_policy_allows_and_nothing_else() {
             .any(|l| l.contains("\"deny\"") && l.contains("other.test") && l.contains("busybox")),
         "{log}"
     );
+
+    // A client that ignores the proxy, in a VM rooted in the base image
+    // (Python): the guest's resolver is the supervisor's stub too.
+    let Some(layout) = crate::vm_images::base_image_layout("issue_19 VM plain client") else {
+        return;
+    };
+    gw.ok([
+        "image",
+        "import",
+        layout.to_str().unwrap(),
+        "--name",
+        "openshell/base:bookworm",
+    ]);
+    gw.ok([
+        "sandbox",
+        "create",
+        "--name",
+        "vmplain",
+        "--image",
+        "openshell/base:bookworm",
+        "--policy",
+        pol.to_str().unwrap(),
+    ]);
+    let found = plain_client(&gw, "vmplain", a, b);
+    let log = gw.ok(["sandbox", "logs", "vmplain", "--network"]).stdout;
+    assert_plain_client(&found, &log);
 }
 
 /// Item 6: 500 concurrent connections from one sandbox against a limit of

@@ -219,7 +219,7 @@ fn issue_17_writing_past_disk_gib_in_a_vm_is_enospc_and_everything_keeps_serving
 
 /// The base image (`just image-base`), or None, said loudly, when it has
 /// not been built; CI builds it first, so there its absence fails.
-fn base_image_layout(test: &str) -> Option<PathBuf> {
+pub(crate) fn base_image_layout(test: &str) -> Option<PathBuf> {
     let runtime = std::env::var_os("OPENSHELL_VM_RUNTIME")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../runtime"));

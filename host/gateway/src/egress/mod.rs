@@ -239,6 +239,63 @@ impl Egress {
             })
     }
 
+    /// Answers a DNS question from sandbox code: the ports some rule allows
+    /// the name on, once the name is known to resolve (so a name that does
+    /// not exist is NXDOMAIN inside too). A name no rule names is never
+    /// looked up, and its refusal is audited. What the name resolves to is
+    /// not told: every connection is decided and dialled here anyway.
+    pub async fn lookup(
+        &self,
+        sandbox: SandboxId,
+        lookup: pb::EgressLookup,
+    ) -> pb::EgressLookupResult {
+        let none = |reason: String, temporary: bool| pb::EgressLookupResult {
+            ports: Vec::new(),
+            temporary,
+            reason,
+        };
+        let se = self
+            .sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&sandbox)
+            .cloned();
+        let in_force = se.map(|se| se.policy.read().unwrap_or_else(|p| p.into_inner()).clone());
+        let ports = match (&in_force, Target::from_host(&lookup.name)) {
+            (Some(f), Target::Name(name)) => f.policy.ports_for_name(name),
+            _ => Vec::new(),
+        };
+        if ports.is_empty() {
+            let reason = match &in_force {
+                None => NO_POLICY.to_owned(),
+                Some(_) => "no rule names it (NXDOMAIN)".to_owned(),
+            };
+            let mut record = audit::Entry::new(&pb::EgressOpen {
+                host: lookup.name,
+                port: 0,
+                binaries: lookup.binaries,
+                via: "dns".into(),
+                token: String::new(),
+            });
+            record.policy_revision = in_force.map_or(0, |f| f.revision);
+            record.deny(None, &reason);
+            self.audit.write(sandbox, &record);
+            return none(reason, false);
+        }
+        match self.opts.resolver.lookup(&lookup.name, ports[0]).await {
+            Ok(addrs) if !addrs.is_empty() => pb::EgressLookupResult {
+                ports: ports.into_iter().map(u32::from).collect(),
+                temporary: false,
+                reason: String::new(),
+            },
+            Ok(_) => none("it has no address".into(), false),
+            Err(e) => none(
+                format!("cannot resolve it: {e}"),
+                e.kind() == std::io::ErrorKind::TimedOut,
+            ),
+        }
+    }
+
     /// Whether `addr` reaches one of our listeners, in any of its forms
     /// (`::ffff:127.0.0.1` is 127.0.0.1).
     fn is_gateway(&self, addr: SocketAddr) -> bool {
@@ -493,5 +550,14 @@ pub struct Handler(pub Arc<Egress>);
 impl EgressHandler for Handler {
     fn open(&self, sandbox: SandboxId, open: pb::EgressOpen, conn: RelayConn) {
         tokio::spawn(self.0.clone().serve(sandbox, open, conn));
+    }
+
+    fn lookup(
+        &self,
+        sandbox: SandboxId,
+        lookup: pb::EgressLookup,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = pb::EgressLookupResult> + Send>> {
+        let egress = self.0.clone();
+        Box::pin(async move { egress.lookup(sandbox, lookup).await })
     }
 }

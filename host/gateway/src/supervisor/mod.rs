@@ -36,6 +36,12 @@ pub use sessions::{SessionHandle, SessionObserver, SessionRegistry};
 pub trait EgressHandler: Send + Sync {
     /// Decides and, if allowed, carries one connection; owns the relay.
     fn open(&self, sandbox: SandboxId, open: pb::EgressOpen, conn: RelayConn);
+    /// Answers a DNS question sandbox code asked (see `LookupEgress`).
+    fn lookup(
+        &self,
+        sandbox: SandboxId,
+        lookup: pb::EgressLookup,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = pb::EgressLookupResult> + Send>>;
 }
 
 /// Tunables of the supervisor side.

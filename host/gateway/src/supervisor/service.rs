@@ -63,6 +63,20 @@ pub struct SupervisorService {
     pub budget: Arc<SocketBudget>,
 }
 
+impl SupervisorService {
+    /// The egress handler, for the live session's supervisor only: it
+    /// proves the launch secret on its control stream and is told the
+    /// session's egress token there. Anyone else who reaches the socket
+    /// (any process of a VM guest reaches its forwarder) is refused.
+    fn egress_handler(&self, token: &str) -> Option<&Arc<dyn super::EgressHandler>> {
+        self.supervisors.egress().filter(|_| {
+            self.supervisors
+                .sessions()
+                .egress_token_is(self.sandbox, token)
+        })
+    }
+}
+
 fn msg(m: Out) -> pb::GatewayMessage {
     pb::GatewayMessage { msg: Some(m) }
 }
@@ -161,12 +175,8 @@ impl Supervisor for SupervisorService {
             };
             // Only a supervisor that proved the launch secret speaks for
             // its sandbox's code.
-            let handler = self
-                .supervisors
-                .egress()
-                .filter(|_| self.supervisors.sessions().has_session(self.sandbox));
-            let Some(handler) = handler else {
-                return Err(to_status(ApiError::NoSession));
+            let Some(handler) = self.egress_handler(&open.token) else {
+                return Err(to_status(ApiError::NoEgressSession));
             };
             handler.open(self.sandbox, open, conn);
             return Ok(Response::new(holding(rx, permit)));
@@ -190,23 +200,53 @@ impl Supervisor for SupervisorService {
         let open = self.supervisors.open_relays().opened(self.sandbox);
         Ok(Response::new(holding(rx, (permit, open))))
     }
+
+    async fn lookup_egress(
+        &self,
+        req: Request<pb::EgressLookup>,
+    ) -> Result<Response<pb::EgressLookupResult>, Status> {
+        // Lookups share the egress quota: a flood of them holds no more
+        // than a flood of connections.
+        let _permit = self.budget.take(&self.budget.egress, "egress")?;
+        let lookup = req.into_inner();
+        check_egress_lookup(&lookup)?;
+        let Some(handler) = self.egress_handler(&lookup.token) else {
+            return Err(to_status(ApiError::NoEgressSession));
+        };
+        Ok(Response::new(handler.lookup(self.sandbox, lookup).await))
+    }
 }
 
 /// Bounds what a supervisor reports of a connection before anything keeps
 /// it (a VM guest's supervisor is only as trusted as the guest).
 fn check_egress_open(open: &pb::EgressOpen) -> Result<(), Status> {
-    let bad = |what: &str| {
-        Err(to_status(ApiError::BadField(format!(
-            "egress open: {what}"
-        ))))
-    };
     if open.host.is_empty() || open.host.len() > 255 {
-        return bad("host must be 1 to 255 bytes");
+        return bad_egress("egress open", "host must be 1 to 255 bytes");
     }
-    if open.binaries.len() > 16 {
+    check_binaries("egress open", &open.binaries)?;
+    if open.via.len() > 16 {
+        return bad_egress("egress open", "via is longer than 16 bytes");
+    }
+    Ok(())
+}
+
+fn check_egress_lookup(lookup: &pb::EgressLookup) -> Result<(), Status> {
+    if lookup.name.is_empty() || lookup.name.len() > 253 {
+        return bad_egress("egress lookup", "name must be 1 to 253 bytes");
+    }
+    check_binaries("egress lookup", &lookup.binaries)
+}
+
+fn bad_egress(what: &str, why: &str) -> Result<(), Status> {
+    Err(to_status(ApiError::BadField(format!("{what}: {why}"))))
+}
+
+fn check_binaries(what: &str, binaries: &[pb::EgressBinary]) -> Result<(), Status> {
+    let bad = |why: &str| bad_egress(what, why);
+    if binaries.len() > 16 {
         return bad("at most 16 binaries");
     }
-    for b in &open.binaries {
+    for b in binaries {
         if b.path.len() > 4096 {
             return bad("a binary path is longer than 4096 bytes");
         }
@@ -215,9 +255,6 @@ fn check_egress_open(open: &pb::EgressOpen) -> Result<(), Status> {
         {
             return bad("a binary's sha256 is not 64 hex digits");
         }
-    }
-    if open.via.len() > 16 {
-        return bad("via is longer than 16 bytes");
     }
     Ok(())
 }
@@ -250,6 +287,7 @@ async fn run_session(
     let accepted = Out::Accepted(pb::SessionAccepted {
         session_id: handle.session_id.to_string(),
         heartbeat_interval_ms: u32::try_from(interval.as_millis()).unwrap_or(u32::MAX),
+        egress_token: handle.egress_token.to_string(),
     });
     let mut shutdown = supervisors.shutdown_signal();
     if tx.send(Ok(msg(accepted))).await.is_ok() {

@@ -34,6 +34,18 @@ pub struct SessionHandle {
     /// The supervisor process's own id (fresh for each start), as its
     /// hello said: a new one means the sandbox's supervisor started afresh.
     pub instance_id: String,
+    /// What egress opens and lookups of this session carry
+    /// (`SessionAccepted.egress_token`): 32 random bytes, hex.
+    pub egress_token: Arc<str>,
+}
+
+impl SessionHandle {
+    /// Whether `presented` is this session's egress token (constant time).
+    pub fn egress_token_is(&self, presented: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        presented.len() == self.egress_token.len()
+            && bool::from(presented.as_bytes().ct_eq(self.egress_token.as_bytes()))
+    }
 }
 
 #[derive(Default)]
@@ -79,6 +91,7 @@ impl SessionRegistry {
             superseded,
             ssh_host_key,
             instance_id,
+            egress_token: hex::encode(rand::random::<[u8; 32]>()).into(),
         };
         let old = {
             let mut map = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
@@ -139,6 +152,11 @@ impl SessionRegistry {
 
     pub fn has_session(&self, sandbox: SandboxId) -> bool {
         self.get(sandbox).is_some()
+    }
+
+    /// Whether `sandbox` has a live session whose egress token is `token`.
+    pub fn egress_token_is(&self, sandbox: SandboxId, token: &str) -> bool {
+        self.get(sandbox).is_some_and(|h| h.egress_token_is(token))
     }
 
     pub fn len(&self) -> usize {

@@ -235,3 +235,72 @@ async fn a_session_registered_before_the_driver_update_is_backfilled() {
     let stored = rt.store().get_sandbox(sb.id).await.unwrap().unwrap();
     assert_eq!(stored.status.phase, openshell_core::Phase::Ready);
 }
+
+/// Attack (issue 19): another process that reaches the sandbox's socket
+/// (any process of a VM guest reaches its forwarder) cannot open egress
+/// or ask the resolver on the live session's behalf, naming whatever
+/// binary it likes: only the supervisor that proved the launch secret is
+/// told the session's egress token. The supervisor itself, with it, is
+/// answered.
+#[tokio::test]
+async fn issue_19_egress_needs_the_live_sessions_token() {
+    let mut gw = TestGateway::start().await;
+    let id = sandbox_with_secret(&mut gw, "tok", "s3cret").await;
+    let (sup, first) = FakeSupervisor::connect(&gw, &id, &id, "s3cret").await;
+    let G::Accepted(accepted) = first else {
+        panic!("{first:?}")
+    };
+    assert_eq!(accepted.egress_token.len(), 64, "{accepted:?}");
+    let _alive = sup.keep_alive();
+    gw.wait_for("tok", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
+        .await;
+
+    let socket = gw.runtime().plugins().supervisor_socket(&id);
+    let mut other = SupervisorClient::new(unix_channel(socket).await);
+    let curl = vec![pb::EgressBinary {
+        path: "/usr/bin/curl".into(),
+        sha256: "0".repeat(64),
+    }];
+    let lookup = |token: &str| pb::EgressLookup {
+        name: "allowed.test".into(),
+        binaries: curl.clone(),
+        token: token.into(),
+    };
+    let wrong = format!("{}0", &accepted.egress_token[..63]);
+    for token in ["", wrong.as_str(), "not-hex"] {
+        let err = other.lookup_egress(lookup(token)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+        assert!(err.message().contains("egress token"), "{err:?}");
+    }
+    // An egress relay with a forged token is refused before any frame.
+    let (tx, rx) = mpsc::channel(1);
+    tx.send(pb::RelayFrame {
+        frame: Some(pb::relay_frame::Frame::Init(pb::RelayInit {
+            channel_id: String::new(),
+            egress: Some(pb::EgressOpen {
+                host: "allowed.test".into(),
+                port: 80,
+                binaries: curl.clone(),
+                via: "proxy".into(),
+                token: wrong.clone(),
+            }),
+        })),
+    })
+    .await
+    .unwrap();
+    let err = other
+        .relay_stream(ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("egress token"), "{err:?}");
+
+    // The same call with the session's token is answered (NXDOMAIN: the
+    // sandbox has no policy), so what refused the others was the token.
+    let found = other
+        .lookup_egress(lookup(&accepted.egress_token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(found.ports.is_empty() && !found.temporary, "{found:?}");
+    gw.stop().await;
+}
