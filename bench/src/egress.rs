@@ -20,6 +20,11 @@ pub struct Egress {
     /// Seconds per download (curl's time_total).
     pub through: Samples,
     pub direct: Samples,
+    /// The same download by a client that ignores the proxy: the name
+    /// resolved by the sandbox's DNS stub, the connection captured there.
+    pub captured: Samples,
+    /// curl's name lookup of an allowed name through the stub.
+    pub lookup: Samples,
     /// CONNECT to `200` through the proxy, and a direct connect on the host.
     pub connect: Samples,
     pub direct_connect: Samples,
@@ -87,10 +92,13 @@ fn holder() -> anyhow::Result<u16> {
     Ok(port)
 }
 
+/// The name the bench gateway resolves to 127.0.0.1 (its egress hosts).
+pub const NAME: &str = "bench.test";
+
 fn policy(ports: &[u16]) -> String {
     let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     format!(
-        "version: 1\nnetwork_policies:\n  bench:\n    endpoints:\n      - host: 127.0.0.1\n        ports: [{}]\n        allowed_ips: [127.0.0.1/32]\n",
+        "version: 1\nnetwork_policies:\n  bench:\n    endpoints:\n      - host: 127.0.0.1\n        ports: [{0}]\n        allowed_ips: [127.0.0.1/32]\n      - host: {NAME}\n        ports: [{0}]\n        allowed_ips: [127.0.0.1/32]\n",
         ports.join(", ")
     )
 }
@@ -187,6 +195,41 @@ pub async fn measure(gw: &mut BenchGateway, bytes: u64, runs: usize) -> anyhow::
         direct.push(Duration::from_secs_f64(secs));
     }
 
+    // No proxy: curl resolves the name through the stub and connects to
+    // the address it handed out.
+    let named = format!("http://{NAME}:{src}/");
+    let mut captured = Samples::default();
+    let mut lookup = Samples::default();
+    for _ in 0..runs {
+        let r = gateway::exec(
+            &mut gw.client,
+            "bench-egress",
+            &[
+                "curl",
+                "-s",
+                "--noproxy",
+                "*",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{time_total} %{size_download} %{time_namelookup}",
+                &named,
+            ],
+        )
+        .await?;
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        let mut f = out.split_whitespace();
+        let secs: f64 = f.next().context("curl printed nothing")?.parse()?;
+        ensure!(
+            f.next() == Some(&bytes.to_string()[..]),
+            "a short captured download (exit {}): {out}",
+            r.exit
+        );
+        let looked: f64 = f.next().context("no lookup time")?.parse()?;
+        captured.push(Duration::from_secs_f64(secs));
+        lookup.push(Duration::from_secs_f64(looked));
+    }
+
     let n = runs * 20;
     let r = gateway::exec(
         &mut gw.client,
@@ -278,6 +321,8 @@ pub async fn measure(gw: &mut BenchGateway, bytes: u64, runs: usize) -> anyhow::
         bytes,
         through,
         direct,
+        captured,
+        lookup,
         connect,
         direct_connect,
         denial,

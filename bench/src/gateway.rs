@@ -71,6 +71,13 @@ impl BenchGateway {
         let state = tempfile::Builder::new()
             .prefix("openshell-bench")
             .tempdir()?;
+        // The egress rows' test name (on the host's loopback).
+        let hosts = state.path().join("egress-hosts");
+        std::fs::write(&hosts, format!("127.0.0.1 {}\n", crate::egress::NAME))?;
+        let egress = openshell_gateway::egress::EgressOptions {
+            resolver: openshell_gateway::egress::Resolver::from_hosts_file(&hosts)?,
+            ..Default::default()
+        };
         let gw = Gateway::start(GatewayConfig {
             bind: "127.0.0.1".parse()?,
             port: 0,
@@ -100,7 +107,7 @@ impl BenchGateway {
                 ..Default::default()
             },
             default_policy: None,
-            egress: Default::default(),
+            egress,
         })
         .await?;
         let url = format!("http://{}", gw.addr);

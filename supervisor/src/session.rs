@@ -234,7 +234,18 @@ async fn session_once(
     // outbound connection never holds the window heartbeats need.
     match connect(&cfg.endpoint, cfg.gateway_tls.as_ref()).await {
         Ok(channel) => {
-            uplink.send_replace(Some(crate::egress::Link { channel, token }));
+            // A process sandbox's gateway takes client sockets beside the
+            // supervisor socket; a VM guest has only the network hop.
+            let handoff = cfg
+                .endpoint
+                .strip_prefix("unix://")
+                .map(|p| std::path::Path::new(p).with_file_name("egress.sock"))
+                .filter(|p| p.exists());
+            uplink.send_replace(Some(crate::egress::Link {
+                channel,
+                token,
+                handoff,
+            }));
         }
         Err(e) => tracing::warn!("no egress connection this session: {}", report::chain(&e)),
     }

@@ -52,8 +52,6 @@ const MAX_CLIENTS: usize = 1024;
 const TTL: u32 = 5;
 /// The gateway resolves within 5 s.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(8);
-/// Bytes per read from a client.
-const CHUNK: usize = 32 * 1024;
 
 /// The stub and the listeners behind the addresses it hands out.
 pub struct Stub {
@@ -219,7 +217,7 @@ impl Stub {
         name: &str,
         binaries: Vec<pb::EgressBinary>,
     ) -> Result<pb::EgressLookupResult, EgressError> {
-        let super::Link { channel, token } = self.uplink.link()?;
+        let super::Link { channel, token, .. } = self.uplink.link()?;
         let ask = pb::EgressLookup {
             name: name.to_owned(),
             binaries,
@@ -315,20 +313,16 @@ async fn relay(client: TcpStream, peer: SocketAddr, uplink: &Uplink, name: &str,
     let binaries = tokio::task::spawn_blocking(move || super::callers::of_connection(peer, local))
         .await
         .unwrap_or_default();
-    match super::open(uplink, name, port, "dns", binaries).await {
-        Ok(allowed) => {
-            tracing::debug!(%name, port, addr = %allowed.verdict.addr, "egress allowed");
-            crate::forward::pipe(
-                client,
-                Vec::new(),
-                CHUNK,
-                allowed.from_gateway,
-                allowed.to_gateway,
-            )
-            .await;
-        }
-        Err(e) => {
-            tracing::debug!(%name, port, "egress refused: {}", crate::report::chain(&e));
+    let open = super::Open {
+        host: name,
+        port,
+        via: "dns",
+        binaries,
+    };
+    match super::carry(uplink, client, open, Vec::new(), Vec::new()).await {
+        Ok(verdict) => tracing::debug!(%name, port, addr = %verdict.addr, "egress allowed"),
+        Err(super::Refused { client, error }) => {
+            tracing::debug!(%name, port, "egress refused: {}", crate::report::chain(&error));
             reset(client);
         }
     }

@@ -11,6 +11,7 @@
 
 pub mod callers;
 pub mod dns;
+mod handoff;
 pub mod proxy;
 
 use std::time::Duration;
@@ -18,6 +19,8 @@ use std::time::Duration;
 use openshell_proto::v1 as pb;
 use openshell_proto::v1::supervisor_client::SupervisorClient;
 use pb::relay_frame::Frame;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -63,6 +66,9 @@ pub struct Uplink(watch::Receiver<Option<Link>>);
 pub struct Link {
     pub channel: Channel,
     pub token: String,
+    /// The gateway's egress socket, where it takes client sockets (a
+    /// process sandbox); `None` in a VM guest.
+    pub handoff: Option<std::path::PathBuf>,
 }
 
 impl Uplink {
@@ -92,35 +98,80 @@ pub enum EgressError {
     Unreachable { reason: String },
 }
 
-/// An allowed connection: its relay, both ways.
-pub struct Allowed {
-    pub verdict: pb::EgressVerdict,
-    pub from_gateway: tonic::Streaming<pb::RelayFrame>,
-    pub to_gateway: mpsc::Sender<pb::RelayFrame>,
+/// A connection the gateway did not take, back to the caller to answer.
+pub struct Refused {
+    pub client: TcpStream,
+    pub error: EgressError,
 }
 
-/// Asks the gateway for a connection to `host:port` on behalf of
-/// `binaries` (the caller, then its ancestors).
-pub async fn open(
+/// Asks the gateway to carry `client` to `host:port` on behalf of
+/// `binaries` (the caller, then its ancestors): `reply` goes to the client
+/// and `first` to the destination once it is allowed. Where the gateway
+/// takes sockets (a process sandbox: `egress.sock`) the client is handed
+/// to it and this returns at once; else (a VM guest) the bytes ride an
+/// egress relay from here until the connection ends.
+pub async fn carry(
     uplink: &Uplink,
-    host: &str,
-    port: u16,
-    via: &str,
-    binaries: Vec<pb::EgressBinary>,
-) -> Result<Allowed, EgressError> {
-    let Link { channel, token } = uplink.link()?;
+    client: TcpStream,
+    open: Open<'_>,
+    reply: Vec<u8>,
+    first: Vec<u8>,
+) -> Result<pb::EgressVerdict, Refused> {
+    let link = match uplink.link() {
+        Ok(l) => l,
+        Err(error) => return Err(Refused { client, error }),
+    };
+    let ask = pb::EgressOpen {
+        host: open.host.to_owned(),
+        port: open.port.into(),
+        binaries: open.binaries,
+        via: open.via.to_owned(),
+        token: link.token.clone(),
+    };
+    if let Some(path) = &link.handoff {
+        return match handoff::hand_off(path, &client, ask, reply, first).await {
+            // The gateway holds the connection now; ours closes.
+            Ok(verdict) => Ok(verdict),
+            Err(error) => Err(Refused { client, error }),
+        };
+    }
+    let (verdict, from_gateway, to_gateway) = match relay(link.channel, ask).await {
+        Ok(r) => r,
+        Err(error) => return Err(Refused { client, error }),
+    };
+    let mut client = client;
+    if !reply.is_empty() && client.write_all(&reply).await.is_err() {
+        return Ok(verdict);
+    }
+    crate::forward::pipe(client, first, CHUNK, from_gateway, to_gateway).await;
+    Ok(verdict)
+}
+
+/// Where a connection goes, and who asks.
+pub struct Open<'a> {
+    pub host: &'a str,
+    pub port: u16,
+    pub via: &'a str,
+    pub binaries: Vec<pb::EgressBinary>,
+}
+
+/// Bytes per read from a client on a relay.
+const CHUNK: usize = 32 * 1024;
+
+type RelayEnds = (
+    pb::EgressVerdict,
+    tonic::Streaming<pb::RelayFrame>,
+    mpsc::Sender<pb::RelayFrame>,
+);
+
+/// Opens an egress relay and waits for its verdict.
+async fn relay(channel: Channel, ask: pb::EgressOpen) -> Result<RelayEnds, EgressError> {
     // Few frames in flight: a stalled connection holds little here.
     let (tx, rx) = mpsc::channel::<pb::RelayFrame>(4);
     let init = pb::RelayFrame {
         frame: Some(Frame::Init(pb::RelayInit {
             channel_id: String::new(),
-            egress: Some(pb::EgressOpen {
-                host: host.to_owned(),
-                port: port.into(),
-                binaries,
-                via: via.to_owned(),
-                token,
-            }),
+            egress: Some(ask),
         })),
     };
     tx.send(init).await.map_err(|_| EgressError::NoGateway)?;
@@ -136,6 +187,11 @@ pub async fn open(
         }))) => v,
         _ => return Err(EgressError::NoVerdict),
     };
+    Ok((judged(verdict)?, inbound, tx))
+}
+
+/// The verdict if it allows, else why not.
+fn judged(verdict: pb::EgressVerdict) -> Result<pb::EgressVerdict, EgressError> {
     if verdict.unreachable {
         return Err(EgressError::Unreachable {
             reason: verdict.reason,
@@ -147,9 +203,5 @@ pub async fn open(
             reason: verdict.reason,
         });
     }
-    Ok(Allowed {
-        verdict,
-        from_gateway: inbound,
-        to_gateway: tx,
-    })
+    Ok(verdict)
 }

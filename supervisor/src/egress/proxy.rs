@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::{EgressError, Uplink};
+use super::{EgressError, Refused, Uplink};
 
 /// A request head larger than this is refused (431).
 const MAX_HEAD: usize = 32 * 1024;
@@ -18,11 +18,8 @@ const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Client connections served at once; past it a new one waits in the
 /// listen queue. Bounds what sandbox code can make the supervisor hold
-/// (each holds a head buffer, then at most 4 frames of [`CHUNK`] each way).
+/// (each holds a head buffer; on a relay, at most 4 frames of 32 KiB each way).
 const MAX_CLIENTS: usize = 1024;
-
-/// Bytes per read from a client.
-const CHUNK: usize = 32 * 1024;
 
 /// Serves the proxy until the process ends.
 pub async fn serve(listener: TcpListener, uplink: Uplink) {
@@ -232,50 +229,43 @@ async fn handle(mut client: TcpStream, peer: SocketAddr, uplink: &Uplink) -> std
         .unwrap_or_default();
     let via = if ask.head.is_some() { "http" } else { "proxy" };
     let dest = format!("{}:{}", ask.host, ask.port);
-    let allowed = match super::open(uplink, &ask.host, ask.port, via, binaries).await {
-        Ok(a) => a,
-        Err(e) => {
-            let (status, kind, rule) = match &e {
-                EgressError::Denied { rule, .. } => {
-                    ("403 Forbidden", "policy_denied", rule.clone())
-                }
-                _ => ("502 Bad Gateway", "egress_unavailable", String::new()),
-            };
-            let message = match &e {
-                EgressError::Denied { reason, .. } | EgressError::Unreachable { reason } => {
-                    reason.clone()
-                }
-                other => crate::report::chain(other),
-            };
-            let body = format!(
-                "{{\"error\":\"{kind}\",\"destination\":\"{}\",\"rule\":\"{}\",\"message\":\"{}\"}}",
-                json_escape(&dest),
-                json_escape(&rule),
-                json_escape(&message)
-            );
-            return answer(&mut client, &refuse(status, message), body).await;
-        }
+    let (reply, mut first) = match ask.head {
+        None => (
+            b"HTTP/1.1 200 Connection Established\r\n\r\n".to_vec(),
+            Vec::new(),
+        ),
+        Some(head) => (Vec::new(), head),
     };
-    tracing::debug!(%dest, addr = %allowed.verdict.addr, rule = %allowed.verdict.rule, "egress allowed");
-    let mut first = Vec::new();
-    match ask.head {
-        None => {
-            client
-                .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-                .await?
-        }
-        Some(head) => first = head,
-    }
     first.extend_from_slice(&buf[used..]);
-    crate::forward::pipe(
-        client,
-        first,
-        CHUNK,
-        allowed.from_gateway,
-        allowed.to_gateway,
-    )
-    .await;
-    Ok(())
+    let open = super::Open {
+        host: &ask.host,
+        port: ask.port,
+        via,
+        binaries,
+    };
+    let Refused { mut client, error } = match super::carry(uplink, client, open, reply, first).await
+    {
+        Ok(verdict) => {
+            tracing::debug!(%dest, addr = %verdict.addr, rule = %verdict.rule, "egress allowed");
+            return Ok(());
+        }
+        Err(refused) => refused,
+    };
+    let (status, kind, rule) = match &error {
+        EgressError::Denied { rule, .. } => ("403 Forbidden", "policy_denied", rule.clone()),
+        _ => ("502 Bad Gateway", "egress_unavailable", String::new()),
+    };
+    let message = match &error {
+        EgressError::Denied { reason, .. } | EgressError::Unreachable { reason } => reason.clone(),
+        other => crate::report::chain(other),
+    };
+    let body = format!(
+        "{{\"error\":\"{kind}\",\"destination\":\"{}\",\"rule\":\"{}\",\"message\":\"{}\"}}",
+        json_escape(&dest),
+        json_escape(&rule),
+        json_escape(&message)
+    );
+    answer(&mut client, &refuse(status, message), body).await
 }
 
 #[cfg(test)]

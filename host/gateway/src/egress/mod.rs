@@ -25,9 +25,11 @@ use std::time::Duration;
 use openshell_core::SandboxId;
 use openshell_policy::{Decision, Policy, Request, Target};
 use openshell_proto::v1 as pb;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::logs::Logs;
+use crate::supervisor::handoff::{self, Handoff};
 use crate::supervisor::{EgressHandler, RelayConn};
 pub use audit::Audit;
 pub use resolve::{HostsError, Resolver};
@@ -308,7 +310,7 @@ impl Egress {
         })
     }
 
-    async fn serve(self: Arc<Self>, sandbox: SandboxId, open: pb::EgressOpen, conn: RelayConn) {
+    async fn serve(self: Arc<Self>, sandbox: SandboxId, open: pb::EgressOpen, conn: Client) {
         let se = self
             .sandboxes
             .lock()
@@ -449,12 +451,11 @@ impl Egress {
             match live.get_mut(&id) {
                 Some(l) if still && !se.gone.load(Ordering::SeqCst) => {
                     l.dialled = peer.ip();
-                    let verdict = verdict_frame(record.verdict());
+                    let verdict = record.verdict();
                     let (conn, bucket) = (conn.take(), se.bucket.clone());
                     let task = tokio::spawn(async move {
-                        let Some(conn) = conn else { return };
-                        if conn.to_sandbox.send(verdict).await.is_ok() {
-                            splice::splice(dialled, conn, bucket).await;
+                        if let Some(conn) = conn {
+                            conn.carry(verdict, dialled, bucket).await;
                         }
                     });
                     l.abort = Some(task.abort_handle());
@@ -498,10 +499,62 @@ impl Egress {
         Err(last)
     }
 
-    async fn refuse_with(&self, sandbox: SandboxId, record: audit::Entry, conn: RelayConn) {
+    async fn refuse_with(&self, sandbox: SandboxId, record: audit::Entry, conn: Client) {
         self.audit.write(sandbox, &record);
-        let _ = conn.to_sandbox.send(verdict_frame(record.verdict())).await;
-        // Dropping `conn` closes the relay.
+        conn.refuse(record.verdict()).await;
+    }
+}
+
+/// Where a connection's client is: at the end of a relay, or a socket a
+/// process sandbox's supervisor passed (carried here, without the relay).
+enum Client {
+    Relay(RelayConn),
+    Socket(Handoff),
+}
+
+impl Client {
+    /// Tells the supervisor; dropping the relay or the socket closes it.
+    async fn refuse(self, verdict: pb::EgressVerdict) {
+        match self {
+            Client::Relay(conn) => {
+                let _ = conn.to_sandbox.send(verdict_frame(verdict)).await;
+            }
+            Client::Socket(mut h) => handoff::answer(&mut h.unix, &verdict).await,
+        }
+    }
+
+    /// Tells the supervisor, then carries bytes until both sides close.
+    async fn carry(self, verdict: pb::EgressVerdict, dialled: TcpStream, bucket: splice::Bucket) {
+        match self {
+            Client::Relay(conn) => {
+                if conn.to_sandbox.send(verdict_frame(verdict)).await.is_ok() {
+                    splice::splice(dialled, conn, bucket).await;
+                }
+            }
+            Client::Socket(h) => {
+                let Handoff {
+                    mut unix,
+                    mut client,
+                    reply,
+                    first,
+                    permit,
+                } = h;
+                let mut dialled = dialled;
+                // Before the verdict: the supervisor writes nothing to the
+                // client once it is allowed, so nothing can come between.
+                if client.write_all(&reply).await.is_err() {
+                    return;
+                }
+                bucket.spend(first.len()).await;
+                if dialled.write_all(&first).await.is_err() {
+                    return;
+                }
+                handoff::answer(&mut unix, &verdict).await;
+                drop(unix);
+                splice::sockets(client, dialled, bucket).await;
+                drop(permit);
+            }
+        }
     }
 }
 
@@ -549,7 +602,11 @@ pub struct Handler(pub Arc<Egress>);
 
 impl EgressHandler for Handler {
     fn open(&self, sandbox: SandboxId, open: pb::EgressOpen, conn: RelayConn) {
-        tokio::spawn(self.0.clone().serve(sandbox, open, conn));
+        tokio::spawn(self.0.clone().serve(sandbox, open, Client::Relay(conn)));
+    }
+
+    fn open_socket(&self, sandbox: SandboxId, open: pb::EgressOpen, client: Handoff) {
+        tokio::spawn(self.0.clone().serve(sandbox, open, Client::Socket(client)));
     }
 
     fn lookup(

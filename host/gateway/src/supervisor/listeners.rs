@@ -135,6 +135,7 @@ impl Listeners {
             });
         }
         let listener = bind_private(path)?;
+        let handoffs = bind_private(&super::handoff::path_beside(path))?;
 
         let (stop_tx, mut stop_rx) = watch::channel(false);
         if let Some(old) = self
@@ -146,6 +147,13 @@ impl Listeners {
             let _ = old.send(true);
         }
         let budget = Arc::new(SocketBudget::new(limits));
+        super::handoff::serve(
+            handoffs,
+            sandbox,
+            supervisors.clone(),
+            budget.egress.clone(),
+            stop_rx.clone(),
+        );
         let svc = SupervisorServer::new(SupervisorService {
             sandbox,
             supervisors,

@@ -9,6 +9,7 @@
 //! [`SessionObserver`], so dependencies point one way (runtime → supervisors)
 //! and everything here can be tested without wasmtime or a database.
 
+pub mod handoff;
 pub mod listeners;
 pub mod relay;
 pub mod service;
@@ -36,6 +37,8 @@ pub use sessions::{SessionHandle, SessionObserver, SessionRegistry};
 pub trait EgressHandler: Send + Sync {
     /// Decides and, if allowed, carries one connection; owns the relay.
     fn open(&self, sandbox: SandboxId, open: pb::EgressOpen, conn: RelayConn);
+    /// As [`EgressHandler::open`], for a socket the supervisor passed.
+    fn open_socket(&self, sandbox: SandboxId, open: pb::EgressOpen, client: handoff::Handoff);
     /// Answers a DNS question sandbox code asked (see `LookupEgress`).
     fn lookup(
         &self,
@@ -197,6 +200,17 @@ impl Supervisors {
 
     pub(crate) fn egress(&self) -> Option<&Arc<dyn EgressHandler>> {
         self.egress.get()
+    }
+
+    /// The egress handler, for `sandbox`'s live session only, proven by
+    /// its egress token.
+    pub(crate) fn egress_for(
+        &self,
+        sandbox: SandboxId,
+        token: &str,
+    ) -> Option<&Arc<dyn EgressHandler>> {
+        self.egress()
+            .filter(|_| self.sessions.egress_token_is(sandbox, token))
     }
 
     pub fn sessions(&self) -> &SessionRegistry {

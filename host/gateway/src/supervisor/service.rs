@@ -32,7 +32,7 @@ pub struct SocketBudget {
     pub limits: SocketLimits,
     control: Arc<Semaphore>,
     relays: Arc<Semaphore>,
-    egress: Arc<Semaphore>,
+    pub(super) egress: Arc<Semaphore>,
     pub log: LogThrottle,
 }
 
@@ -69,11 +69,7 @@ impl SupervisorService {
     /// session's egress token there. Anyone else who reaches the socket
     /// (any process of a VM guest reaches its forwarder) is refused.
     fn egress_handler(&self, token: &str) -> Option<&Arc<dyn super::EgressHandler>> {
-        self.supervisors.egress().filter(|_| {
-            self.supervisors
-                .sessions()
-                .egress_token_is(self.sandbox, token)
-        })
+        self.supervisors.egress_for(self.sandbox, token)
     }
 }
 
@@ -219,7 +215,7 @@ impl Supervisor for SupervisorService {
 
 /// Bounds what a supervisor reports of a connection before anything keeps
 /// it (a VM guest's supervisor is only as trusted as the guest).
-fn check_egress_open(open: &pb::EgressOpen) -> Result<(), Status> {
+pub(super) fn check_egress_open(open: &pb::EgressOpen) -> Result<(), Status> {
     if open.host.is_empty() || open.host.len() > 255 {
         return bad_egress("egress open", "host must be 1 to 255 bytes");
     }

@@ -304,3 +304,88 @@ async fn issue_19_egress_needs_the_live_sessions_token() {
     assert!(found.ports.is_empty() && !found.temporary, "{found:?}");
     gw.stop().await;
 }
+
+/// One handoff on the egress socket, as a supervisor sends it, passing
+/// `fd` (if any); the verdict, or None if the gateway closed without one.
+fn hand_off(
+    socket: &std::path::Path,
+    token: &str,
+    fd: Option<std::os::fd::RawFd>,
+) -> Option<pb::EgressVerdict> {
+    use prost::Message;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    let unix = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    unix.set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let body = pb::EgressHandoff {
+        open: Some(pb::EgressOpen {
+            host: "allowed.test".into(),
+            port: 80,
+            binaries: vec![pb::EgressBinary {
+                path: "/usr/bin/curl".into(),
+                sha256: "0".repeat(64),
+            }],
+            via: "proxy".into(),
+            token: token.into(),
+        }),
+        reply: Default::default(),
+        first: Default::default(),
+    }
+    .encode_to_vec();
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(&body);
+    let fds: Vec<_> = fd.into_iter().collect();
+    let cmsgs = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    nix::sys::socket::sendmsg::<nix::sys::socket::UnixAddr>(
+        unix.as_raw_fd(),
+        &[std::io::IoSlice::new(&out)],
+        if fds.is_empty() { &[] } else { &cmsgs },
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .unwrap();
+    let mut got = Vec::new();
+    let _ = (&unix).read_to_end(&mut got);
+    (got.len() >= 4).then(|| pb::EgressVerdict::decode(&got[4..]).unwrap())
+}
+
+/// Attack (issue 19), on the egress socket where a process sandbox's
+/// supervisor hands over client connections: without the live session's
+/// token a handoff is refused, and a passed descriptor that is not a
+/// connected TCP socket (a file, a listening socket, none at all) is
+/// closed without a verdict. With the token and a socket, it is decided.
+#[tokio::test]
+async fn issue_19_the_egress_socket_takes_only_the_sessions_tcp_sockets() {
+    let mut gw = TestGateway::start().await;
+    let id = sandbox_with_secret(&mut gw, "hand", "s3cret").await;
+    let (sup, first) = FakeSupervisor::connect(&gw, &id, &id, "s3cret").await;
+    let G::Accepted(accepted) = first else {
+        panic!("{first:?}")
+    };
+    let _alive = sup.keep_alive();
+    gw.wait_for("hand", "Ready", |s| phase(s) == pb::SandboxPhase::Ready)
+        .await;
+    let socket = gw
+        .runtime()
+        .plugins()
+        .supervisor_socket(&id)
+        .with_file_name("egress.sock");
+    let token = accepted.egress_token.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsRawFd;
+        let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp = std::net::TcpStream::connect(server.local_addr().unwrap()).unwrap();
+        let v = hand_off(&socket, "", Some(tcp.as_raw_fd())).expect("a verdict");
+        assert!(!v.allowed && v.reason.contains("egress token"), "{v:?}");
+        let file = std::fs::File::open("/etc/hostname").unwrap();
+        for fd in [Some(file.as_raw_fd()), Some(server.as_raw_fd()), None] {
+            assert_eq!(hand_off(&socket, &token, fd), None, "{fd:?}");
+        }
+        let v = hand_off(&socket, &token, Some(tcp.as_raw_fd())).expect("a verdict");
+        assert!(!v.allowed && !v.reason.contains("egress token"), "{v:?}");
+    })
+    .await
+    .unwrap();
+    gw.stop().await;
+}

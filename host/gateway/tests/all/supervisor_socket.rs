@@ -23,10 +23,13 @@ use crate::process::{exec, process_gateway, ready};
 async fn issue_13_sandbox_code_cannot_connect_to_its_supervisor_socket() {
     let mut gw = process_gateway().await;
     ready(&mut gw, "sock-a", 0).await;
+    // Both the supervisor socket and the egress socket (where the
+    // supervisor hands over client connections).
     let probe = "import socket\n\
-        s = socket.socket(socket.AF_UNIX)\n\
-        try:\n    s.connect('/run/openshell/gateway.sock')\n    print('connected')\n\
-        except OSError as e:\n    print(type(e).__name__)\n";
+        for p in ['/run/openshell/gateway.sock', '/run/openshell/egress.sock']:\n\
+        \x20   s = socket.socket(socket.AF_UNIX)\n\
+        \x20   try:\n        s.connect(p)\n        print('connected')\n\
+        \x20   except OSError as e:\n        print(type(e).__name__)\n";
     let ran = exec(&mut gw, "sock-a", &["/usr/bin/python3", "-c", probe], None)
         .await
         .unwrap();
@@ -37,9 +40,10 @@ async fn issue_13_sandbox_code_cannot_connect_to_its_supervisor_socket() {
         String::from_utf8_lossy(&ran.stderr)
     );
     let out = ran.out();
-    assert!(
-        out.trim() == "PermissionError" || out.trim() == "FileNotFoundError",
-        "uid 1000 inside the sandbox reached the supervisor socket: {out:?}"
+    assert_eq!(
+        out.split_whitespace().collect::<Vec<_>>(),
+        ["PermissionError", "PermissionError"],
+        "uid 1000 inside the sandbox reached a supervisor socket: {out:?}"
     );
     // The supervisor itself still connects (the sandbox is Ready and exec ran).
     gw.stop().await;

@@ -317,21 +317,22 @@ fn open_supervisor_log(state: &Path) -> Result<std::fs::File, CapError> {
 }
 
 /// The gateway serves the sandbox's supervisor socket at `run/gateway.sock`
-/// (mode 0600, root's): only the sandbox's uid 0, its supervisor, may
-/// connect; sandbox code (uid 1000) may not. Not following a symlink; a
-/// socket the gateway does not serve (no gateway, as in plugin tests) is
-/// nothing to hand over.
+/// and its egress socket at `run/egress.sock` (mode 0600, root's): only
+/// the sandbox's uid 0, its supervisor, may connect; sandbox code (uid
+/// 1000) may not. Not following a symlink; a socket the gateway does not
+/// serve (no gateway, as in plugin tests) is nothing to hand over.
 fn hand_socket_to_sandbox_root(state: &Path, uid_base: u32) -> Result<(), CapError> {
-    match std::os::unix::fs::lchown(
-        state.join("run/gateway.sock"),
-        Some(uid_base),
-        Some(uid_base),
-    ) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(CapError::Failed(format!(
-            "cannot hand the supervisor socket to the sandbox: {e}"
-        ))),
-        _ => Ok(()),
+    for name in ["run/gateway.sock", "run/egress.sock"] {
+        match std::os::unix::fs::lchown(state.join(name), Some(uid_base), Some(uid_base)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CapError::Failed(format!(
+                    "cannot hand the supervisor's {name} to the sandbox: {e}"
+                )));
+            }
+            _ => {}
+        }
     }
+    Ok(())
 }
 
 impl CallState {
