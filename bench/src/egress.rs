@@ -130,6 +130,37 @@ fn parse_runs(out: &[u8], want: &str) -> anyhow::Result<Samples> {
     Ok(s)
 }
 
+/// One download of `bytes` by curl in the egress sandbox (`args` say how
+/// it gets out): its total time and its name lookup's.
+async fn download(
+    gw: &mut BenchGateway,
+    args: &[&str],
+    url: &str,
+    bytes: u64,
+) -> anyhow::Result<(Duration, Duration)> {
+    let mut argv = vec!["curl", "-s", "-o", "/dev/null"];
+    argv.extend_from_slice(args);
+    argv.extend([
+        "-w",
+        "%{time_total} %{size_download} %{time_namelookup}",
+        url,
+    ]);
+    let r = gateway::exec(&mut gw.client, "bench-egress", &argv).await?;
+    let out = String::from_utf8_lossy(&r.stdout).into_owned();
+    let mut f = out.split_whitespace();
+    let secs: f64 = f.next().context("curl printed nothing")?.parse()?;
+    ensure!(
+        f.next() == Some(&bytes.to_string()[..]),
+        "a short download by curl {args:?} (exit {}): {out}",
+        r.exit
+    );
+    let looked: f64 = f.next().context("no lookup time")?.parse()?;
+    Ok((
+        Duration::from_secs_f64(secs),
+        Duration::from_secs_f64(looked),
+    ))
+}
+
 async fn exec_rtt(gw: &mut BenchGateway, sandbox: &str, runs: usize) -> anyhow::Result<Samples> {
     let mut s = Samples::default();
     for _ in 0..runs {
@@ -160,33 +191,14 @@ pub async fn measure(gw: &mut BenchGateway, bytes: u64, runs: usize) -> anyhow::
     let mut through = Samples::default();
     let mut direct = Samples::default();
     for _ in 0..runs {
-        let r = gateway::exec(
-            &mut gw.client,
-            "bench-egress",
-            &[
-                "curl",
-                "-s",
-                "--noproxy",
-                "",
-                "-p",
-                "-x",
-                "http://127.0.0.1:3128",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{time_total} %{size_download}",
-                &url,
-            ],
+        let (secs, _) = download(
+            gw,
+            &["--noproxy", "", "-p", "-x", "http://127.0.0.1:3128"],
+            &url,
+            bytes,
         )
         .await?;
-        let out = String::from_utf8_lossy(&r.stdout).into_owned();
-        let mut f = out.split_whitespace();
-        let secs: f64 = f.next().context("curl printed nothing")?.parse()?;
-        ensure!(
-            f.next() == Some(&bytes.to_string()[..]),
-            "a short download through the proxy: {out}"
-        );
-        through.push(Duration::from_secs_f64(secs));
+        through.push(secs);
         let host = tokio::process::Command::new("curl")
             .args(["-s", "-o", "/dev/null", "-w", "%{time_total}", &url])
             .output()
@@ -201,33 +213,9 @@ pub async fn measure(gw: &mut BenchGateway, bytes: u64, runs: usize) -> anyhow::
     let mut captured = Samples::default();
     let mut lookup = Samples::default();
     for _ in 0..runs {
-        let r = gateway::exec(
-            &mut gw.client,
-            "bench-egress",
-            &[
-                "curl",
-                "-s",
-                "--noproxy",
-                "*",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{time_total} %{size_download} %{time_namelookup}",
-                &named,
-            ],
-        )
-        .await?;
-        let out = String::from_utf8_lossy(&r.stdout).into_owned();
-        let mut f = out.split_whitespace();
-        let secs: f64 = f.next().context("curl printed nothing")?.parse()?;
-        ensure!(
-            f.next() == Some(&bytes.to_string()[..]),
-            "a short captured download (exit {}): {out}",
-            r.exit
-        );
-        let looked: f64 = f.next().context("no lookup time")?.parse()?;
-        captured.push(Duration::from_secs_f64(secs));
-        lookup.push(Duration::from_secs_f64(looked));
+        let (secs, looked) = download(gw, &["--noproxy", "*"], &named, bytes).await?;
+        captured.push(secs);
+        lookup.push(looked);
     }
 
     let n = runs * 20;

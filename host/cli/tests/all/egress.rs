@@ -254,7 +254,8 @@ print("other-port", connect((ip, b)))
 print("seconds", round(time.monotonic() - started))
 "#;
 
-/// Runs [`PLAIN_CLIENT`] with no proxy variables; its findings by key.
+/// Runs [`PLAIN_CLIENT`] (plain sockets: proxy variables mean nothing to
+/// it); its findings by key.
 fn plain_client(
     gw: &Gateway,
     sandbox: &str,
@@ -262,19 +263,17 @@ fn plain_client(
     b: u16,
 ) -> std::collections::HashMap<String, String> {
     let (a, b) = (a.to_string(), b.to_string());
-    let mut argv = vec!["sandbox", "exec", sandbox, "--", "env"];
-    for v in [
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-    ] {
-        argv.extend(["-u", v]);
-    }
-    argv.extend(["python3", "-c", PLAIN_CLIENT, &a, &b]);
-    let run = gw.ok(argv);
+    let run = gw.ok([
+        "sandbox",
+        "exec",
+        sandbox,
+        "--",
+        "python3",
+        "-c",
+        PLAIN_CLIENT,
+        &a,
+        &b,
+    ]);
     run.stdout
         .lines()
         .filter_map(|l| l.split_once(' '))
@@ -563,13 +562,7 @@ fn issue_19_item_1_a_vm_reaches_what_the_policy_allows_and_nothing_else() {
     let Some(layout) = crate::vm_images::base_image_layout("issue_19 VM plain client") else {
         return;
     };
-    gw.ok([
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "openshell/base:bookworm",
-    ]);
+    crate::vm_images::import_base(&gw, &layout);
     gw.ok([
         "sandbox",
         "create",

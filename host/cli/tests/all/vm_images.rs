@@ -239,6 +239,17 @@ pub(crate) fn base_image_layout(test: &str) -> Option<PathBuf> {
     None
 }
 
+/// Imports the base image's layout as `openshell/base:bookworm`.
+pub(crate) fn import_base(gw: &Gateway, layout: &Path) {
+    gw.ok([
+        "image",
+        "import",
+        layout.to_str().unwrap(),
+        "--name",
+        "openshell/base:bookworm",
+    ]);
+}
+
 /// Item 2: the project's base image runs Python, git and Node on both
 /// drivers.
 #[test]
@@ -250,13 +261,7 @@ fn issue_17_the_base_image_runs_python_git_and_node_on_both_drivers() {
     let Some(rt) = vm_runtime(test) else { return };
     let dir = short_dir();
     let gw = start_with_drivers(dir.path(), &rt, "process,vm", &[]);
-    gw.ok([
-        "image",
-        "import",
-        layout.to_str().unwrap(),
-        "--name",
-        "openshell/base:bookworm",
-    ]);
+    import_base(&gw, &layout);
     let script = "python3 -c 'import sys; print(\"python\", sys.version.split()[0])' && git --version && echo node $(node --version)";
     for driver in ["process", "vm"] {
         let started = Instant::now();

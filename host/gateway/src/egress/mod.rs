@@ -256,12 +256,7 @@ impl Egress {
             temporary,
             reason,
         };
-        let se = self
-            .sandboxes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&sandbox)
-            .cloned();
+        let se = self.sandbox(sandbox);
         let in_force = se.map(|se| se.policy.read().unwrap_or_else(|p| p.into_inner()).clone());
         let ports = match (&in_force, Target::from_host(&lookup.name)) {
             (Some(f), Target::Name(name)) => f.policy.ports_for_name(name),
@@ -310,13 +305,17 @@ impl Egress {
         })
     }
 
-    async fn serve(self: Arc<Self>, sandbox: SandboxId, open: pb::EgressOpen, conn: Client) {
-        let se = self
-            .sandboxes
+    /// A sandbox's egress state, if it has a policy in force.
+    fn sandbox(&self, sandbox: SandboxId) -> Option<Arc<SandboxEgress>> {
+        self.sandboxes
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&sandbox)
-            .cloned();
+            .cloned()
+    }
+
+    async fn serve(self: Arc<Self>, sandbox: SandboxId, open: pb::EgressOpen, conn: Client) {
+        let se = self.sandbox(sandbox);
         let binaries: Vec<String> = open.binaries.iter().map(|b| b.path.clone()).collect();
         let mut record = audit::Entry::new(&open);
         let Some(se) = se else {
