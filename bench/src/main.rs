@@ -534,7 +534,7 @@ async fn run(plan: &Plan) -> anyhow::Result<Report> {
     );
     if !met {
         misses.push(format!(
-            "- **egress throughput** ({eg_mb:.0} vs {direct_mb:.0} MB/s direct): the supervisor hands the client's socket to the gateway, which copies between it and the destination: two loopback hops and one copy through the gateway where the direct download has one hop; on 2 shared cores curl, the gateway and the server compete."
+            "- **egress throughput** ({eg_mb:.0} vs {direct_mb:.0} MB/s direct): the supervisor hands the client's socket to the gateway, which splices it to the destination (splice(2) through a pipe, no copy in user space): two loopback hops where the direct download has one; on 2 shared cores curl, the gateway and the server compete."
         ));
     }
     let cap_mb = eg.mb_s(&eg.captured);
