@@ -564,25 +564,7 @@ fn issue_18_item_3_a_web_server_in_a_sandbox_answers_50_concurrent_requests_thro
         std::thread::sleep(Duration::from_millis(50));
     }
     // A port nothing listens on inside: the connection is refused with why.
-    let mut closed = KillOnDrop(
-        gw.cli(["sandbox", "forward", "web", "0:9"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let line = Lines::of(&mut closed.0)
-        .next(Duration::from_secs(30))
-        .unwrap();
-    let p: u16 = line
-        .split(" -> ")
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (_closed, p) = forward(&gw, "0:9");
     let answer = http_get(p, "/");
     assert!(
         answer.is_empty(),
@@ -595,25 +577,7 @@ fn issue_18_item_3_a_web_server_in_a_sandbox_answers_50_concurrent_requests_thro
     let host_only = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     host_only.set_nonblocking(true).unwrap();
     let host_port = host_only.local_addr().unwrap().port();
-    let mut probe = KillOnDrop(
-        gw.cli(["sandbox", "forward", "web", &format!("0:{host_port}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let line = Lines::of(&mut probe.0)
-        .next(Duration::from_secs(30))
-        .unwrap();
-    let p: u16 = line
-        .split(" -> ")
-        .next()
-        .unwrap()
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let (_probe, p) = forward(&gw, &format!("0:{host_port}"));
     assert!(
         http_get(p, "/").is_empty(),
         "the forward reached the host's loopback"
@@ -649,4 +613,23 @@ fn a_silent_relay_is_closed_at_the_idle_timeout_saying_so() {
         "for i in 1 2 3 4; do echo $i; sleep 0.5; done",
     ]);
     assert_eq!(chatty.stdout, "1\n2\n3\n4\n");
+}
+
+/// `sandbox forward web SPEC` running, and the local port it printed.
+fn forward(gw: &Gateway, spec: &str) -> (KillOnDrop, u16) {
+    let mut fwd = KillOnDrop(
+        gw.cli(["sandbox", "forward", "web", spec])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let line = Lines::of(&mut fwd.0).next(Duration::from_secs(30)).unwrap();
+    let port = line
+        .split(" -> ")
+        .next()
+        .and_then(|a| a.rsplit(':').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    (fwd, port)
 }
